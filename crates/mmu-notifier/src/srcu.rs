@@ -1,0 +1,331 @@
+//! A sleepable read-copy-update (SRCU) grace-period domain.
+//!
+//! Like Linux, the subsystem uses **one** domain for every address space in the
+//! process. Notifier callbacks run inside a read-side section and may block.
+//! [`synchronize`] waits for every read-side section that started before it,
+//! on any thread. [`call`] queues a deferred function (Linux's `call_srcu`) that
+//! runs after a later grace period, and [`barrier`] waits until every function
+//! queued before it has run.
+//!
+//! # Algorithm
+//!
+//! The liburcu "memb" scheme with per-thread reader slots:
+//!
+//! * Each thread that ever reads owns a slot holding a counter: bits below
+//!   [`PHASE`] are its nesting depth, bit `PHASE` the grace-period phase it
+//!   started in. The outermost `read_lock` copies the global counter (phase plus
+//!   a nesting unit) into the slot and runs the reader's light fence; nested
+//!   ones just increment. `read_unlock` decrements with a release store. No
+//!   read-modify-write and no hardware fence on the read side.
+//! * A grace period takes the writer's heavy fence (see [`crate::barrier`]),
+//!   flips the phase and waits until no slot is inside a section of the old
+//!   phase, flips again and waits again, then takes the heavy fence. Two flips
+//!   are needed because a reader may read the phase just before a flip and
+//!   publish it just after the wait scanned its slot.
+//!
+//! This crate starts no threads. Deferred functions run at the end of the next
+//! grace period anyone completes (every `unregister`, every address-space exit
+//! and every [`synchronize`] / [`barrier`] call drains the ones that are due),
+//! so, exactly as with Linux modules, code that relies on them having run must
+//! call [`barrier`] (re-exported as [`crate::synchronize`]).
+//!
+//! ```
+//! use mmu_notifier::srcu;
+//! let guard = srcu::read_lock();
+//! assert!(srcu::in_read_section());
+//! drop(guard);
+//! srcu::synchronize().unwrap();
+//! ```
+
+use std::collections::{BTreeSet, VecDeque};
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use crate::barrier::Flavour;
+use crate::sync::{self, fence, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::Error;
+
+/// Phase bit of a reader counter (the top bit).
+const PHASE: usize = 1 << (usize::BITS - 1);
+/// Nesting-depth bits of a reader counter.
+const NEST_MASK: usize = PHASE - 1;
+
+/// A deferred function queued by [`call`].
+type Deferred = Box<dyn FnOnce() + Send + 'static>;
+
+struct DeferredQueue {
+    next_ticket: u64,
+    queue: VecDeque<(u64, Deferred)>,
+    /// Tickets queued or running, so [`barrier`] can wait for exactly the ones
+    /// queued before it.
+    unfinished: BTreeSet<u64>,
+}
+
+struct Domain {
+    /// Global counter: `PHASE` bit plus one nesting unit, copied by readers.
+    gp: AtomicUsize,
+    readers: Mutex<Vec<Arc<ReaderSlot>>>,
+    /// Serialises grace periods.
+    gp_lock: Mutex<()>,
+    flavour: Flavour,
+    deferred: Mutex<DeferredQueue>,
+    deferred_done: Condvar,
+}
+
+struct ReaderSlot {
+    ctr: AtomicUsize,
+    /// Set when the owning thread exits; the slot is then pruned.
+    #[cfg_attr(loom, allow(dead_code))]
+    dead: std::sync::atomic::AtomicBool,
+}
+
+struct LocalReader {
+    domain: &'static Domain,
+    slot: Arc<ReaderSlot>,
+    in_deferred: std::cell::Cell<bool>,
+}
+
+#[cfg(not(loom))]
+impl Drop for LocalReader {
+    fn drop(&mut self) {
+        self.slot
+            .dead
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[cfg(not(loom))]
+static DOMAIN: std::sync::LazyLock<Domain> = std::sync::LazyLock::new(Domain::new);
+
+#[cfg(loom)]
+loom::lazy_static! {
+    static ref DOMAIN: Domain = Domain::new();
+}
+
+fn domain() -> &'static Domain {
+    &DOMAIN
+}
+
+sync::thread_local! {
+    static LOCAL: LocalReader = domain().register_reader();
+}
+
+impl Domain {
+    fn new() -> Domain {
+        Domain {
+            gp: AtomicUsize::new(1),
+            readers: Mutex::new(Vec::new()),
+            gp_lock: Mutex::new(()),
+            flavour: Flavour::detect(),
+            deferred: Mutex::new(DeferredQueue {
+                next_ticket: 0,
+                queue: VecDeque::new(),
+                unfinished: BTreeSet::new(),
+            }),
+            deferred_done: Condvar::new(),
+        }
+    }
+
+    fn register_reader(&'static self) -> LocalReader {
+        let slot = Arc::new(ReaderSlot {
+            ctr: AtomicUsize::new(0),
+            dead: std::sync::atomic::AtomicBool::new(false),
+        });
+        sync::lock(&self.readers).push(slot.clone());
+        LocalReader {
+            domain: self,
+            slot,
+            in_deferred: std::cell::Cell::new(false),
+        }
+    }
+
+    /// Waits for every read-side section that started before this call.
+    fn grace_period(&self) {
+        let _serial = sync::lock(&self.gp_lock);
+        // A thread that registers after this snapshot starts its first section
+        // after the grace period began, so it need not be waited for; taking the
+        // registry lock also orders its later loads after our earlier stores.
+        let readers: Vec<Arc<ReaderSlot>> = {
+            #[cfg_attr(loom, allow(unused_mut))]
+            let mut r = sync::lock(&self.readers);
+            #[cfg(not(loom))]
+            r.retain(|s| !s.dead.load(std::sync::atomic::Ordering::Relaxed));
+            r.clone()
+        };
+        self.flavour.heavy();
+        for _ in 0..2 {
+            let phase = (self.gp.load(Ordering::Relaxed) ^ PHASE) & PHASE;
+            self.gp.store(phase | 1, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            for slot in &readers {
+                let mut backoff = sync::Backoff::new();
+                loop {
+                    let c = slot.ctr.load(Ordering::Acquire);
+                    if c & NEST_MASK == 0 || c & PHASE == phase {
+                        break;
+                    }
+                    backoff.snooze();
+                }
+            }
+        }
+        self.flavour.heavy();
+    }
+
+    fn next_ticket(&self) -> u64 {
+        sync::lock(&self.deferred).next_ticket
+    }
+
+    /// Runs every queued function whose ticket is below `below`, i.e. that was
+    /// queued before a grace period that has now completed.
+    fn run_due(&self, below: u64) {
+        loop {
+            let item = {
+                let mut q = sync::lock(&self.deferred);
+                match q.queue.front() {
+                    Some((t, _)) if *t < below => q.queue.pop_front(),
+                    _ => None,
+                }
+            };
+            let Some((ticket, f)) = item else { break };
+            let was = LOCAL.with(|l| l.in_deferred.replace(true));
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            LOCAL.with(|l| l.in_deferred.set(was));
+            if result.is_err() {
+                tracing::error!("mmu_notifier: a deferred SRCU callback panicked");
+            }
+            let mut q = sync::lock(&self.deferred);
+            q.unfinished.remove(&ticket);
+            drop(q);
+            self.deferred_done.notify_all();
+        }
+    }
+}
+
+/// Proof that this thread is inside an SRCU read-side section; the section ends
+/// when it is dropped. Not `Send`: a section belongs to one thread.
+#[must_use = "the read-side section ends when the guard is dropped"]
+pub struct ReadGuard {
+    _not_send: PhantomData<*const ()>,
+}
+
+impl std::fmt::Debug for ReadGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("srcu::ReadGuard")
+    }
+}
+
+/// Enters a read-side section (Linux `srcu_read_lock`). Sections nest.
+///
+/// Costs a thread-local access, two loads and a store: no read-modify-write and
+/// no hardware fence (see the module documentation).
+#[inline]
+pub fn read_lock() -> ReadGuard {
+    LOCAL.with(|l| {
+        let c = l.slot.ctr.load(Ordering::Relaxed);
+        if c & NEST_MASK == 0 {
+            l.slot
+                .ctr
+                .store(l.domain.gp.load(Ordering::Relaxed), Ordering::Relaxed);
+            l.domain.flavour.light();
+        } else {
+            l.slot.ctr.store(c + 1, Ordering::Relaxed);
+        }
+    });
+    ReadGuard {
+        _not_send: PhantomData,
+    }
+}
+
+impl Drop for ReadGuard {
+    #[inline]
+    fn drop(&mut self) {
+        LOCAL.with(|l| {
+            let c = l.slot.ctr.load(Ordering::Relaxed);
+            let next = if c & NEST_MASK == 1 { 0 } else { c - 1 };
+            // Release: everything the section did happens-before a grace
+            // period that observes the section ended.
+            l.slot.ctr.store(next, Ordering::Release);
+        });
+    }
+}
+
+/// Whether the calling thread is inside a read-side section (for example, in
+/// a notifier callback). Waiting for a grace period there would deadlock.
+pub fn in_read_section() -> bool {
+    LOCAL
+        .try_with(|l| l.slot.ctr.load(Ordering::Relaxed) & NEST_MASK != 0)
+        .unwrap_or(false)
+}
+
+fn in_deferred() -> bool {
+    LOCAL.try_with(|l| l.in_deferred.get()).unwrap_or(false)
+}
+
+fn check_may_wait(what: &'static str) -> Result<(), Error> {
+    if in_read_section() || in_deferred() {
+        tracing::warn!("mmu_notifier: {what} from inside an SRCU read-side section or deferred callback refused (would deadlock)");
+        return Err(Error::WouldDeadlock(what));
+    }
+    crate::debug::might_sleep();
+    Ok(())
+}
+
+/// Waits for a grace period (Linux `synchronize_srcu`): every read-side section
+/// that started before this call has ended when it returns. Deferred functions
+/// that are due then run on this thread.
+///
+/// # Errors
+/// [`Error::WouldDeadlock`] when called inside a read-side section or from a
+/// deferred function.
+pub fn synchronize() -> Result<(), Error> {
+    check_may_wait("srcu::synchronize")?;
+    synchronize_unchecked();
+    Ok(())
+}
+
+/// The grace period plus the deferred drain, for callers that checked.
+pub(crate) fn synchronize_unchecked() {
+    let d = domain();
+    let below = d.next_ticket();
+    d.grace_period();
+    d.run_due(below);
+}
+
+/// Queues `f` to run after a grace period (Linux `call_srcu`). Never blocks.
+pub fn call(f: impl FnOnce() + Send + 'static) {
+    let d = domain();
+    let mut q = sync::lock(&d.deferred);
+    let t = q.next_ticket;
+    q.next_ticket += 1;
+    q.queue.push_back((t, Box::new(f)));
+    q.unfinished.insert(t);
+}
+
+/// Waits until every function queued with [`call`] before this call has run
+/// (Linux `srcu_barrier`, which is what `mmu_notifier_synchronize` documents).
+///
+/// # Errors
+/// [`Error::WouldDeadlock`] when called inside a read-side section or from a
+/// deferred function.
+pub fn barrier() -> Result<(), Error> {
+    check_may_wait("srcu::barrier")?;
+    let d = domain();
+    let below = d.next_ticket();
+    d.grace_period();
+    d.run_due(below);
+    // Another thread may have taken some of our functions and still be running
+    // them: wait for those too.
+    let mut q = sync::lock(&d.deferred);
+    while q.unfinished.range(..below).next().is_some() {
+        q = match d.deferred_done.wait(q) {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+    }
+    Ok(())
+}
+
+/// Number of deferred functions queued or running.
+pub fn pending() -> usize {
+    sync::lock(&domain().deferred).unfinished.len()
+}

@@ -1,0 +1,119 @@
+//! A configurable notifier that records every callback it gets.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use mmu_notifier::{Again, Callbacks, MmuNotifier, Pte, Range, Subscriptions};
+
+/// One recorded callback.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Call {
+    Release,
+    Start(Range),
+    End(Range),
+    ClearFlushYoung(u64, u64),
+    ClearYoung(u64, u64),
+    TestYoung(u64),
+    ChangePte(u64, Pte),
+    SecondaryTlbs(u64, u64),
+}
+
+/// Shared, ordered log of callbacks from several notifiers.
+pub type Log = Arc<Mutex<Vec<(&'static str, Call)>>>;
+
+pub fn new_log() -> Log {
+    Arc::new(Mutex::new(Vec::new()))
+}
+
+pub struct Recorder {
+    pub name: &'static str,
+    pub callbacks: Callbacks,
+    pub log: Log,
+    /// Non-blockable starts fail with Again while set.
+    pub fail_start: AtomicBool,
+    /// Young callbacks report this.
+    pub young: AtomicBool,
+    pub releases: AtomicUsize,
+    /// Set by the test once unregister returned: any callback after it is a bug.
+    pub dead: AtomicBool,
+    pub calls_after_dead: AtomicUsize,
+}
+
+impl Recorder {
+    pub fn new(name: &'static str, callbacks: Callbacks, log: &Log) -> Arc<Recorder> {
+        Arc::new(Recorder {
+            name,
+            callbacks,
+            log: log.clone(),
+            fail_start: AtomicBool::new(false),
+            young: AtomicBool::new(false),
+            releases: AtomicUsize::new(0),
+            dead: AtomicBool::new(false),
+            calls_after_dead: AtomicUsize::new(0),
+        })
+    }
+
+    fn rec(&self, c: Call) {
+        if self.dead.load(Ordering::SeqCst) {
+            self.calls_after_dead.fetch_add(1, Ordering::SeqCst);
+        }
+        self.log.lock().unwrap().push((self.name, c));
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(n, _)| *n == self.name)
+            .map(|(_, c)| c.clone())
+            .collect()
+    }
+}
+
+impl MmuNotifier for Recorder {
+    fn callbacks(&self) -> Callbacks {
+        self.callbacks
+    }
+    fn release(&self, _mm: &Subscriptions) {
+        self.releases.fetch_add(1, Ordering::SeqCst);
+        self.rec(Call::Release);
+    }
+    fn clear_flush_young(&self, _mm: &Subscriptions, start: u64, end: u64) -> bool {
+        self.rec(Call::ClearFlushYoung(start, end));
+        self.young.load(Ordering::SeqCst)
+    }
+    fn clear_young(&self, _mm: &Subscriptions, start: u64, end: u64) -> bool {
+        self.rec(Call::ClearYoung(start, end));
+        self.young.load(Ordering::SeqCst)
+    }
+    fn test_young(&self, _mm: &Subscriptions, address: u64) -> bool {
+        self.rec(Call::TestYoung(address));
+        self.young.load(Ordering::SeqCst)
+    }
+    fn change_pte(&self, _mm: &Subscriptions, address: u64, pte: Pte) {
+        self.rec(Call::ChangePte(address, pte));
+    }
+    fn invalidate_range_start(&self, range: &Range) -> Result<(), Again> {
+        self.rec(Call::Start(*range));
+        if self.fail_start.load(Ordering::SeqCst) {
+            Err(Again)
+        } else {
+            Ok(())
+        }
+    }
+    fn invalidate_range_end(&self, range: &Range) {
+        self.rec(Call::End(*range));
+    }
+    fn arch_invalidate_secondary_tlbs(&self, _mm: &Subscriptions, start: u64, end: u64) {
+        self.rec(Call::SecondaryTlbs(start, end));
+    }
+}
+
+pub const START_END: Callbacks =
+    Callbacks::INVALIDATE_RANGE_START.union(Callbacks::INVALIDATE_RANGE_END);
+
+pub fn range(start: u64, end: u64) -> Range {
+    Range::new(start, end, mmu_notifier::Event::Unmap).unwrap()
+}

@@ -1,0 +1,285 @@
+//! The core's invariants (ARCHITECTURE.md 1-3) and the places we
+//! deliberately do better than Linux.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+
+use common::*;
+use mmu_notifier::{srcu, Again, Callbacks, MmuNotifier, NotifierAlloc, Range, Subscriptions};
+
+/// Spec 10.10: a notifier registered between a start and its end gets
+/// neither (never an end without its start), and sees the next pair whole.
+#[test]
+fn registration_never_splits_a_start_end_pair() {
+    let mm = Subscriptions::new();
+    let log = new_log();
+    let old = Recorder::new("old", START_END, &log);
+    mm.register(old.clone()).unwrap();
+    let inv = mm.invalidate_range_start(range(0, 0x1000));
+    let late = Recorder::new("late", START_END, &log);
+    mm.register(late.clone()).unwrap();
+    inv.end();
+    assert!(
+        late.calls().is_empty(),
+        "got an end without its start: {:?}",
+        late.calls()
+    );
+    assert_eq!(old.calls().len(), 2);
+    mm.invalidate_range_start(range(0, 0x1000)).end();
+    assert_eq!(late.calls().len(), 2);
+}
+
+/// The same with the very first registration on the address space (the
+/// has_notifiers fast path switches on in the middle of the pair).
+#[test]
+fn first_registration_mid_pair_gets_no_end() {
+    let mm = Subscriptions::new();
+    let log = new_log();
+    let inv = mm.invalidate_range_start(range(0, 0x1000));
+    let late = Recorder::new("late", START_END, &log);
+    mm.register(late.clone()).unwrap();
+    inv.end();
+    assert!(late.calls().is_empty());
+}
+
+/// A notifier removed between start and end gets the start but not the end
+/// (Linux spec 5.4), and unregister returns normally.
+#[test]
+fn unregister_mid_pair_skips_end() {
+    let mm = Subscriptions::new();
+    let log = new_log();
+    let a = Recorder::new("a", START_END, &log);
+    let h = mm.register(a.clone()).unwrap();
+    let inv = mm.invalidate_range_start(range(0, 0x1000));
+    mm.unregister(&h).unwrap();
+    inv.end();
+    assert_eq!(a.calls().len(), 1);
+}
+
+/// List order: newest registered first, for every hook.
+#[test]
+fn callbacks_run_newest_first() {
+    let mm = Subscriptions::new();
+    let log = new_log();
+    let names = ["n0", "n1", "n2", "n3"];
+    for n in names {
+        mm.register(Recorder::new(n, START_END, &log)).unwrap();
+    }
+    mm.invalidate_range_start(range(0, 0x1000)).end();
+    let order: Vec<_> = log.lock().unwrap().iter().map(|(n, _)| *n).collect();
+    assert_eq!(order, ["n3", "n2", "n1", "n0", "n3", "n2", "n1", "n0"]);
+}
+
+/// Invariant 2: after unregister returns no callback runs, even with
+/// invalidations hammering from other threads; release ran exactly once.
+#[test]
+fn no_callback_after_unregister_returns() {
+    for _ in 0..50 {
+        let mm = Subscriptions::new();
+        let log = new_log();
+        let a = Recorder::new(
+            "a",
+            START_END | Callbacks::RELEASE | Callbacks::CLEAR_YOUNG,
+            &log,
+        );
+        let h = mm.register(a.clone()).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers: Vec<_> = (0..2)
+            .map(|i| {
+                let (mm, stop) = (mm.clone(), stop.clone());
+                thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        if i == 0 {
+                            mm.invalidate_range_start(range(0, 0x1000)).end();
+                        } else {
+                            mm.clear_young(0, 0x1000);
+                        }
+                    }
+                })
+            })
+            .collect();
+        thread::yield_now();
+        mm.unregister(&h).unwrap();
+        a.dead.store(true, Ordering::SeqCst);
+        for _ in 0..100 {
+            mm.invalidate_range_start(range(0, 0x1000)).end();
+        }
+        stop.store(true, Ordering::Relaxed);
+        for w in workers {
+            w.join().unwrap();
+        }
+        assert_eq!(a.calls_after_dead.load(Ordering::SeqCst), 0);
+        assert_eq!(a.releases.load(Ordering::SeqCst), 1);
+    }
+}
+
+/// Exit order: every release runs (newest first) before exit returns, and
+/// afterwards the list notifiers see nothing more.
+#[test]
+fn exit_releases_all_then_nothing() {
+    let mm = Subscriptions::new();
+    let log = new_log();
+    let a = Recorder::new("a", START_END | Callbacks::RELEASE, &log);
+    let b = Recorder::new("b", START_END | Callbacks::RELEASE, &log);
+    mm.register(a.clone()).unwrap();
+    mm.register(b.clone()).unwrap();
+    mm.release().unwrap();
+    assert!(!mm.is_live());
+    mm.invalidate_range_start(Range::everything(mmu_notifier::Event::Unmap))
+        .end();
+    let l: Vec<_> = log.lock().unwrap().clone();
+    assert_eq!(l, [("b", Call::Release), ("a", Call::Release)]);
+    assert!(mm.has_notifiers(), "has_notifiers is never reset (Linux)");
+}
+
+/// put from inside release (allowed in Linux) defers the free to after the
+/// exit's grace period.
+#[test]
+fn put_from_release_is_deferred_and_runs() {
+    struct PutsItself {
+        handle: std::sync::OnceLock<mmu_notifier::NotifierHandle>,
+    }
+    impl MmuNotifier for PutsItself {
+        fn callbacks(&self) -> Callbacks {
+            Callbacks::RELEASE
+        }
+        fn release(&self, mm: &Subscriptions) {
+            mm.put(self.handle.get().unwrap()).unwrap();
+        }
+    }
+    struct Ops {
+        freed: AtomicUsize,
+        made: std::sync::Mutex<Option<Arc<PutsItself>>>,
+    }
+    impl NotifierAlloc for Ops {
+        fn alloc_notifier(
+            &self,
+            _mm: &Subscriptions,
+        ) -> Result<Arc<dyn MmuNotifier>, Box<dyn std::error::Error + Send + Sync>> {
+            let n = Arc::new(PutsItself {
+                handle: Default::default(),
+            });
+            *self.made.lock().unwrap() = Some(n.clone());
+            Ok(n)
+        }
+        fn free_notifier(&self, _n: Arc<dyn MmuNotifier>) {
+            assert!(
+                !srcu::in_read_section(),
+                "free runs outside any read section"
+            );
+            self.freed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let mm = Subscriptions::new();
+    let ops = Arc::new(Ops {
+        freed: AtomicUsize::new(0),
+        made: Default::default(),
+    });
+    let dyn_ops: Arc<dyn NotifierAlloc> = ops.clone();
+    let h = mm.get(&dyn_ops).unwrap();
+    ops.made
+        .lock()
+        .unwrap()
+        .as_ref()
+        .unwrap()
+        .handle
+        .set(h)
+        .unwrap();
+    mm.release().unwrap();
+    mmu_notifier::synchronize().unwrap();
+    assert_eq!(ops.freed.load(Ordering::SeqCst), 1);
+}
+
+/// A put racing an in-flight invalidation: the free waits until the callback
+/// that was running has returned.
+#[test]
+fn put_racing_invalidation_frees_after_grace_period() {
+    struct Busy {
+        inside: Arc<AtomicBool>,
+        go: Arc<Barrier>,
+        freed_while_inside: Arc<AtomicBool>,
+    }
+    impl MmuNotifier for Busy {
+        fn callbacks(&self) -> Callbacks {
+            Callbacks::INVALIDATE_RANGE_START
+        }
+        fn invalidate_range_start(&self, _r: &Range) -> Result<(), Again> {
+            self.inside.store(true, Ordering::SeqCst);
+            self.go.wait();
+            thread::sleep(std::time::Duration::from_millis(20));
+            self.inside.store(false, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+    struct Ops(Arc<Busy>);
+    impl NotifierAlloc for Ops {
+        fn alloc_notifier(
+            &self,
+            _mm: &Subscriptions,
+        ) -> Result<Arc<dyn MmuNotifier>, Box<dyn std::error::Error + Send + Sync>> {
+            Ok(self.0.clone())
+        }
+        fn free_notifier(&self, _n: Arc<dyn MmuNotifier>) {
+            if self.0.inside.load(Ordering::SeqCst) {
+                self.0.freed_while_inside.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+    let busy = Arc::new(Busy {
+        inside: Arc::new(AtomicBool::new(false)),
+        go: Arc::new(Barrier::new(2)),
+        freed_while_inside: Arc::new(AtomicBool::new(false)),
+    });
+    let ops: Arc<dyn NotifierAlloc> = Arc::new(Ops(busy.clone()));
+    let mm = Subscriptions::new();
+    let h = mm.get(&ops).unwrap();
+    let mm2 = mm.clone();
+    let t = thread::spawn(move || mm2.invalidate_range_start(range(0, 0x1000)).end());
+    busy.go.wait();
+    mm.put(&h).unwrap();
+    mmu_notifier::synchronize().unwrap();
+    t.join().unwrap();
+    assert!(!busy.freed_while_inside.load(Ordering::SeqCst));
+    assert_eq!(srcu::pending(), 0);
+}
+
+/// `synchronize` is a barrier: it waits for deferred work queued before it,
+/// even if another thread is the one running it.
+#[test]
+fn synchronize_waits_for_deferred_work_queued_before_it() {
+    let ran = Arc::new(AtomicUsize::new(0));
+    for _ in 0..10 {
+        let ran = ran.clone();
+        srcu::call(move || {
+            thread::sleep(std::time::Duration::from_millis(1));
+            ran.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    let helper = thread::spawn(|| srcu::synchronize().unwrap());
+    mmu_notifier::synchronize().unwrap();
+    assert_eq!(ran.load(Ordering::SeqCst), 10);
+    helper.join().unwrap();
+}
+
+/// The hooks are cheap no-ops when nobody ever subscribed.
+#[test]
+fn hooks_without_notifiers_do_nothing() {
+    let mm = Subscriptions::new();
+    assert!(!mm.has_notifiers());
+    mm.invalidate_range_start(range(0, 0x1000)).end();
+    assert!(mm.invalidate_range_start_nonblock(range(0, 0x1000)).is_ok());
+    assert!(!mm.clear_flush_young(0, 0x1000));
+    assert!(!mm.test_young(0));
+    mm.change_pte(
+        0,
+        mmu_notifier::Pte {
+            pfn: 1,
+            writable: false,
+        },
+    );
+    mm.arch_invalidate_secondary_tlbs(0, u64::MAX);
+    assert_eq!(mm.diagnostics().total(), 0);
+}
