@@ -68,38 +68,48 @@ pub(crate) struct NotifierList {
     current: Mutex<Arc<Snapshot>>,
 }
 
-type CacheSlot = Option<(u64, Arc<Snapshot>)>;
+/// (list key, snapshot version, snapshot).
+type CacheSlot = Option<(u64, u64, Arc<Snapshot>)>;
 
 struct Cache {
     slots: [CacheSlot; CACHE_SLOTS],
     next_victim: usize,
+    last_hit: usize,
 }
 
 sync::thread_local! {
-    static CACHE: RefCell<Cache> = RefCell::new(Cache { slots: Default::default(), next_victim: 0 });
+    static CACHE: RefCell<Cache> = RefCell::new(Cache { slots: Default::default(), next_victim: 0, last_hit: 0 });
 }
 
 impl Cache {
     #[inline]
     fn find(&self, key: u64, version: u64) -> Option<&Arc<Snapshot>> {
-        self.slots.iter().find_map(|s| match s {
-            Some((k, snap)) if *k == key && snap.version == version => Some(snap),
-            _ => None,
-        })
+        // The most recently used slot first: a thread usually works on one
+        // address space.
+        match &self.slots[self.last_hit] {
+            Some((k, v, snap)) if *k == key && *v == version => Some(snap),
+            _ => self.slots.iter().find_map(|s| match s {
+                Some((k, v, snap)) if *k == key && *v == version => Some(snap),
+                _ => None,
+            }),
+        }
     }
 
     fn insert(&mut self, key: u64, snap: Arc<Snapshot>) {
-        if let Some(slot) = self
+        let i = match self
             .slots
-            .iter_mut()
-            .find(|s| matches!(s, Some((k, _)) if *k == key))
+            .iter()
+            .position(|s| matches!(s, Some((k, _, _)) if *k == key))
         {
-            *slot = Some((key, snap));
-            return;
-        }
-        let i = self.next_victim;
-        self.next_victim = (i + 1) % CACHE_SLOTS;
-        self.slots[i] = Some((key, snap));
+            Some(i) => i,
+            None => {
+                let i = self.next_victim;
+                self.next_victim = (i + 1) % CACHE_SLOTS;
+                i
+            }
+        };
+        self.slots[i] = Some((key, snap.version, snap));
+        self.last_hit = i;
     }
 }
 

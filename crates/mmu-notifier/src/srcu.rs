@@ -12,12 +12,12 @@
 //! The liburcu "memb" scheme with per-thread reader slots:
 //!
 //! * Each thread that ever reads owns a slot holding a counter: bits below
-//!   [`PHASE`] are its nesting depth, bit `PHASE` the grace-period phase it
+//!   `PHASE` are its nesting depth, bit `PHASE` the grace-period phase it
 //!   started in. The outermost `read_lock` copies the global counter (phase plus
 //!   a nesting unit) into the slot and runs the reader's light fence; nested
 //!   ones just increment. `read_unlock` decrements with a release store. No
 //!   read-modify-write and no hardware fence on the read side.
-//! * A grace period takes the writer's heavy fence (see [`crate::barrier`]),
+//! * A grace period takes the writer's heavy fence (see the crate-private `barrier` module),
 //!   flips the phase and waits until no slot is inside a section of the old
 //!   phase, flips again and waits again, then takes the heavy fence. Two flips
 //!   are needed because a reader may read the phase just before a flip and

@@ -150,6 +150,7 @@ impl ActiveInvalidation<'_> {
     }
 
     /// Runs `invalidate_range_end` (Linux `mmu_notifier_invalidate_range_end`).
+    #[inline]
     pub fn end(self) {
         drop(self);
     }
@@ -295,6 +296,7 @@ impl Subscriptions {
 
     /// The list phase of start. Returns the list version walked, and on
     /// failure the error after every end callback has run.
+    #[inline(never)]
     fn start_list(&self, range: &Range) -> Result<u64, (u64, Again)> {
         let _srcu = srcu::read_lock();
         let _section = InvalidateSection::enter(self.inner.key, &self.inner.diag);
@@ -358,6 +360,7 @@ impl Subscriptions {
 
     /// The list phase of end: notifiers that were in the list walked by the
     /// start (entry version <= `version`) and are still on it.
+    #[inline(never)]
     fn end_list(&self, range: &Range, version: u64) {
         let _srcu = srcu::read_lock();
         let _section = InvalidateSection::enter(self.inner.key, &self.inner.diag);
