@@ -12,12 +12,21 @@
 use std::sync::Arc;
 
 use crate::debug::Warning;
-use crate::list::Entry;
+use crate::list::{Entry, Snapshot};
 use crate::notifier::{Callbacks, MmuNotifier, NotifierAlloc};
 use crate::srcu;
 use crate::subscriptions::{MmapWriteGuard, Subscriptions};
 use crate::sync::Ordering;
 use crate::Error;
+
+/// The entries of `cur` except `entry` (list order kept).
+fn without(cur: &Snapshot, entry: &Arc<Entry>) -> Vec<Arc<Entry>> {
+    cur.entries
+        .iter()
+        .filter(|e| !Arc::ptr_eq(e, entry))
+        .cloned()
+        .collect()
+}
 
 /// A registered notifier (Linux's `struct mmu_notifier *` as the driver keeps
 /// it). Clones refer to the same registration; pass it to
@@ -167,12 +176,7 @@ impl Subscriptions {
                 return (None, ());
             }
             entry.linked.store(false, Ordering::Relaxed);
-            let rest = cur
-                .entries
-                .iter()
-                .filter(|e| !Arc::ptr_eq(e, entry))
-                .cloned()
-                .collect();
+            let rest = without(cur, entry);
             (Some(rest), ())
         });
     }
@@ -313,12 +317,7 @@ impl Subscriptions {
                 return (None, Ok(true));
             }
             entry.linked.store(false, Ordering::Relaxed);
-            let rest = cur
-                .entries
-                .iter()
-                .filter(|e| !Arc::ptr_eq(e, entry))
-                .cloned()
-                .collect();
+            let rest = without(cur, entry);
             (Some(rest), Ok(true))
         });
         let last = match last {
