@@ -74,6 +74,7 @@ type CacheSlot = Option<(u64, u64, Arc<Snapshot>)>;
 struct Cache {
     slots: [CacheSlot; CACHE_SLOTS],
     next_victim: usize,
+    /// Slot filled last; `find` tries it first.
     last_hit: usize,
 }
 
@@ -84,8 +85,8 @@ sync::thread_local! {
 impl Cache {
     #[inline]
     fn find(&self, key: u64, version: u64) -> Option<&Arc<Snapshot>> {
-        // The most recently used slot first: a thread usually works on one
-        // address space.
+        // The most recently filled slot first (a thread usually works on one
+        // address space), then all of them.
         match &self.slots[self.last_hit] {
             Some((k, v, snap)) if *k == key && *v == version => Some(snap),
             _ => self.slots.iter().find_map(|s| match s {
