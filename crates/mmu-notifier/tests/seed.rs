@@ -569,14 +569,13 @@ fn seed_543bdb2d_concurrent_invalidation_sees_initialised_notifier() {
     let mm = Subscriptions::new();
     let bad = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let (mm2, stop2) = (mm.clone(), stop.clone());
+    let rounds = Arc::new(AtomicUsize::new(0));
+    let (mm2, stop2, rounds2) = (mm.clone(), stop.clone(), rounds.clone());
     let t = thread::spawn(move || {
-        let mut n = 0u64;
         while !stop2.load(Ordering::Relaxed) {
             mm2.invalidate_range_start(range(0, 0x1000)).end();
-            n += 1;
+            rounds2.fetch_add(1, Ordering::SeqCst);
         }
-        n
     });
     for _ in 0..500 {
         mm.register(Arc::new(Init {
@@ -585,8 +584,15 @@ fn seed_543bdb2d_concurrent_invalidation_sees_initialised_notifier() {
         }))
         .unwrap();
     }
+    // The invalidating thread must really have run alongside (and after)
+    // the registrations, however late it was scheduled.
+    let seen = rounds.load(Ordering::SeqCst);
+    while rounds.load(Ordering::SeqCst) <= seen {
+        thread::yield_now();
+    }
     stop.store(true, Ordering::Relaxed);
-    assert!(t.join().unwrap() > 0);
+    t.join().unwrap();
+    assert!(rounds.load(Ordering::SeqCst) > 0);
     assert_eq!(bad.load(Ordering::SeqCst), 0);
 }
 
