@@ -20,7 +20,7 @@
 //! [`CACHE_SLOTS`] entries), or exits. An unregistered notifier's memory can
 //! therefore be held that long; its callbacks are never run after unregister.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 
 use crate::notifier::{Callbacks, MmuNotifier, NotifierAlloc};
@@ -64,44 +64,80 @@ pub(crate) struct Snapshot {
 pub(crate) struct NotifierList {
     /// Unique per list, the thread-local cache key.
     key: u64,
-    version: AtomicU64,
+    pub(crate) version: AtomicU64,
     current: Mutex<Arc<Snapshot>>,
 }
 
-/// (list key, snapshot version, snapshot).
-type CacheSlot = Option<(u64, u64, Arc<Snapshot>)>;
+/// One cached snapshot of one address space; `key == 0` means empty (list
+/// keys start at 1).
+struct CacheSlot {
+    key: u64,
+    version: u64,
+    snap: Option<Arc<Snapshot>>,
+}
+
+impl CacheSlot {
+    const EMPTY: CacheSlot = CacheSlot {
+        key: 0,
+        version: 0,
+        snap: None,
+    };
+
+    #[inline(always)]
+    fn get(&self, key: u64, version: u64) -> Option<&Arc<Snapshot>> {
+        if self.key == key && self.version == version {
+            self.snap.as_ref()
+        } else {
+            None
+        }
+    }
+}
 
 struct Cache {
     slots: [CacheSlot; CACHE_SLOTS],
     next_victim: usize,
-    /// Slot filled last; `find` tries it first.
-    last_hit: usize,
+    /// Slot filled or hit last; `find` tries it first.
+    last: Cell<usize>,
 }
 
-sync::thread_local! {
-    static CACHE: RefCell<Cache> = RefCell::new(Cache { slots: Default::default(), next_victim: 0, last_hit: 0 });
+// Constant initialiser: no lazy-init check on access, only the destructor
+// registration state (the slots own `Arc`s).
+#[cfg(not(loom))]
+std::thread_local! {
+    static CACHE: RefCell<Cache> = const {
+        RefCell::new(Cache { slots: [CacheSlot::EMPTY; CACHE_SLOTS], next_victim: 0, last: Cell::new(0) })
+    };
+}
+
+#[cfg(loom)]
+loom::thread_local! {
+    static CACHE: RefCell<Cache> =
+        RefCell::new(Cache { slots: [CacheSlot::EMPTY; CACHE_SLOTS], next_victim: 0, last: Cell::new(0) });
 }
 
 impl Cache {
-    #[inline]
+    /// The slot of `key` if it holds `version`, trying the last used first (a
+    /// thread usually works on one address space).
+    #[inline(always)]
     fn find(&self, key: u64, version: u64) -> Option<&Arc<Snapshot>> {
-        // The most recently filled slot first (a thread usually works on one
-        // address space), then all of them.
-        match &self.slots[self.last_hit] {
-            Some((k, v, snap)) if *k == key && *v == version => Some(snap),
-            _ => self.slots.iter().find_map(|s| match s {
-                Some((k, v, snap)) if *k == key && *v == version => Some(snap),
-                _ => None,
-            }),
+        match self.slots[self.last.get() % CACHE_SLOTS].get(key, version) {
+            Some(snap) => Some(snap),
+            None => self.find_other(key, version),
         }
     }
 
-    fn insert(&mut self, key: u64, snap: Arc<Snapshot>) {
-        let i = match self
+    #[inline(never)]
+    fn find_other(&self, key: u64, version: u64) -> Option<&Arc<Snapshot>> {
+        let i = self
             .slots
             .iter()
-            .position(|s| matches!(s, Some((k, _, _)) if *k == key))
-        {
+            .position(|s| s.get(key, version).is_some())?;
+        self.last.set(i);
+        self.slots[i].snap.as_ref()
+    }
+
+    fn insert(&mut self, key: u64, snap: Arc<Snapshot>) {
+        let i = match self.slots.iter().position(|s| s.key == key) {
             Some(i) => i,
             None => {
                 let i = self.next_victim;
@@ -109,8 +145,12 @@ impl Cache {
                 i
             }
         };
-        self.slots[i] = Some((key, snap.version, snap));
-        self.last_hit = i;
+        self.slots[i] = CacheSlot {
+            key,
+            version: snap.version,
+            snap: Some(snap),
+        };
+        self.last.set(i);
     }
 }
 

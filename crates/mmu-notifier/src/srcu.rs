@@ -37,9 +37,9 @@
 //! srcu::synchronize().unwrap();
 //! ```
 
+use std::cell::Cell;
 use std::collections::{BTreeSet, VecDeque};
 use std::marker::PhantomData;
-use std::sync::Arc;
 
 use crate::barrier::Flavour;
 use crate::sync::{self, fence, AtomicUsize, Condvar, Mutex, Ordering};
@@ -64,7 +64,11 @@ struct DeferredQueue {
 struct Domain {
     /// Global counter: `PHASE` bit plus one nesting unit, copied by readers.
     gp: AtomicUsize,
-    readers: Mutex<Vec<Arc<ReaderSlot>>>,
+    /// Every reader slot ever handed out. Slots are leaked (`&'static`) so the
+    /// read side reaches its own through a plain thread-local pointer, and
+    /// recycled when their thread exits; their number is bounded by the
+    /// largest number of threads that were alive at once.
+    readers: Mutex<Vec<&'static ReaderSlot>>,
     /// Serialises grace periods.
     gp_lock: Mutex<()>,
     flavour: Flavour,
@@ -72,26 +76,16 @@ struct Domain {
     deferred_done: Condvar,
 }
 
+/// One thread's reader state.
 struct ReaderSlot {
     ctr: AtomicUsize,
-    /// Set when the owning thread exits; the slot is then pruned.
-    #[cfg_attr(loom, allow(dead_code))]
-    dead: std::sync::atomic::AtomicBool,
-}
-
-struct LocalReader {
+    /// The domain, so the read side needs no lazy-static check.
     domain: &'static Domain,
-    slot: Arc<ReaderSlot>,
-    in_deferred: std::cell::Cell<bool>,
-}
-
-#[cfg(not(loom))]
-impl Drop for LocalReader {
-    fn drop(&mut self) {
-        self.slot
-            .dead
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
+    /// Copied from the domain: the read side's fence, without a second load.
+    flavour: Flavour,
+    /// Not owned by a live thread; `assign_slot` may hand it out again.
+    #[cfg_attr(loom, allow(dead_code))]
+    free: std::sync::atomic::AtomicBool,
 }
 
 #[cfg(not(loom))]
@@ -106,8 +100,91 @@ fn domain() -> &'static Domain {
     &DOMAIN
 }
 
-sync::thread_local! {
-    static LOCAL: LocalReader = domain().register_reader();
+// The read side's thread-locals have constant initialisers and no destructor,
+// so an access is a bare thread-pointer-relative load: no lazy-init or
+// destructor-state check on the fast path.
+#[cfg(not(loom))]
+std::thread_local! {
+    static SLOT: Cell<Option<&'static ReaderSlot>> = const { Cell::new(None) };
+    static IN_DEFERRED: Cell<bool> = const { Cell::new(false) };
+    /// Returns this thread's slot to the pool when the thread exits.
+    static SLOT_RETURN: SlotReturn = const { SlotReturn(Cell::new(None)) };
+}
+
+#[cfg(loom)]
+loom::thread_local! {
+    static SLOT: Cell<Option<&'static ReaderSlot>> = Cell::new(None);
+    static IN_DEFERRED: Cell<bool> = Cell::new(false);
+}
+
+#[cfg(not(loom))]
+struct SlotReturn(Cell<Option<&'static ReaderSlot>>);
+
+#[cfg(not(loom))]
+impl Drop for SlotReturn {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0.take() {
+            // A destructor that runs later on this thread and reads gets a
+            // fresh slot (see `assign_slot`) instead of this one.
+            let _ = SLOT.try_with(|s| s.set(None));
+            // A slot whose thread leaked a guard (mem::forget) stays nested;
+            // never recycle it.
+            if slot.ctr.load(Ordering::Relaxed) & NEST_MASK == 0 {
+                slot.free.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+    }
+}
+
+/// This thread's reader slot.
+#[inline(always)]
+fn local_slot() -> &'static ReaderSlot {
+    match SLOT.with(Cell::get) {
+        Some(slot) => slot,
+        None => assign_slot(),
+    }
+}
+
+/// First read on this thread: reuse a slot of an exited thread or leak a new one.
+#[cold]
+#[inline(never)]
+fn assign_slot() -> &'static ReaderSlot {
+    let d = domain();
+    let slot = {
+        let mut readers = sync::lock(&d.readers);
+        #[cfg(not(loom))]
+        let reused = readers.iter().copied().find(|s| {
+            s.free
+                .compare_exchange(
+                    true,
+                    false,
+                    std::sync::atomic::Ordering::Acquire,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok()
+        });
+        #[cfg(loom)]
+        let reused = None;
+        match reused {
+            Some(s) => s,
+            None => {
+                let s: &'static ReaderSlot = Box::leak(Box::new(ReaderSlot {
+                    ctr: AtomicUsize::new(0),
+                    domain: d,
+                    flavour: d.flavour,
+                    free: std::sync::atomic::AtomicBool::new(false),
+                }));
+                readers.push(s);
+                s
+            }
+        }
+    };
+    SLOT.with(|c| c.set(Some(slot)));
+    // If this thread is already exiting the return hook cannot be installed
+    // and the slot is simply never recycled.
+    #[cfg(not(loom))]
+    let _ = SLOT_RETURN.try_with(|r| r.0.set(Some(slot)));
+    slot
 }
 
 impl Domain {
@@ -126,38 +203,19 @@ impl Domain {
         }
     }
 
-    fn register_reader(&'static self) -> LocalReader {
-        let slot = Arc::new(ReaderSlot {
-            ctr: AtomicUsize::new(0),
-            dead: std::sync::atomic::AtomicBool::new(false),
-        });
-        sync::lock(&self.readers).push(slot.clone());
-        LocalReader {
-            domain: self,
-            slot,
-            in_deferred: std::cell::Cell::new(false),
-        }
-    }
-
     /// Waits for every read-side section that started before this call.
     fn grace_period(&self) {
         let _serial = sync::lock(&self.gp_lock);
         // A thread that registers after this snapshot starts its first section
         // after the grace period began, so it need not be waited for; taking the
         // registry lock also orders its later loads after our earlier stores.
-        let readers: Vec<Arc<ReaderSlot>> = {
-            #[cfg_attr(loom, allow(unused_mut))]
-            let mut r = sync::lock(&self.readers);
-            #[cfg(not(loom))]
-            r.retain(|s| !s.dead.load(std::sync::atomic::Ordering::Relaxed));
-            r.clone()
-        };
+        let readers: Vec<&'static ReaderSlot> = sync::lock(&self.readers).clone();
         self.flavour.heavy();
         for _ in 0..2 {
             let phase = (self.gp.load(Ordering::Relaxed) ^ PHASE) & PHASE;
             self.gp.store(phase | 1, Ordering::Relaxed);
             fence(Ordering::SeqCst);
-            for slot in &readers {
+            for slot in readers.iter() {
                 let mut backoff = sync::Backoff::new();
                 loop {
                     let c = slot.ctr.load(Ordering::Acquire);
@@ -187,9 +245,9 @@ impl Domain {
                 }
             };
             let Some((ticket, f)) = item else { break };
-            let was = LOCAL.with(|l| l.in_deferred.replace(true));
+            let was = IN_DEFERRED.with(|c| c.replace(true));
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-            LOCAL.with(|l| l.in_deferred.set(was));
+            IN_DEFERRED.with(|c| c.set(was));
             if result.is_err() {
                 tracing::error!("mmu_notifier: a deferred SRCU callback panicked");
             }
@@ -205,6 +263,7 @@ impl Domain {
 /// when it is dropped. Not `Send`: a section belongs to one thread.
 #[must_use = "the read-side section ends when the guard is dropped"]
 pub struct ReadGuard {
+    slot: &'static ReaderSlot,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -216,22 +275,21 @@ impl std::fmt::Debug for ReadGuard {
 
 /// Enters a read-side section (Linux `srcu_read_lock`). Sections nest.
 ///
-/// Costs a thread-local access, two loads and a store: no read-modify-write and
-/// no hardware fence (see the module documentation).
+/// Costs a thread-local load, three loads and a store: no read-modify-write
+/// and no hardware fence (see the module documentation).
 #[inline]
 pub fn read_lock() -> ReadGuard {
-    LOCAL.with(|l| {
-        let c = l.slot.ctr.load(Ordering::Relaxed);
-        if c & NEST_MASK == 0 {
-            l.slot
-                .ctr
-                .store(l.domain.gp.load(Ordering::Relaxed), Ordering::Relaxed);
-            l.domain.flavour.light();
-        } else {
-            l.slot.ctr.store(c + 1, Ordering::Relaxed);
-        }
-    });
+    let slot = local_slot();
+    let c = slot.ctr.load(Ordering::Relaxed);
+    if c & NEST_MASK == 0 {
+        slot.ctr
+            .store(slot.domain.gp.load(Ordering::Relaxed), Ordering::Relaxed);
+        slot.flavour.light();
+    } else {
+        slot.ctr.store(c + 1, Ordering::Relaxed);
+    }
     ReadGuard {
+        slot,
         _not_send: PhantomData,
     }
 }
@@ -239,26 +297,25 @@ pub fn read_lock() -> ReadGuard {
 impl Drop for ReadGuard {
     #[inline]
     fn drop(&mut self) {
-        LOCAL.with(|l| {
-            let c = l.slot.ctr.load(Ordering::Relaxed);
-            let next = if c & NEST_MASK == 1 { 0 } else { c - 1 };
-            // Release: everything the section did happens-before a grace
-            // period that observes the section ended.
-            l.slot.ctr.store(next, Ordering::Release);
-        });
+        let c = self.slot.ctr.load(Ordering::Relaxed);
+        let next = if c & NEST_MASK == 1 { 0 } else { c - 1 };
+        // Release: everything the section did happens-before a grace period
+        // that observes the section ended.
+        self.slot.ctr.store(next, Ordering::Release);
     }
 }
 
 /// Whether the calling thread is inside a read-side section (for example, in
 /// a notifier callback). Waiting for a grace period there would deadlock.
 pub fn in_read_section() -> bool {
-    LOCAL
-        .try_with(|l| l.slot.ctr.load(Ordering::Relaxed) & NEST_MASK != 0)
-        .unwrap_or(false)
+    SLOT.try_with(Cell::get)
+        .ok()
+        .flatten()
+        .is_some_and(|s| s.ctr.load(Ordering::Relaxed) & NEST_MASK != 0)
 }
 
 fn in_deferred() -> bool {
-    LOCAL.try_with(|l| l.in_deferred.get()).unwrap_or(false)
+    IN_DEFERRED.try_with(Cell::get).unwrap_or(false)
 }
 
 fn check_may_wait(what: &'static str) -> Result<(), Error> {
@@ -328,4 +385,29 @@ pub fn barrier() -> Result<(), Error> {
 /// Number of deferred functions queued or running.
 pub fn pending() -> usize {
     sync::lock(&domain().deferred).unfinished.len()
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn slot_count() -> usize {
+        sync::lock(&domain().readers).len()
+    }
+
+    #[test]
+    fn exited_threads_slots_are_reused() {
+        drop(read_lock());
+        let before = slot_count();
+        for _ in 0..50 {
+            std::thread::spawn(|| drop(read_lock())).join().unwrap();
+        }
+        // Other tests of this binary may run readers concurrently, so allow a
+        // few extra slots, but 50 sequential threads must not need 50.
+        assert!(
+            slot_count() <= before + 8,
+            "{} slots after 50 sequential threads (had {before})",
+            slot_count()
+        );
+    }
 }

@@ -300,36 +300,41 @@ impl Subscriptions {
     fn start_list(&self, range: &Range) -> Result<u64, (u64, Again)> {
         let _srcu = srcu::read_lock();
         let _section = InvalidateSection::enter(self.inner.key, &self.inner.diag);
-        self.inner.list.with(|snap| {
-            let mut failed = false;
-            let blockable = range.blockable();
-            self.for_each_caught(snap, "invalidate_range_start", |e| {
-                if e.callbacks.contains(Callbacks::INVALIDATE_RANGE_START) {
-                    let r = {
-                        let _nb = NonBlockSection::enter(&self.inner.diag, !blockable);
-                        e.ops.invalidate_range_start(range)
-                    };
-                    if r.is_err() {
-                        self.start_failed(e, blockable);
-                        failed = true;
-                    }
+        // The walk is a separate function so that the thread-local cache
+        // lookup around it stays small enough to be inlined here.
+        self.inner.list.with(|snap| self.start_walk(snap, range))
+    }
+
+    #[inline(never)]
+    fn start_walk(&self, snap: &Snapshot, range: &Range) -> Result<u64, (u64, Again)> {
+        let mut failed = false;
+        let blockable = range.blockable();
+        self.for_each_caught(snap, "invalidate_range_start", |e| {
+            if e.callbacks.contains(Callbacks::INVALIDATE_RANGE_START) {
+                let r = {
+                    let _nb = NonBlockSection::enter(&self.inner.diag, !blockable);
+                    e.ops.invalidate_range_start(range)
+                };
+                if r.is_err() {
+                    self.start_failed(e, blockable);
+                    failed = true;
+                }
+            }
+            true
+        });
+        if failed {
+            // c2655835: every notifier with an end gets it, including the
+            // ones whose start succeeded. No non-block marking here (Linux).
+            self.for_each_caught(snap, "invalidate_range_end", |e| {
+                if e.callbacks.contains(Callbacks::INVALIDATE_RANGE_END) {
+                    e.ops.invalidate_range_end(range);
                 }
                 true
             });
-            if failed {
-                // c2655835: every notifier with an end gets it, including the
-                // ones whose start succeeded. No non-block marking here (Linux).
-                self.for_each_caught(snap, "invalidate_range_end", |e| {
-                    if e.callbacks.contains(Callbacks::INVALIDATE_RANGE_END) {
-                        e.ops.invalidate_range_end(range);
-                    }
-                    true
-                });
-                Err((snap.version, Again))
-            } else {
-                Ok(snap.version)
-            }
-        })
+            Err((snap.version, Again))
+        } else {
+            Ok(snap.version)
+        }
     }
 
     fn start_failed(&self, e: &Entry, blockable: bool) {
@@ -364,14 +369,19 @@ impl Subscriptions {
     fn end_list(&self, range: &Range, version: u64) {
         let _srcu = srcu::read_lock();
         let _section = InvalidateSection::enter(self.inner.key, &self.inner.diag);
-        self.inner.list.with(|snap| {
-            self.for_each_caught(snap, "invalidate_range_end", |e| {
-                if e.version <= version && e.callbacks.contains(Callbacks::INVALIDATE_RANGE_END) {
-                    let _nb = NonBlockSection::enter(&self.inner.diag, !range.blockable());
-                    e.ops.invalidate_range_end(range);
-                }
-                true
-            });
+        self.inner
+            .list
+            .with(|snap| self.end_walk(snap, range, version));
+    }
+
+    #[inline(never)]
+    fn end_walk(&self, snap: &Snapshot, range: &Range, version: u64) {
+        self.for_each_caught(snap, "invalidate_range_end", |e| {
+            if e.version <= version && e.callbacks.contains(Callbacks::INVALIDATE_RANGE_END) {
+                let _nb = NonBlockSection::enter(&self.inner.diag, !range.blockable());
+                e.ops.invalidate_range_end(range);
+            }
+            true
         });
     }
 
