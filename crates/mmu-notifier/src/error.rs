@@ -48,6 +48,15 @@ pub enum Error {
     /// deferred free, where that wait could never end.
     #[error("{0} called from a notifier callback or deferred free would deadlock")]
     WouldDeadlock(&'static str),
+    /// An interval notifier's length is zero or `start + length - 1`
+    /// overflows (Linux `-EOVERFLOW`).
+    #[error("invalid interval: start {start:#x}, length {length:#x} (empty or overflows)")]
+    InvalidInterval {
+        /// The start given.
+        start: u64,
+        /// The length given.
+        length: u64,
+    },
     /// `alloc_notifier` failed during `get`.
     #[error("alloc_notifier failed: {0}")]
     Alloc(Box<dyn std::error::Error + Send + Sync>),

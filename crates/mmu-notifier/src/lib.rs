@@ -16,6 +16,9 @@
 //!   `end` closes the pair, the young-bit hooks, [`Subscriptions::change_pte`],
 //!   [`Subscriptions::arch_invalidate_secondary_tlbs`] and
 //!   [`Subscriptions::release`] (exit).
+//! * [`IntervalNotifier`]: per-range callbacks with the collision-retry
+//!   sequence (Linux `mmu_interval_notifier`), inserted with
+//!   [`Subscriptions::interval_insert`]; see the `interval` module docs.
 //! * [`srcu`]: the sleepable grace-period domain callbacks run under.
 //! * [`debug`]: lockdep-style checks and the diagnostic counters.
 //!
@@ -28,6 +31,8 @@
 mod barrier;
 pub mod debug;
 mod error;
+mod interval;
+mod itree;
 mod list;
 mod mutex;
 mod notifier;
@@ -39,6 +44,7 @@ mod sync;
 
 pub use debug::{might_sleep, Diagnostics, Warning};
 pub use error::Error;
+pub use interval::{IntervalNotifier, IntervalOps};
 pub use mutex::{Mutex, MutexGuard};
 pub use notifier::{Again, Callbacks, MmuNotifier, NotifierAlloc, Pte};
 pub use range::{Event, Owner, Range, RangeError, END_OF_ADDRESS_SPACE, PAGE_SIZE};

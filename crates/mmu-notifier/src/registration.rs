@@ -14,6 +14,7 @@ use std::sync::Arc;
 use crate::debug::Warning;
 use crate::list::{Entry, Snapshot};
 use crate::notifier::{Callbacks, MmuNotifier, NotifierAlloc};
+use crate::range::{Event, Range};
 use crate::srcu;
 use crate::subscriptions::{MmapWriteGuard, Subscriptions};
 use crate::sync::Ordering;
@@ -363,6 +364,15 @@ impl Subscriptions {
             self.inner.live.store(false, Ordering::Release);
             (None, Ok(cur.clone()))
         })?;
+        if self.inner.interval.enabled() {
+            // Interval release: one blockable RELEASE invalidation of the
+            // whole address space. Notifiers stay in the tree; their owners
+            // still call `remove`.
+            let range = Range::everything(Event::Release);
+            if self.inner.interval.start(self, &range).is_ok() {
+                self.inner.interval.end();
+            }
+        }
         if !snap.entries.is_empty() {
             let _srcu = srcu::read_lock();
             for e in snap.entries.iter() {

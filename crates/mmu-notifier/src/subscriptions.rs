@@ -20,6 +20,7 @@ use std::sync::atomic::AtomicU64 as StdAtomicU64;
 use std::sync::Arc;
 
 use crate::debug::{DiagHandle, Diagnostics, InvalidateSection, NonBlockSection, Warning};
+use crate::interval::IntervalState;
 use crate::list::{Entry, NotifierList, Snapshot};
 use crate::notifier::{Again, Callbacks, Pte};
 use crate::range::Range;
@@ -38,6 +39,8 @@ pub(crate) struct Inner {
     pub(crate) live: AtomicBool,
     pub(crate) mmap: RwLock<()>,
     pub(crate) list: NotifierList,
+    /// Interval notifiers: tree, sequence and deferred list.
+    pub(crate) interval: IntervalState,
     pub(crate) diag: DiagHandle,
 }
 
@@ -131,6 +134,10 @@ pub struct ActiveInvalidation<'a> {
     range: Range,
     /// List version the start walked; 0 when there were no notifiers.
     version: u64,
+    /// The start ran the interval phase, so end must run the interval end.
+    /// Recorded rather than re-read, so interval mode being enabled between
+    /// start and end cannot unbalance the count (spec 10.10).
+    interval: bool,
     _not_send: std::marker::PhantomData<*const ()>,
 }
 
@@ -162,6 +169,9 @@ impl Drop for ActiveInvalidation<'_> {
         if self.range.blockable() {
             crate::debug::might_sleep();
         }
+        if self.interval {
+            self.mm.inner.interval.end();
+        }
         if self.version != 0 {
             self.mm.end_list(&self.range, self.version);
         }
@@ -179,6 +189,7 @@ impl Subscriptions {
                 live: AtomicBool::new(true),
                 mmap: RwLock::new(()),
                 list: NotifierList::new(key),
+                interval: IntervalState::new(),
                 diag: Arc::new(Diagnostics::default()),
             }),
         }
@@ -253,17 +264,18 @@ impl Subscriptions {
     pub fn invalidate_range_start(&self, mut range: Range) -> ActiveInvalidation<'_> {
         crate::debug::might_sleep();
         range.set_blockable(true);
-        let version = if self.has_notifiers() {
-            match self.start_list(&range) {
-                Ok(v) | Err((v, Again)) => v,
+        let (interval, version) = if self.has_notifiers() {
+            match self.start_all(&range) {
+                Ok(walked) | Err((walked, Again)) => walked,
             }
         } else {
-            0
+            (false, 0)
         };
         ActiveInvalidation {
             mm: self,
             range,
             version,
+            interval,
             _not_send: std::marker::PhantomData,
         }
     }
@@ -281,22 +293,52 @@ impl Subscriptions {
         mut range: Range,
     ) -> Result<ActiveInvalidation<'_>, Again> {
         range.set_blockable(false);
-        let version = if self.has_notifiers() {
-            self.start_list(&range).map_err(|(_, e)| e)?
+        let (interval, version) = if self.has_notifiers() {
+            self.start_all(&range).map_err(|(_, e)| e)?
         } else {
-            0
+            (false, 0)
         };
         Ok(ActiveInvalidation {
             mm: self,
             range,
             version,
+            interval,
             _not_send: std::marker::PhantomData,
         })
     }
 
+    /// Both phases of start, interval first (Linux
+    /// `__mmu_notifier_invalidate_range_start`). Returns whether the interval
+    /// phase ran and the list version walked. On failure (non-blockable
+    /// ranges only) nothing remains to be ended: a failed interval phase has
+    /// ended itself and no list notifier was called; a failed list phase has
+    /// called every end, and the interval phase is ended here too.
+    ///
+    /// Divergence from Linux (spec 10.1): Linux returns without undoing the
+    /// interval phase when the list phase fails, leaking
+    /// `active_invalidate_ranges` (readers and removers of overlapping
+    /// interval notifiers then wait forever). We end it.
+    #[inline(never)]
+    fn start_all(&self, range: &Range) -> Result<(bool, u64), ((bool, u64), Again)> {
+        let interval = self.inner.interval.enabled();
+        if interval && self.inner.interval.start(self, range).is_err() {
+            return Err(((false, 0), Again));
+        }
+        match self.start_list(range) {
+            Ok(v) => Ok((interval, v)),
+            Err((v, Again)) if range.blockable() => Err(((interval, v), Again)),
+            Err((_, Again)) => {
+                if interval {
+                    self.inner.interval.end();
+                }
+                Err(((false, 0), Again))
+            }
+        }
+    }
+
     /// The list phase of start. Returns the list version walked, and on
     /// failure the error after every end callback has run.
-    #[inline(never)]
+    #[inline]
     fn start_list(&self, range: &Range) -> Result<u64, (u64, Again)> {
         let _srcu = srcu::read_lock();
         let _section = InvalidateSection::enter(self.inner.key, &self.inner.diag);

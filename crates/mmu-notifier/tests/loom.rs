@@ -181,3 +181,173 @@ fn registration_racing_pair_never_splits_it() {
         assert_eq!(first.ends.load(Relaxed), 1);
     });
 }
+
+// ---------------------------------------------------------------------------
+// Interval notifiers
+// ---------------------------------------------------------------------------
+
+use mmu_notifier::{IntervalNotifier, IntervalOps};
+
+/// A device mirror of one page: `device` holds the primary value it copied,
+/// or 0 when unmapped. `invalidate` clears it under the device lock.
+struct DevicePage {
+    lock: mmu_notifier::Mutex<usize>,
+    /// Invalidate calls seen after the test declared the notifier removed.
+    after_remove: AtomicUsize,
+    removed: AtomicUsize,
+}
+
+impl DevicePage {
+    fn new() -> Arc<DevicePage> {
+        Arc::new(DevicePage {
+            lock: mmu_notifier::Mutex::new(0),
+            after_remove: AtomicUsize::new(0),
+            removed: AtomicUsize::new(0),
+        })
+    }
+}
+
+impl IntervalOps for DevicePage {
+    fn invalidate(&self, sub: &IntervalNotifier, r: &Range, cur_seq: u64) -> bool {
+        if self.removed.load(Relaxed) != 0 {
+            self.after_remove.fetch_add(1, Relaxed);
+        }
+        let mut dev = if r.blockable() {
+            self.lock.lock()
+        } else {
+            match self.lock.try_lock() {
+                Some(g) => g,
+                None => return false,
+            }
+        };
+        sub.set_seq(cur_seq);
+        *dev = 0;
+        true
+    }
+}
+
+/// read_begin / read_retry against a concurrent invalidation: a reader that
+/// took its sequence before an overlapping invalidation ended never commits
+/// a stale copy (the lock-free read side, spec 4.5-4.6).
+#[test]
+fn interval_read_side_never_commits_stale() {
+    loom::model(|| {
+        let mm = Subscriptions::new();
+        let dev = DevicePage::new();
+        let sub = mm.interval_insert(0, 0x1000, dev.clone()).unwrap();
+        // The primary PTE: 1, then changed to 2 inside the invalidation.
+        let pte = Arc::new(AtomicUsize::new(1));
+        let (mm2, pte2) = (mm.clone(), pte.clone());
+        let primary = thread::spawn(move || {
+            let inv = mm2.invalidate_range_start(range());
+            pte2.store(2, Relaxed);
+            inv.end();
+        });
+        // Device fault, at most two attempts (loom bounds the loop).
+        for _ in 0..2 {
+            let seq = sub.read_begin().unwrap();
+            let v = pte.load(Relaxed);
+            let mut d = dev.lock.lock();
+            if sub.read_retry(seq) {
+                continue;
+            }
+            *d = v;
+            break;
+        }
+        primary.join().unwrap();
+        let d = *dev.lock.lock();
+        assert!(
+            d == 0 || d == pte.load(Relaxed),
+            "device kept the stale value {d}"
+        );
+        sub.remove().unwrap();
+    });
+}
+
+/// Insert and remove while an invalidation runs on another thread: they are
+/// deferred or applied directly depending on the seq, and at the end the
+/// tree holds exactly the inserted notifier, the counters are balanced, and
+/// the removed notifier is never called after remove returned.
+#[test]
+fn interval_insert_and_remove_during_invalidation() {
+    loom::model(|| {
+        let mm = Subscriptions::new();
+        let old = DevicePage::new();
+        let s_old = mm.interval_insert(0, 0x1000, old.clone()).unwrap();
+        let mm2 = mm.clone();
+        let primary = thread::spawn(move || mm2.invalidate_range_start(range()).end());
+        let new = mm.interval_insert(0, 0x1000, DevicePage::new()).unwrap();
+        s_old.remove().unwrap();
+        old.removed.store(1, Relaxed);
+        primary.join().unwrap();
+        assert_eq!(old.after_remove.load(Relaxed), 0, "called after remove");
+        assert!(new.is_in_tree());
+        assert!(!s_old.is_in_tree());
+        assert_eq!(mm.interval_count(), 1);
+        assert_eq!(mm.interval_active_ranges(), 0);
+        assert_eq!(mm.interval_seq() & 1, 0);
+        new.remove().unwrap();
+    });
+}
+
+/// 31956166: remove racing the final end of an invalidation returns only
+/// after the deferred removal took the notifier out of the tree.
+#[test]
+fn interval_remove_racing_end() {
+    loom::model(|| {
+        let mm = Subscriptions::new();
+        let dev = DevicePage::new();
+        let sub = mm.interval_insert(0, 0x1000, dev.clone()).unwrap();
+        let inv = mm.invalidate_range_start(range());
+        let sub2 = sub.clone();
+        let remover = thread::spawn(move || {
+            sub2.remove().unwrap();
+            assert!(
+                !sub2.is_in_tree(),
+                "remove returned while still in the tree"
+            );
+        });
+        // End while the removal is deferred (the window of the race).
+        while !sub.is_removed() {
+            thread::yield_now();
+        }
+        inv.end();
+        remover.join().unwrap();
+    });
+}
+
+/// A list notifier whose start can fail, next to an interval notifier.
+struct FailingStart;
+impl MmuNotifier for FailingStart {
+    fn callbacks(&self) -> Callbacks {
+        Callbacks::INVALIDATE_RANGE_START | Callbacks::START_MAY_FAIL
+    }
+    fn invalidate_range_start(&self, r: &Range) -> Result<(), Again> {
+        if r.blockable() {
+            Ok(())
+        } else {
+            Err(Again)
+        }
+    }
+}
+
+/// Spec 10.1 fix: when the list phase of a non-blockable start fails after
+/// the interval phase succeeded, the interval phase is undone. With Linux's
+/// behaviour the reader below would wait forever (loom reports a deadlock).
+#[test]
+fn interval_accounting_undone_when_list_start_fails() {
+    loom::model(|| {
+        let mm = Subscriptions::new();
+        mm.register(Arc::new(FailingStart)).unwrap();
+        let sub = mm.interval_insert(0, 0x1000, DevicePage::new()).unwrap();
+        let mm2 = mm.clone();
+        let reaper = thread::spawn(move || {
+            assert!(mm2.invalidate_range_start_nonblock(range()).is_err());
+        });
+        let seq = sub.read_begin().unwrap();
+        reaper.join().unwrap();
+        assert_eq!(mm.interval_active_ranges(), 0);
+        let _ = sub.read_retry(seq);
+        sub.remove().unwrap();
+    });
+}

@@ -677,3 +677,291 @@ fn seed_ec8832d0_end_does_not_flush_secondary_tlbs() {
     mm.arch_invalidate_secondary_tlbs(0, 0x1000);
     assert_eq!(iommu.calls(), [Call::SecondaryTlbs(0, 0x1000)]);
 }
+
+// ---------------------------------------------------------------------------
+// Interval notifiers (99cb252f, 31956166, c9682d10; spec section 4)
+// ---------------------------------------------------------------------------
+
+/// Runs `f` on a thread and returns a receiver for its result, so a test can
+/// check that it is still blocked and later that it finished.
+fn spawn_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> mpsc::Receiver<T> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx
+}
+
+/// A blocked call must stay blocked for a while (a delay cannot make this
+/// check fail wrongly, only miss a bug).
+fn assert_blocked<T: std::fmt::Debug>(rx: &mpsc::Receiver<T>) {
+    assert!(
+        rx.recv_timeout(Duration::from_millis(50)).is_err(),
+        "returned while it should have been waiting"
+    );
+}
+
+fn done<T>(rx: &mpsc::Receiver<T>) -> T {
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("still blocked 10 s after the invalidation ended")
+}
+
+/// 99cb252f: interval notifiers get `invalidate` for overlapping ranges only,
+/// in ascending start order, with an odd `cur_seq` that they record; the mm
+/// seq is odd during the invalidation and even after.
+#[test]
+fn seed_99cb252f_invalidate_overlapping_intervals_in_tree_order() {
+    let mm = Subscriptions::new();
+    let (a, b, c) = (Mirror::new(), Mirror::new(), Mirror::new());
+    let sa = mm.interval_insert(0x5000, 0x2000, a.clone()).unwrap();
+    let sb = mm.interval_insert(0x1000, 0x5000, b.clone()).unwrap();
+    let sc = mm.interval_insert(0x9000, 0x1000, c.clone()).unwrap();
+    assert_eq!(mm.interval_seq(), 2);
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    struct Order(Arc<std::sync::Mutex<Vec<u64>>>);
+    impl mmu_notifier::IntervalOps for Order {
+        fn invalidate(&self, s: &mmu_notifier::IntervalNotifier, _: &Range, seq: u64) -> bool {
+            s.set_seq(seq);
+            self.0.lock().unwrap().push(s.start());
+            true
+        }
+    }
+    let so = mm
+        .interval_insert(0x4000, 0x1000, Arc::new(Order(order.clone())))
+        .unwrap();
+    let seq_a = sa.read_begin().unwrap();
+    let inv = mm.invalidate_range_start(range(0x4000, 0x6000));
+    assert_eq!(mm.interval_seq(), 3, "odd while an interval is invalidated");
+    assert!(sa.read_retry(seq_a), "the reader from before must retry");
+    assert_eq!(a.calls().len(), 1);
+    assert_eq!(a.calls()[0].1, 3);
+    assert_eq!(b.calls().len(), 1);
+    assert!(c.calls().is_empty(), "[0x9000,0xa000) does not overlap");
+    assert_eq!(*order.lock().unwrap(), [0x4000]);
+    inv.end();
+    assert_eq!(mm.interval_seq(), 4);
+    assert_eq!(mm.interval_active_ranges(), 0);
+    // A range touching nobody leaves the seq even.
+    mm.invalidate_range_start(range(0x20000, 0x21000)).end();
+    assert_eq!(mm.interval_seq(), 4);
+    for s in [sa, sb, sc, so] {
+        s.remove().unwrap();
+    }
+}
+
+/// 99cb252f: read_begin sleeps while its notifier is being invalidated and
+/// returns when the last in-flight range ends; a notifier not touched is
+/// never made to wait (only the seq equality decides).
+#[test]
+fn seed_99cb252f_read_begin_waits_for_the_invalidation() {
+    let mm = Subscriptions::new();
+    let m = Mirror::new();
+    let s = mm.interval_insert(0x1000, 0x1000, m.clone()).unwrap();
+    let other = mm.interval_insert(0x8000, 0x1000, Mirror::new()).unwrap();
+    let inv = mm.invalidate_range_start(range(0x1000, 0x2000));
+    let seq = mm.interval_seq();
+    assert_eq!(seq & 1, 1);
+    // `other` was not invalidated: its seq differs, no wait.
+    let oseq = other.read_begin().unwrap();
+    assert!(!other.read_retry(oseq));
+    let s2 = s.clone();
+    let rx = spawn_blocking(move || s2.read_begin().unwrap());
+    assert_blocked(&rx);
+    inv.end();
+    assert_eq!(done(&rx), seq);
+    assert!(!s.read_retry(seq));
+    s.remove().unwrap();
+    other.remove().unwrap();
+}
+
+/// 99cb252f: while the tree is frozen (odd seq) inserts and removes are
+/// deferred and applied at the last end; an insert during an even in-flight
+/// period goes straight in and makes the seq odd.
+#[test]
+fn seed_99cb252f_membership_changes_deferred_while_odd() {
+    let mm = Subscriptions::new();
+    let a = mm.interval_insert(0x1000, 0x1000, Mirror::new()).unwrap();
+    let inv = mm.invalidate_range_start(range(0x1000, 0x2000));
+    assert_eq!(mm.interval_seq(), 3);
+    let b_ops = Mirror::new();
+    let b = mm.interval_insert(0x1000, 0x1000, b_ops.clone()).unwrap();
+    assert!(!b.is_in_tree(), "insert while odd is deferred");
+    assert!(b.is_invalidating(), "read_begin would wait");
+    // A nested invalidation of b's range does not call b: not in the tree.
+    mm.invalidate_range_start(range(0x1000, 0x2000)).end();
+    assert!(b_ops.calls().is_empty());
+    assert_eq!(mm.interval_count(), 1);
+    inv.end();
+    assert!(b.is_in_tree());
+    assert_eq!(mm.interval_seq(), 4);
+
+    // Partially excluded: in flight but matching nobody, seq stays even...
+    let inv = mm.invalidate_range_start(range(0x40000, 0x41000));
+    assert_eq!(mm.interval_seq(), 4);
+    // ...until an insert, which goes straight in and makes it odd.
+    let c = mm.interval_insert(0x50000, 0x1000, Mirror::new()).unwrap();
+    assert!(c.is_in_tree());
+    assert_eq!(mm.interval_seq(), 5);
+    assert!(c.is_invalidating(), "read_begin would wait");
+    inv.end();
+    assert_eq!(mm.interval_seq(), 6);
+    for s in [a, b, c] {
+        s.remove().unwrap();
+    }
+    assert_eq!(mm.interval_count(), 0);
+}
+
+/// 99cb252f: a non-blockable invalidation whose interval callback cannot
+/// proceed fails with Again, calls no list notifier, and undoes its own
+/// accounting (the caller will not call end).
+#[test]
+fn seed_99cb252f_nonblock_interval_failure_skips_the_list() {
+    let mm = Subscriptions::new();
+    let log = new_log();
+    let rec = Recorder::new("list", START_END, &log);
+    mm.register(rec.clone()).unwrap();
+    let m = Mirror::new();
+    m.fail_nonblock.store(true, Ordering::SeqCst);
+    let s = mm.interval_insert(0x1000, 0x1000, m.clone()).unwrap();
+    let r = mm.invalidate_range_start_nonblock(range(0x1000, 0x2000));
+    assert_eq!(r.err(), Some(Again));
+    assert!(log.lock().unwrap().is_empty(), "no list notifier is called");
+    assert_eq!(mm.interval_active_ranges(), 0);
+    assert_eq!(mm.interval_seq() & 1, 0);
+    // Blockable ranges never fail: false is reported and treated as true.
+    m.fail_nonblock.store(false, Ordering::SeqCst);
+    mm.invalidate_range_start(range(0x1000, 0x2000)).end();
+    assert_eq!(m.calls().len(), 1);
+    s.remove().unwrap();
+}
+
+/// 31956166: remove during an invalidation waits, and returns only once the
+/// final end has taken the notifier out of the tree (the seq is read under
+/// the lock: the final end changes it and walks the deferred list in one
+/// critical section). Repeated to give the race a chance.
+#[test]
+fn seed_31956166_remove_returns_only_after_the_deferred_removal() {
+    for _ in 0..300 {
+        let mm = Subscriptions::new();
+        let m = Mirror::new();
+        let s = mm.interval_insert(0x1000, 0x1000, m.clone()).unwrap();
+        let inv = mm.invalidate_range_start(range(0x1000, 0x2000));
+        let s2 = s.clone();
+        let start = Arc::new(Barrier::new(2));
+        let start2 = start.clone();
+        let rx = spawn_blocking(move || {
+            start2.wait();
+            s2.remove().unwrap();
+            // When remove returns, the notifier must be out of the tree.
+            s2.is_in_tree()
+        });
+        start.wait();
+        // End exactly while the remover is deferred and waiting.
+        while !s.is_removed() {
+            thread::yield_now();
+        }
+        inv.end();
+        assert!(!done(&rx), "remove returned while still linked in the tree");
+        let before = m.calls().len();
+        mm.invalidate_range_start(range(0x1000, 0x2000)).end();
+        assert_eq!(m.calls().len(), before, "invalidate after remove returned");
+    }
+}
+
+/// 31956166 (deterministic half): remove while the seq is odd sleeps until
+/// the invalidation ends.
+#[test]
+fn seed_31956166_remove_waits_while_invalidating() {
+    let mm = Subscriptions::new();
+    let s = mm.interval_insert(0x1000, 0x1000, Mirror::new()).unwrap();
+    let inv = mm.invalidate_range_start(range(0x1000, 0x2000));
+    let s2 = s.clone();
+    let rx = spawn_blocking(move || s2.remove());
+    assert_blocked(&rx);
+    assert!(s.is_in_tree());
+    inv.end();
+    done(&rx).unwrap();
+    assert!(!s.is_in_tree());
+    assert!(matches!(s.remove(), Err(Error::NotRegistered)));
+}
+
+/// c9682d10: insert checks that the address space is still *live* (Linux
+/// `mm_users`), not merely that the object exists (`mm_count`): after exit
+/// it is refused even though we still hold the address space.
+#[test]
+fn seed_c9682d10_insert_refused_once_the_address_space_exited() {
+    let mm = Subscriptions::new();
+    let before = mm.interval_insert(0x1000, 0x1000, Mirror::new()).unwrap();
+    mm.release().unwrap();
+    let held = mm.clone(); // the object is alive (mm_count > 0)...
+    assert!(matches!(
+        held.interval_insert(0x3000, 0x1000, Mirror::new()),
+        Err(Error::AddressSpaceExited)
+    ));
+    // A fresh address space that never enabled interval mode, same rule.
+    let mm2 = Subscriptions::new();
+    mm2.release().unwrap();
+    assert!(matches!(
+        mm2.interval_insert(0x3000, 0x1000, Mirror::new()),
+        Err(Error::AddressSpaceExited)
+    ));
+    before.remove().unwrap();
+}
+
+/// The worked sequence of spec 4.11, step by step.
+#[test]
+fn spec_4_11_worked_sequence() {
+    let mm = Subscriptions::new();
+    assert_eq!(mm.interval_seq(), 2);
+    // Insert A while idle: A.seq = 1, in the tree.
+    let a = mm.interval_insert(0x1000, 0x2000, Mirror::new()).unwrap();
+    assert_eq!(a.last(), 0x2fff);
+    assert!(a.is_in_tree());
+    // read_begin(A) returns 1 at once.
+    assert_eq!(a.read_begin().unwrap(), 1);
+    // Invalidate [0x2000, 0x3000): active 1, seq 3, A.seq = 3.
+    let inv = mm.invalidate_range_start(range(0x2000, 0x3000));
+    assert_eq!(mm.interval_active_ranges(), 1);
+    assert_eq!(mm.interval_seq(), 3);
+    assert!(a.check_retry(1));
+    // A new reader sleeps (3 == 3).
+    let a2 = a.clone();
+    let sleeping_reader = spawn_blocking(move || a2.read_begin().unwrap());
+    assert_blocked(&sleeping_reader);
+    // The reader from before must retry.
+    assert!(a.read_retry(1));
+    // Insert B now: deferred, B.seq = 3.
+    let b = mm.interval_insert(0x100000, 0x1000, Mirror::new()).unwrap();
+    assert!(!b.is_in_tree());
+    let b2 = b.clone();
+    let reader_b = spawn_blocking(move || b2.read_begin().unwrap());
+    // Remove A now: deferred, waits for seq != 3.
+    let a3 = a.clone();
+    let remover = spawn_blocking(move || a3.remove());
+    assert_blocked(&remover);
+    assert_blocked(&reader_b);
+    // Range end: seq 4, A out, B in, everyone woken.
+    inv.end();
+    assert_eq!(mm.interval_seq(), 4);
+    assert_eq!(mm.interval_active_ranges(), 0);
+    done(&remover).unwrap();
+    assert!(!a.is_in_tree());
+    assert!(b.is_in_tree());
+    assert_eq!(done(&sleeping_reader), 3);
+    assert_eq!(done(&reader_b), 3);
+    assert!(!b.read_retry(3));
+    // Invalidate a range overlapping nothing: active 1, seq stays 4.
+    let inv = mm.invalidate_range_start(range(0x200000, 0x201000));
+    assert_eq!(mm.interval_active_ranges(), 1);
+    assert_eq!(mm.interval_seq(), 4);
+    // Insert C: seq 5, C straight into the tree with C.seq = 5.
+    let c = mm.interval_insert(0x300000, 0x1000, Mirror::new()).unwrap();
+    assert_eq!(mm.interval_seq(), 5);
+    assert!(c.is_in_tree());
+    assert!(c.check_retry(4) && !c.check_retry(5));
+    // End: seq 6.
+    inv.end();
+    assert_eq!(mm.interval_seq(), 6);
+    b.remove().unwrap();
+    c.remove().unwrap();
+}

@@ -117,3 +117,50 @@ pub const START_END: Callbacks =
 pub fn range(start: u64, end: u64) -> Range {
     Range::new(start, end, mmu_notifier::Event::Unmap).unwrap()
 }
+
+/// An interval notifier user: records every invalidate, keeps `set_seq`
+/// under its lock (the HMM pattern), and can be told to fail non-blockable
+/// invalidations.
+pub struct Mirror {
+    pub lock: mmu_notifier::Mutex<()>,
+    /// (range, cur_seq) of every invalidate.
+    pub calls: Mutex<Vec<(Range, u64)>>,
+    /// Non-blockable invalidations return false while set.
+    pub fail_nonblock: AtomicBool,
+    /// Skip set_seq (a user that does not use read_begin/read_retry).
+    pub no_set_seq: AtomicBool,
+}
+
+impl Mirror {
+    pub fn new() -> Arc<Mirror> {
+        Arc::new(Mirror {
+            lock: mmu_notifier::Mutex::new(()),
+            calls: Mutex::new(Vec::new()),
+            fail_nonblock: AtomicBool::new(false),
+            no_set_seq: AtomicBool::new(false),
+        })
+    }
+
+    pub fn calls(&self) -> Vec<(Range, u64)> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl mmu_notifier::IntervalOps for Mirror {
+    fn invalidate(
+        &self,
+        sub: &mmu_notifier::IntervalNotifier,
+        range: &Range,
+        cur_seq: u64,
+    ) -> bool {
+        if !range.blockable() && self.fail_nonblock.load(Ordering::SeqCst) {
+            return false;
+        }
+        let _g = self.lock.lock();
+        if !self.no_set_seq.load(Ordering::SeqCst) {
+            sub.set_seq(cur_seq);
+        }
+        self.calls.lock().unwrap().push((*range, cur_seq));
+        true
+    }
+}

@@ -1,0 +1,649 @@
+//! Interval notifiers (Linux `struct mmu_interval_notifier`): one callback
+//! per virtual-address range, plus a sequence count that tells a concurrent
+//! "fault" path its result went stale (collision-retry).
+//!
+//! # The scheme, in a few lines (spec section 4)
+//!
+//! * The address space has `invalidate_seq` (starts at 2) and a count of
+//!   in-flight invalidations. Even: no invalidation touches an interval
+//!   notifier. Odd: at least one does, and the tree is frozen.
+//! * `invalidate_range_start` counts itself in, and if its range overlaps a
+//!   notifier makes the seq odd, then calls `invalidate(sub, range, cur_seq)`
+//!   on every overlapping notifier, which must `set_seq(cur_seq)` under the
+//!   user's lock. The last `end` makes the seq even again, applies the inserts
+//!   and removes that were deferred while it was odd (newest first), and wakes
+//!   every waiter.
+//! * A reader takes `seq = read_begin()` (waiting while its notifier is being
+//!   invalidated), builds its secondary mapping, and under the user lock
+//!   commits only if `read_retry(seq)` is false.
+//!
+//! # Locking
+//!
+//! `state` (Linux's spinlock) serialises the counters, the deferred list and
+//! every tree change; it is never held across a callback. The tree sits in its
+//! own `RwLock`: invalidations walk it with a shared guard *after* dropping
+//! `state`, which is safe because the tree only changes while the seq is even
+//! and a walk only happens while the seq is odd (the "frozen" rule of spec
+//! 10.9, enforced by the lock rather than by convention).
+//!
+//! # Better than Linux
+//!
+//! * The read side is lock-free: `read_begin` is two acquire loads and a
+//!   compare when the notifier is not being invalidated (Linux takes the
+//!   spinlock), and `read_retry` one load. It only takes `state` to sleep.
+//! * A non-blockable start whose list phase fails undoes the interval phase
+//!   (spec 10.1: Linux leaks `active_invalidate_ranges`, after which readers
+//!   and removers of overlapping notifiers wait forever).
+//! * `read_begin` or `remove` from inside an invalidation callback of the same
+//!   address space, which would wait for itself forever, returns
+//!   [`Error::WouldDeadlock`].
+
+use std::cell::Cell;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::debug::Warning;
+use crate::itree::{ITree, NodeId};
+use crate::range::Range;
+use crate::subscriptions::{Inner, MmapWriteGuard, Subscriptions};
+use crate::sync::{self, AtomicBool, AtomicU64, Condvar, Mutex, Ordering, RwLock};
+use crate::Error;
+
+/// The callback of an interval notifier (Linux `mmu_interval_notifier_ops`).
+pub trait IntervalOps: Send + Sync + 'static {
+    /// `range` overlaps `sub`'s interval and its PTEs are about to change.
+    ///
+    /// Users of [`IntervalNotifier::read_begin`] must call
+    /// [`IntervalNotifier::set_seq`]`(cur_seq)` under the same lock their
+    /// fault path holds around [`IntervalNotifier::read_retry`], then stop
+    /// using their secondary mappings of the range before returning true.
+    ///
+    /// Return false only when the range is not blockable
+    /// (`!range.blockable()`) and proceeding would sleep (for example a
+    /// failed `try_lock`); the invalidation then fails with
+    /// [`Again`](crate::Again). false in a blockable range is reported
+    /// ([`Warning::BlockableStartFailed`]) and treated as true.
+    ///
+    /// Must not call [`IntervalNotifier::remove`] or
+    /// [`IntervalNotifier::read_begin`] of this address space: both wait for
+    /// the invalidation in progress (they return
+    /// [`Error::WouldDeadlock`] instead).
+    fn invalidate(&self, sub: &IntervalNotifier, range: &Range, cur_seq: u64) -> bool;
+}
+
+/// Where a notifier is, as seen under `state`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Place {
+    /// Inserted while the tree was frozen; waiting on the deferred list.
+    PendingInsert,
+    /// In the tree.
+    Tree(NodeId),
+    /// In the tree, and a remove is waiting on the deferred list.
+    PendingRemove(NodeId),
+    /// Removed (or never inserted).
+    Gone,
+}
+
+struct SubInner {
+    start: u64,
+    last: u64,
+    ops: Arc<dyn IntervalOps>,
+    /// The notifier's sequence: odd while inserted.
+    seq: AtomicU64,
+    /// The address space; held until remove (Linux `mmgrab`).
+    mm: Arc<Inner>,
+    /// Changed only under the address space's `state` lock.
+    place: Mutex<Place>,
+    removed: AtomicBool,
+}
+
+/// An interval notifier (Linux `struct mmu_interval_notifier`, the
+/// "interval_sub"): created by [`Subscriptions::interval_insert`], ended by
+/// [`remove`](Self::remove). A cheap handle; clones refer to the same
+/// notifier, and [`IntervalOps::invalidate`] receives one.
+///
+/// Dropping every handle without `remove` leaves the notifier registered
+/// (like Linux forgetting `mmu_interval_notifier_remove`).
+///
+/// ```
+/// use std::sync::Arc;
+/// use mmu_notifier::{Event, IntervalNotifier, IntervalOps, Mutex, Range, Subscriptions};
+///
+/// /// A device page table mirroring one interval.
+/// struct Mirror { pt: Mutex<Vec<u64>> }
+/// impl IntervalOps for Mirror {
+///     fn invalidate(&self, sub: &IntervalNotifier, _r: &Range, cur_seq: u64) -> bool {
+///         let mut pt = self.pt.lock();
+///         sub.set_seq(cur_seq);
+///         pt.clear();
+///         true
+///     }
+/// }
+///
+/// let mm = Subscriptions::new();
+/// let mirror = Arc::new(Mirror { pt: Mutex::new(vec![]) });
+/// let sub = mm.interval_insert(0x10000, 0x4000, mirror.clone()).unwrap();
+///
+/// // Device fault: snapshot the sequence, read the primary, commit under the lock.
+/// loop {
+///     let seq = sub.read_begin().unwrap();
+///     let pfns = vec![42u64]; // ... walk the primary page tables ...
+///     let mut pt = mirror.pt.lock();
+///     if sub.read_retry(seq) { continue; }
+///     *pt = pfns;
+///     break;
+/// }
+///
+/// mm.invalidate_range_start(Range::new(0x11000, 0x12000, Event::Unmap).unwrap()).end();
+/// assert!(mirror.pt.lock().is_empty());
+/// sub.remove().unwrap();
+/// ```
+#[derive(Clone)]
+pub struct IntervalNotifier {
+    inner: Arc<SubInner>,
+}
+
+impl fmt::Debug for IntervalNotifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IntervalNotifier")
+            .field("start", &self.inner.start)
+            .field("last", &self.inner.last)
+            .field("seq", &self.inner.seq.load(Ordering::Relaxed))
+            .field("removed", &self.is_removed())
+            .finish()
+    }
+}
+
+/// An entry of the deferred list.
+enum Deferred {
+    Insert(IntervalNotifier),
+    Remove(IntervalNotifier),
+}
+
+/// What `state` protects (besides tree changes).
+struct Locked {
+    /// Linux `active_invalidate_ranges`.
+    active: u64,
+    /// Newest last; processed newest first, like Linux's hlist.
+    deferred: Vec<Deferred>,
+    /// Threads sleeping on `wq`. `notify_all` is a system call even with
+    /// nobody to wake, so the final end skips it when this is 0.
+    waiters: usize,
+}
+
+/// Keeps a value on its own cache line (pairs of lines, for the adjacent-line
+/// prefetcher), so readers polling it do not share a line with the lock that
+/// every invalidation writes.
+#[repr(align(128))]
+struct CachePadded<T>(T);
+
+impl<T> std::ops::Deref for CachePadded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// The interval part of one address space.
+pub(crate) struct IntervalState {
+    /// Linux `has_itree`: set by the first insert, never cleared.
+    has_itree: AtomicBool,
+    /// Linux `invalidate_seq`. Written only under `state`; read without it by
+    /// `read_begin`, hence on a line of its own.
+    seq: CachePadded<AtomicU64>,
+    state: Mutex<Locked>,
+    /// Woken whenever the seq goes from odd to even (waiters hold `state`).
+    wq: Condvar,
+    tree: RwLock<ITree<IntervalNotifier>>,
+}
+
+sync::thread_local! {
+    /// Key of the address space whose interval callbacks this thread is
+    /// running (0: none). Saved and restored around each walk, so nested
+    /// walks of other address spaces work.
+    static WALKING: Cell<u64> = Cell::new(0);
+}
+
+fn read<T>(l: &RwLock<T>) -> sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl IntervalState {
+    pub(crate) fn new() -> IntervalState {
+        IntervalState {
+            has_itree: AtomicBool::new(false),
+            seq: CachePadded(AtomicU64::new(2)),
+            state: Mutex::new(Locked {
+                active: 0,
+                deferred: Vec::new(),
+                waiters: 0,
+            }),
+            wq: Condvar::new(),
+            tree: RwLock::new(ITree::new()),
+        }
+    }
+
+    /// Whether interval mode is on (one load; the start/end fast path).
+    #[inline]
+    pub(crate) fn enabled(&self) -> bool {
+        self.has_itree.load(Ordering::Acquire)
+    }
+
+    /// The address space's current sequence (for tests and diagnostics).
+    pub(crate) fn seq(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
+    }
+
+    /// In-flight invalidations counted by the interval part.
+    pub(crate) fn active(&self) -> u64 {
+        sync::lock(&self.state).active
+    }
+
+    /// Begins one range (spec 4.2 + 4.3): counts it in, and invalidates
+    /// every overlapping notifier. On `Err` the range has already been
+    /// ended again (the caller must not call [`end`](Self::end)).
+    pub(crate) fn start(&self, mm: &Subscriptions, range: &Range) -> Result<(), ()> {
+        let cur_seq = {
+            let mut st = sync::lock(&self.state);
+            st.active += 1;
+            if !read(&self.tree).overlaps(range.start(), range.last()) {
+                return Ok(());
+            }
+            let seq = self.seq.load(Ordering::Relaxed) | 1;
+            self.seq.store(seq, Ordering::Release);
+            seq
+        };
+        // The seq is odd and stays odd until our own end: the tree is frozen,
+        // and no writer can want the lock while we hold it shared.
+        let blockable = range.blockable();
+        let key = mm.inner.key;
+        let failed = {
+            let tree = read(&self.tree);
+            let outer = WALKING.with(|w| w.replace(key));
+            let mut failed = false;
+            tree.for_each_overlap(range.start(), range.last(), |sub| {
+                let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let _nb = crate::debug::NonBlockSection::enter(&mm.inner.diag, !blockable);
+                    sub.inner.ops.invalidate(sub, range, cur_seq)
+                }));
+                match ok {
+                    Ok(true) => true,
+                    Ok(false) if blockable => {
+                        mm.inner.diag.report(
+                            Warning::BlockableStartFailed,
+                            "interval invalidate returned false in a blockable range",
+                        );
+                        true
+                    }
+                    Ok(false) => {
+                        failed = true;
+                        false
+                    }
+                    Err(_) => {
+                        mm.inner.diag.report(
+                            Warning::CallbackPanicked,
+                            "interval invalidate callback panicked",
+                        );
+                        true
+                    }
+                }
+            });
+            WALKING.with(|w| w.set(outer));
+            failed
+        };
+        if failed {
+            self.end();
+            return Err(());
+        }
+        Ok(())
+    }
+
+    /// Ends one range (spec 4.4).
+    pub(crate) fn end(&self) {
+        let mut st = sync::lock(&self.state);
+        st.active -= 1;
+        let seq = self.seq.load(Ordering::Relaxed);
+        if st.active != 0 || seq & 1 == 0 {
+            return;
+        }
+        self.seq.store(seq.wrapping_add(1), Ordering::Release);
+        if !st.deferred.is_empty() {
+            let mut tree = write(&self.tree);
+            for d in st.deferred.drain(..).rev() {
+                match d {
+                    Deferred::Insert(sub) => {
+                        let mut place = sync::lock(&sub.inner.place);
+                        debug_assert_eq!(*place, Place::PendingInsert);
+                        *place =
+                            Place::Tree(tree.insert(sub.inner.start, sub.inner.last, sub.clone()));
+                    }
+                    Deferred::Remove(sub) => {
+                        let mut place = sync::lock(&sub.inner.place);
+                        if let Place::PendingRemove(id) = *place {
+                            drop(tree.remove(id));
+                        }
+                        *place = Place::Gone;
+                    }
+                }
+            }
+        }
+        let wake = st.waiters != 0;
+        drop(st);
+        if wake {
+            self.wq.notify_all();
+        }
+    }
+
+    /// Sleeps until the seq differs from `seq`, reading it under `state` (the
+    /// 31956166 fix: the final end changes the seq and applies the deferred
+    /// list in one critical section, so a changed seq seen under the lock
+    /// means the deferred work is done).
+    fn wait_seq_change(&self, seq: u64) {
+        let mut st = sync::lock(&self.state);
+        while self.seq.load(Ordering::Relaxed) == seq {
+            st.waiters += 1;
+            st = self.wq.wait(st).unwrap_or_else(|p| p.into_inner());
+            st.waiters -= 1;
+        }
+    }
+}
+
+impl Subscriptions {
+    /// Inserts an interval notifier for `[start, start + length)` (Linux
+    /// `mmu_interval_notifier_insert`). Takes the mmap write lock the first
+    /// time interval mode is enabled on this address space.
+    ///
+    /// On return the notifier may not be in the tree yet (it was inserted
+    /// while an invalidation was running): populate secondary mappings only
+    /// through [`IntervalNotifier::read_begin`] /
+    /// [`read_retry`](IntervalNotifier::read_retry), which cope with that.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInterval`] if `length` is 0 or the end overflows,
+    /// [`Error::AddressSpaceExited`] once exit started (seed c9682d10: the
+    /// check is on liveness, not on the object still existing), and
+    /// [`Error::WouldDeadlock`] from a notifier callback.
+    pub fn interval_insert(
+        &self,
+        start: u64,
+        length: u64,
+        ops: Arc<dyn IntervalOps>,
+    ) -> Result<IntervalNotifier, Error> {
+        if !self.inner.interval.enabled() {
+            if srcu::in_read_section() {
+                return Err(Error::WouldDeadlock("interval_insert"));
+            }
+            let guard = self.mmap_write();
+            return self.interval_insert_locked(&guard, start, length, ops);
+        }
+        self.interval_insert_common(start, length, ops)
+    }
+
+    /// [`interval_insert`](Self::interval_insert) with the mmap write lock
+    /// already held (Linux `mmu_interval_notifier_insert_locked`).
+    ///
+    /// # Errors
+    /// As `interval_insert`, plus [`Error::WrongAddressSpace`] for a guard of
+    /// another address space.
+    pub fn interval_insert_locked(
+        &self,
+        guard: &MmapWriteGuard<'_>,
+        start: u64,
+        length: u64,
+        ops: Arc<dyn IntervalOps>,
+    ) -> Result<IntervalNotifier, Error> {
+        if guard.key != self.inner.key {
+            return Err(Error::WrongAddressSpace);
+        }
+        if self.is_live() {
+            // Linux `__mmu_notifier_register(NULL, mm)`.
+            self.inner.interval.has_itree.store(true, Ordering::Release);
+            self.inner.has_notifiers.store(true, Ordering::Release);
+        }
+        self.interval_insert_common(start, length, ops)
+    }
+
+    fn interval_insert_common(
+        &self,
+        start: u64,
+        length: u64,
+        ops: Arc<dyn IntervalOps>,
+    ) -> Result<IntervalNotifier, Error> {
+        if length == 0 {
+            return Err(Error::InvalidInterval { start, length });
+        }
+        let last = start
+            .checked_add(length - 1)
+            .ok_or(Error::InvalidInterval { start, length })?;
+        let iv = &self.inner.interval;
+        let sub = IntervalNotifier {
+            inner: Arc::new(SubInner {
+                start,
+                last,
+                ops,
+                seq: AtomicU64::new(0),
+                mm: self.inner.clone(),
+                place: Mutex::new(Place::Gone),
+                removed: AtomicBool::new(false),
+            }),
+        };
+        let mut st = sync::lock(&iv.state);
+        // c9682d10: refuse once the address space is no longer live.
+        if !self.is_live() {
+            tracing::warn!("mmu_notifier: interval_insert on an address space that has exited");
+            return Err(Error::AddressSpaceExited);
+        }
+        let seq = iv.seq.load(Ordering::Relaxed);
+        let mut place = sync::lock(&sub.inner.place);
+        if st.active != 0 {
+            // A running invalidation may cover the new range: treat it as
+            // colliding, so read_begin waits for every in-flight range.
+            if seq & 1 == 1 {
+                *place = Place::PendingInsert;
+                st.deferred.push(Deferred::Insert(sub.clone()));
+            } else {
+                iv.seq.store(seq | 1, Ordering::Release);
+                *place = Place::Tree(write(&iv.tree).insert(start, last, sub.clone()));
+            }
+            sub.inner.seq.store(seq | 1, Ordering::Release);
+        } else {
+            if seq & 1 == 1 {
+                tracing::warn!("mmu_notifier: odd invalidate_seq with no active range");
+            }
+            sub.inner.seq.store(seq.wrapping_sub(1), Ordering::Release);
+            *place = Place::Tree(write(&iv.tree).insert(start, last, sub.clone()));
+        }
+        drop(place);
+        drop(st);
+        Ok(sub)
+    }
+
+    /// The address space's interval sequence (`invalidate_seq`): even when no
+    /// invalidation touches an interval notifier. For tests and diagnostics.
+    pub fn interval_seq(&self) -> u64 {
+        self.inner.interval.seq()
+    }
+
+    /// Interval notifiers linked in the tree now (deferred inserts not
+    /// counted yet, deferred removes still counted).
+    pub fn interval_count(&self) -> usize {
+        read(&self.inner.interval.tree).len()
+    }
+
+    /// Invalidations in flight as counted by the interval part (Linux
+    /// `active_invalidate_ranges`). For tests and diagnostics.
+    pub fn interval_active_ranges(&self) -> u64 {
+        self.inner.interval.active()
+    }
+}
+
+use crate::srcu;
+
+impl IntervalNotifier {
+    /// First address of the interval.
+    pub fn start(&self) -> u64 {
+        self.inner.start
+    }
+
+    /// Last address of the interval (inclusive).
+    pub fn last(&self) -> u64 {
+        self.inner.last
+    }
+
+    /// Whether [`remove`](Self::remove) was called.
+    pub fn is_removed(&self) -> bool {
+        self.inner.removed.load(Ordering::Acquire)
+    }
+
+    /// Whether the notifier is linked in the tree now (false while its
+    /// insert is deferred and after its removal).
+    pub fn is_in_tree(&self) -> bool {
+        matches!(
+            *sync::lock(&self.inner.place),
+            Place::Tree(_) | Place::PendingRemove(_)
+        )
+    }
+
+    /// Whether [`read_begin`](Self::read_begin) would sleep now: an
+    /// invalidation covering this notifier (or in flight when it was
+    /// inserted) has not ended yet.
+    pub fn is_invalidating(&self) -> bool {
+        self.inner.seq.load(Ordering::Acquire) == self.inner.mm.interval.seq.load(Ordering::Acquire)
+    }
+
+    /// Begins a read section (Linux `mmu_interval_read_begin`): returns the
+    /// sequence to pass to [`read_retry`](Self::read_retry), first sleeping
+    /// while an invalidation covering this notifier is in flight.
+    ///
+    /// Lock-free unless it has to sleep: two acquire loads and a compare.
+    /// `read_retry` may already be true when this returns; no retry loop is
+    /// hidden here, so callers can apply their own time limit.
+    ///
+    /// # Errors
+    /// [`Error::NotRegistered`] after `remove`; [`Error::WouldDeadlock`] when
+    /// it would have to wait from inside an invalidation callback of the same
+    /// address space.
+    #[inline]
+    pub fn read_begin(&self) -> Result<u64, Error> {
+        // Acquire pairs with the release stores of set_seq and insert: if we
+        // see a notifier seq written after the mm seq was made odd, we see
+        // that odd mm seq (or a later one) too.
+        let seq = self.inner.seq.load(Ordering::Acquire);
+        if seq != self.inner.mm.interval.seq.load(Ordering::Acquire) {
+            if self.is_removed() {
+                return Err(Error::NotRegistered);
+            }
+            return Ok(seq);
+        }
+        self.read_begin_wait(seq)
+    }
+
+    #[cold]
+    fn read_begin_wait(&self, seq: u64) -> Result<u64, Error> {
+        if self.is_removed() {
+            return Err(Error::NotRegistered);
+        }
+        if WALKING.with(Cell::get) == self.inner.mm.key {
+            tracing::warn!(
+                "mmu_notifier: read_begin from an invalidate callback of the same address space"
+            );
+            return Err(Error::WouldDeadlock("read_begin"));
+        }
+        crate::debug::might_sleep();
+        self.inner.mm.interval.wait_seq_change(seq);
+        Ok(seq)
+    }
+
+    /// Whether an invalidation collided with the read section that
+    /// [`read_begin`](Self::read_begin) returned `seq` for (Linux
+    /// `mmu_interval_read_retry`). Call it holding the lock your
+    /// [`IntervalOps::invalidate`] holds around [`set_seq`](Self::set_seq):
+    /// the lock is what makes a false answer reliable.
+    #[inline]
+    pub fn read_retry(&self, seq: u64) -> bool {
+        self.inner.seq.load(Ordering::Acquire) != seq
+    }
+
+    /// [`read_retry`](Self::read_retry) without the user lock (Linux
+    /// `mmu_interval_check_retry`): true is reliable, false only a hint. For
+    /// giving up early inside a long fault.
+    #[inline]
+    pub fn check_retry(&self, seq: u64) -> bool {
+        self.inner.seq.load(Ordering::Acquire) != seq
+    }
+
+    /// Records `cur_seq` (Linux `mmu_interval_set_seq`). Call it from
+    /// [`IntervalOps::invalidate`], unconditionally, under the lock your
+    /// fault path holds around [`read_retry`](Self::read_retry).
+    #[inline]
+    pub fn set_seq(&self, cur_seq: u64) {
+        self.inner.seq.store(cur_seq, Ordering::Release);
+    }
+
+    /// Removes the notifier (Linux `mmu_interval_notifier_remove`). When it
+    /// returns, no `invalidate` of it is running or will run. May sleep
+    /// until the invalidations in flight end.
+    ///
+    /// # Errors
+    /// [`Error::NotRegistered`] the second time; [`Error::WouldDeadlock`]
+    /// from an invalidation callback of the same address space while it
+    /// would have to wait (nothing is changed then).
+    pub fn remove(&self) -> Result<(), Error> {
+        let iv = &self.inner.mm.interval;
+        let wait_seq = {
+            let mut st = sync::lock(&iv.state);
+            if self.inner.removed.load(Ordering::Relaxed) {
+                return Err(Error::NotRegistered);
+            }
+            let seq = iv.seq.load(Ordering::Relaxed);
+            let mut place = sync::lock(&self.inner.place);
+            let wait = if seq & 1 == 1 {
+                match *place {
+                    Place::PendingInsert => {
+                        // Never in the tree: nothing can be calling it.
+                        st.deferred.retain(
+                            |d| !matches!(d, Deferred::Insert(s) if Arc::ptr_eq(&s.inner, &self.inner)),
+                        );
+                        *place = Place::Gone;
+                        None
+                    }
+                    Place::Tree(id) => {
+                        if WALKING.with(Cell::get) == self.inner.mm.key {
+                            tracing::warn!("mmu_notifier: interval remove from an invalidate callback of the same address space");
+                            return Err(Error::WouldDeadlock("IntervalNotifier::remove"));
+                        }
+                        *place = Place::PendingRemove(id);
+                        st.deferred.push(Deferred::Remove(self.clone()));
+                        Some(seq)
+                    }
+                    Place::PendingRemove(_) | Place::Gone => {
+                        unreachable!("a notifier not yet removed is pending or in the tree")
+                    }
+                }
+            } else {
+                match *place {
+                    Place::Tree(id) => drop(write(&iv.tree).remove(id)),
+                    other => {
+                        tracing::warn!(
+                            ?other,
+                            "mmu_notifier: remove of a notifier not in the tree"
+                        );
+                    }
+                }
+                *place = Place::Gone;
+                None
+            };
+            self.inner.removed.store(true, Ordering::Release);
+            wait
+        };
+        if let Some(seq) = wait_seq {
+            crate::debug::might_sleep();
+            iv.wait_seq_change(seq);
+        }
+        Ok(())
+    }
+}
