@@ -204,14 +204,6 @@ sync::thread_local! {
     static WALKING: Cell<u64> = Cell::new(0);
 }
 
-fn read<T>(l: &RwLock<T>) -> sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|p| p.into_inner())
-}
-
-fn write<T>(l: &RwLock<T>) -> sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|p| p.into_inner())
-}
-
 impl IntervalState {
     pub(crate) fn new() -> IntervalState {
         IntervalState {
@@ -247,22 +239,21 @@ impl IntervalState {
     /// every overlapping notifier. On `Err` the range has already been
     /// ended again (the caller must not call [`end`](Self::end)).
     pub(crate) fn start(&self, mm: &Subscriptions, range: &Range) -> Result<(), ()> {
-        let cur_seq = {
-            let mut st = sync::lock(&self.state);
-            st.active += 1;
-            if !read(&self.tree).overlaps(range.start(), range.last()) {
-                return Ok(());
-            }
-            let seq = self.seq.load(Ordering::Relaxed) | 1;
-            self.seq.store(seq, Ordering::Release);
-            seq
-        };
+        let mut st = sync::lock(&self.state);
+        st.active += 1;
+        let tree = sync::read(&self.tree);
+        if !tree.overlaps(range.start(), range.last()) {
+            return Ok(());
+        }
+        let cur_seq = self.seq.load(Ordering::Relaxed) | 1;
+        self.seq.store(cur_seq, Ordering::Release);
+        drop(st);
         // The seq is odd and stays odd until our own end: the tree is frozen,
-        // and no writer can want the lock while we hold it shared.
+        // so keeping the shared guard taken for the overlap check blocks no
+        // writer (they only write while the seq is even).
         let blockable = range.blockable();
         let key = mm.inner.key;
         let failed = {
-            let tree = read(&self.tree);
             let outer = WALKING.with(|w| w.replace(key));
             let mut failed = false;
             tree.for_each_overlap(range.start(), range.last(), |sub| {
@@ -293,6 +284,7 @@ impl IntervalState {
                 }
             });
             WALKING.with(|w| w.set(outer));
+            drop(tree);
             failed
         };
         if failed {
@@ -312,7 +304,7 @@ impl IntervalState {
         }
         self.seq.store(seq.wrapping_add(1), Ordering::Release);
         if !st.deferred.is_empty() {
-            let mut tree = write(&self.tree);
+            let mut tree = sync::write(&self.tree);
             for d in st.deferred.drain(..).rev() {
                 match d {
                     Deferred::Insert(sub) => {
@@ -346,7 +338,7 @@ impl IntervalState {
         let mut st = sync::lock(&self.state);
         while self.seq.load(Ordering::Relaxed) == seq {
             st.waiters += 1;
-            st = self.wq.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = sync::wait(&self.wq, st);
             st.waiters -= 1;
         }
     }
@@ -374,9 +366,8 @@ impl Subscriptions {
         ops: Arc<dyn IntervalOps>,
     ) -> Result<IntervalNotifier, Error> {
         if !self.inner.interval.enabled() {
-            if srcu::in_read_section() {
-                return Err(Error::WouldDeadlock("interval_insert"));
-            }
+            // Enabling interval mode takes the mmap write lock.
+            Self::refuse_in_callback("interval_insert")?;
             let guard = self.mmap_write();
             return self.interval_insert_locked(&guard, start, length, ops);
         }
@@ -447,7 +438,7 @@ impl Subscriptions {
                 st.deferred.push(Deferred::Insert(sub.clone()));
             } else {
                 iv.seq.store(seq | 1, Ordering::Release);
-                *place = Place::Tree(write(&iv.tree).insert(start, last, sub.clone()));
+                *place = Place::Tree(sync::write(&iv.tree).insert(start, last, sub.clone()));
             }
             sub.inner.seq.store(seq | 1, Ordering::Release);
         } else {
@@ -455,7 +446,7 @@ impl Subscriptions {
                 tracing::warn!("mmu_notifier: odd invalidate_seq with no active range");
             }
             sub.inner.seq.store(seq.wrapping_sub(1), Ordering::Release);
-            *place = Place::Tree(write(&iv.tree).insert(start, last, sub.clone()));
+            *place = Place::Tree(sync::write(&iv.tree).insert(start, last, sub.clone()));
         }
         drop(place);
         drop(st);
@@ -471,7 +462,7 @@ impl Subscriptions {
     /// Interval notifiers linked in the tree now (deferred inserts not
     /// counted yet, deferred removes still counted).
     pub fn interval_count(&self) -> usize {
-        read(&self.inner.interval.tree).len()
+        sync::read(&self.inner.interval.tree).len()
     }
 
     /// Invalidations in flight as counted by the interval part (Linux
@@ -480,8 +471,6 @@ impl Subscriptions {
         self.inner.interval.active()
     }
 }
-
-use crate::srcu;
 
 impl IntervalNotifier {
     /// First address of the interval.
@@ -573,7 +562,8 @@ impl IntervalNotifier {
     /// giving up early inside a long fault.
     #[inline]
     pub fn check_retry(&self, seq: u64) -> bool {
-        self.inner.seq.load(Ordering::Acquire) != seq
+        // Same load; only the caller's lock (or its absence) differs.
+        self.read_retry(seq)
     }
 
     /// Records `cur_seq` (Linux `mmu_interval_set_seq`). Call it from
@@ -626,7 +616,7 @@ impl IntervalNotifier {
                 }
             } else {
                 match *place {
-                    Place::Tree(id) => drop(write(&iv.tree).remove(id)),
+                    Place::Tree(id) => drop(sync::write(&iv.tree).remove(id)),
                     other => {
                         tracing::warn!(
                             ?other,

@@ -64,7 +64,7 @@ pub(crate) struct Snapshot {
 pub(crate) struct NotifierList {
     /// Unique per list, the thread-local cache key.
     key: u64,
-    pub(crate) version: AtomicU64,
+    version: AtomicU64,
     current: Mutex<Arc<Snapshot>>,
 }
 

@@ -85,7 +85,7 @@ impl Subscriptions {
         }
     }
 
-    fn refuse_in_callback(what: &'static str) -> Result<(), Error> {
+    pub(crate) fn refuse_in_callback(what: &'static str) -> Result<(), Error> {
         if srcu::in_read_section() {
             tracing::warn!(
                 "mmu_notifier: {what} from a notifier callback refused (would deadlock)"

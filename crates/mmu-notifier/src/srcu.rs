@@ -374,10 +374,7 @@ pub fn barrier() -> Result<(), Error> {
     // them: wait for those too.
     let mut q = sync::lock(&d.deferred);
     while q.unfinished.range(..below).next().is_some() {
-        q = match d.deferred_done.wait(q) {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        q = sync::wait(&d.deferred_done, q);
     }
     Ok(())
 }

@@ -25,7 +25,7 @@ use crate::list::{Entry, NotifierList, Snapshot};
 use crate::notifier::{Again, Callbacks, Pte};
 use crate::range::Range;
 use crate::srcu;
-use crate::sync::{AtomicBool, Ordering, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use crate::sync::{self, AtomicBool, Ordering, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Source of unique address-space keys (not part of any concurrency argument,
 /// hence a plain std atomic even under loom).
@@ -220,12 +220,8 @@ impl Subscriptions {
     /// Takes the mmap lock for writing. May sleep.
     pub fn mmap_write(&self) -> MmapWriteGuard<'_> {
         crate::debug::might_sleep();
-        let g = match self.inner.mmap.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
         MmapWriteGuard {
-            _guard: g,
+            _guard: sync::write(&self.inner.mmap),
             key: self.inner.key,
         }
     }
@@ -233,12 +229,8 @@ impl Subscriptions {
     /// Takes the mmap lock for reading. May sleep.
     pub fn mmap_read(&self) -> MmapReadGuard<'_> {
         crate::debug::might_sleep();
-        let g = match self.inner.mmap.read() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
         MmapReadGuard {
-            _guard: g,
+            _guard: sync::read(&self.inner.mmap),
             key: self.inner.key,
         }
     }

@@ -39,16 +39,30 @@ macro_rules! facade_thread_local {
 }
 pub(crate) use facade_thread_local as thread_local;
 
-/// Locks a mutex, ignoring poisoning.
+/// Locks a mutex, ignoring poisoning (as do [`read`], [`write`] and [`wait`]).
 ///
 /// Every critical section in this crate keeps its data consistent at every
-/// await-free step and never runs user callbacks while holding a lock, so a
-/// panic elsewhere cannot leave the protected state half-updated.
+/// await-free step and never runs user callbacks while holding a lock it
+/// writes under (the interval tree's shared guard is held across callbacks,
+/// but only for reading, and each callback's panic is caught), so a panic
+/// cannot leave the protected state half-updated.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
-    }
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Takes a shared guard of an `RwLock`, ignoring poisoning.
+pub(crate) fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Takes the exclusive guard of an `RwLock`, ignoring poisoning.
+pub(crate) fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Waits on a condition variable, ignoring poisoning.
+pub(crate) fn wait<'a, T>(cv: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    cv.wait(guard).unwrap_or_else(|p| p.into_inner())
 }
 
 /// Short pause used by wait loops: a yield point under loom, a spin hint or a

@@ -8,8 +8,7 @@ use std::sync::Arc;
 
 use common::*;
 use mmu_notifier::{
-    Again, Callbacks, Error, Event, IntervalNotifier, IntervalOps, MmuNotifier, Range,
-    Subscriptions, Warning,
+    Again, Error, Event, IntervalNotifier, IntervalOps, Range, Subscriptions, Warning,
 };
 
 #[test]
@@ -40,28 +39,13 @@ fn remove_twice_and_read_begin_after_remove_are_errors() {
     assert!(matches!(s.read_begin(), Err(Error::NotRegistered)));
 }
 
-/// A list notifier whose non-blockable start always fails.
-struct Oom;
-impl MmuNotifier for Oom {
-    fn callbacks(&self) -> Callbacks {
-        Callbacks::INVALIDATE_RANGE_START | Callbacks::START_MAY_FAIL
-    }
-    fn invalidate_range_start(&self, r: &Range) -> Result<(), Again> {
-        if r.blockable() {
-            Ok(())
-        } else {
-            Err(Again)
-        }
-    }
-}
-
 /// Spec 10.1 fix: Linux leaves `active_invalidate_ranges` raised (and the
 /// seq odd) when the list phase fails after the interval phase; then this
 /// read_begin would sleep forever and this remove too. We undo it.
 #[test]
 fn list_failure_after_interval_phase_is_undone() {
     let mm = Subscriptions::new();
-    mm.register(Arc::new(Oom)).unwrap();
+    mm.register(Arc::new(FailsNonBlockStart)).unwrap();
     let m = Mirror::new();
     let s = mm.interval_insert(0x1000, 0x1000, m.clone()).unwrap();
     let r = mm.invalidate_range_start_nonblock(range(0x1000, 0x2000));

@@ -2,6 +2,8 @@
 //! `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test -p mmu-notifier --test loom --release`.
 #![cfg(loom)]
 
+mod common;
+
 use std::sync::Arc;
 
 use loom::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -316,21 +318,6 @@ fn interval_remove_racing_end() {
     });
 }
 
-/// A list notifier whose start can fail, next to an interval notifier.
-struct FailingStart;
-impl MmuNotifier for FailingStart {
-    fn callbacks(&self) -> Callbacks {
-        Callbacks::INVALIDATE_RANGE_START | Callbacks::START_MAY_FAIL
-    }
-    fn invalidate_range_start(&self, r: &Range) -> Result<(), Again> {
-        if r.blockable() {
-            Ok(())
-        } else {
-            Err(Again)
-        }
-    }
-}
-
 /// Spec 10.1 fix: when the list phase of a non-blockable start fails after
 /// the interval phase succeeded, the interval phase is undone. With Linux's
 /// behaviour the reader below would wait forever (loom reports a deadlock).
@@ -338,7 +325,7 @@ impl MmuNotifier for FailingStart {
 fn interval_accounting_undone_when_list_start_fails() {
     loom::model(|| {
         let mm = Subscriptions::new();
-        mm.register(Arc::new(FailingStart)).unwrap();
+        mm.register(Arc::new(common::FailsNonBlockStart)).unwrap();
         let sub = mm.interval_insert(0, 0x1000, DevicePage::new()).unwrap();
         let mm2 = mm.clone();
         let reaper = thread::spawn(move || {

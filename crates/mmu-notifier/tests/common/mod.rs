@@ -164,3 +164,20 @@ impl mmu_notifier::IntervalOps for Mirror {
         true
     }
 }
+
+/// A list notifier whose non-blockable start always fails (an OOM-reaper
+/// victim), declared with START_MAY_FAIL and no end callback.
+pub struct FailsNonBlockStart;
+
+impl MmuNotifier for FailsNonBlockStart {
+    fn callbacks(&self) -> Callbacks {
+        Callbacks::INVALIDATE_RANGE_START | Callbacks::START_MAY_FAIL
+    }
+    fn invalidate_range_start(&self, r: &Range) -> Result<(), Again> {
+        if r.blockable() {
+            Ok(())
+        } else {
+            Err(Again)
+        }
+    }
+}
