@@ -1,0 +1,578 @@
+//! The address space: handles with Linux's `mm_users` / `mm_count`
+//! semantics, the mmap and page-table locks, the page-table store, and the
+//! helpers every operation uses (invalidation pairs, TLB flush, mmu_gather).
+//!
+//! # Locking, in a few lines
+//!
+//! * The **mmap lock** is the subsystem's own ([`Subscriptions::mmap_write`]),
+//!   so `register` / `interval_insert` exclude VMA changes exactly as in
+//!   Linux. Writers: mmap, munmap, mremap, mprotect, fork, exit. Readers:
+//!   faults, madvise, reclaim, migration, KSM, soft-dirty, range_fault, pin.
+//! * **Invalidation starts are never called with the PTL held**: callbacks may
+//!   sleep and may wait for device threads that call `range_fault`.
+//! * The **PTL** (`ptl`) serialises every read-modify-write of PTEs. It is
+//!   held across `change_pte`, the young callbacks and the secondary-TLB
+//!   flush, as in Linux, so those callbacks must not call back into the
+//!   primary.
+//! * The **page-table store** (`pt`) is the memory the PTEs live in: a leaf
+//!   lock, never held across a call out. The oracle (like a hardware walker)
+//!   reads it without the PTL, which is what lets a secondary check an
+//!   access while holding its own lock.
+//!
+//! Order: mmap lock → (invalidation callbacks) → PTL → secondary locks taken
+//! in PTL-held callbacks → page-table store → frame metadata.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use mmu_notifier::{
+    ActiveInvalidation, Event, MmapReadGuard, MmapWriteGuard, Owner, Range, Subscriptions,
+};
+
+use crate::error::{Error, Result};
+use crate::frame::PhysMem;
+use crate::pte::{PageTable, Pte, PteKind};
+use crate::trace::{Op, Trace, TraceEntry};
+use crate::vma::Vmas;
+use crate::PAGE_SIZE;
+
+/// One past the highest user address (47-bit user space, as x86-64).
+pub const TASK_SIZE: u64 = 1 << 47;
+
+/// Lowest address `mmap` picks when not given one.
+pub const MMAP_BASE: u64 = 0x1000_0000;
+
+/// Frames released by one mmu_gather batch before the TLB is flushed and
+/// they are freed, even inside an invalidation (Linux frees full batches in
+/// `tlb_flush_mmu` between start and end; secondaries must therefore drop
+/// their mappings in `invalidate_range_start`, not in `end`).
+pub const GATHER_BATCH: usize = 32;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) struct MmInner {
+    pub(crate) subs: Subscriptions,
+    pub(crate) phys: Arc<PhysMem>,
+    users: AtomicUsize,
+    exited: AtomicBool,
+    pub(crate) oom_reaped: AtomicBool,
+    /// VMAs; changed only with the mmap lock held for writing (the RwLock
+    /// is a leaf lock for the data, the mmap lock is the real exclusion).
+    pub(crate) vmas: RwLock<Vmas>,
+    /// Page-table lock.
+    pub(crate) ptl: Mutex<()>,
+    /// Page-table store (vpn → PTE; absent means `pte_none`) with the
+    /// not-yet-flushed old entries.
+    pub(crate) pt: Mutex<PageTable>,
+    /// A PTE being installed by `set_pte_at_notify` (announced to
+    /// `change_pte` before it is written): the oracle accepts it.
+    pub(crate) pending: Mutex<Option<(u64, Pte)>>,
+    /// Waiters for migration entries to go away.
+    pub(crate) migration_wq: Condvar,
+    pub(crate) trace: Trace,
+}
+
+/// A user reference to an address space (Linux `mmget` / `mm_users`):
+/// operations are methods of it. Cloning takes another user reference; when
+/// the last one is dropped the address space exits (notifier `release`,
+/// then the UNMAP of everything, then its frames are freed).
+///
+/// ```
+/// use softmm::{Mm, PhysMem, Prot, MapKind};
+/// let phys = PhysMem::new(64);
+/// let mm = Mm::new(&phys);
+/// let a = mm.mmap(2 * 4096, Prot::RW, MapKind::AnonPrivate).unwrap();
+/// mm.write(a, b"hello").unwrap();
+/// let mut buf = [0u8; 5];
+/// mm.read(a, &mut buf).unwrap();
+/// assert_eq!(&buf, b"hello");
+/// let grab = mm.grab();
+/// drop(mm); // last user: exit
+/// assert!(grab.get().is_err());
+/// ```
+pub struct Mm {
+    grab: MmGrab,
+}
+
+/// A reference that keeps the address space's structure alive without
+/// keeping it running (Linux `mmgrab` / `mm_count`): what a secondary MMU
+/// holds. [`get`](MmGrab::get) is `mmget_not_zero`.
+#[derive(Clone)]
+pub struct MmGrab {
+    pub(crate) inner: Arc<MmInner>,
+}
+
+impl std::fmt::Debug for Mm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Mm({})", self.id())
+    }
+}
+
+impl std::fmt::Debug for MmGrab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MmGrab({})", self.id())
+    }
+}
+
+impl std::ops::Deref for Mm {
+    type Target = MmGrab;
+    fn deref(&self) -> &MmGrab {
+        &self.grab
+    }
+}
+
+impl Clone for Mm {
+    fn clone(&self) -> Self {
+        self.inner.users.fetch_add(1, Ordering::Relaxed);
+        Mm {
+            grab: self.grab.clone(),
+        }
+    }
+}
+
+impl Drop for Mm {
+    fn drop(&mut self) {
+        if self.inner.users.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.inner.exit_mmap();
+        }
+    }
+}
+
+/// The mmap lock held for reading.
+pub struct MmapRead<'a> {
+    _guard: MmapReadGuard<'a>,
+    pub(crate) mm: &'a MmInner,
+}
+
+/// The mmap lock held for writing. Pass
+/// [`notifier_guard`](MmapWrite::notifier_guard) to the subsystem's
+/// `*_locked` registration functions.
+pub struct MmapWrite<'a> {
+    guard: MmapWriteGuard<'a>,
+    pub(crate) mm: &'a MmInner,
+}
+
+impl<'a> MmapWrite<'a> {
+    /// The subsystem's view of this lock (for `register_locked`,
+    /// `interval_insert_locked`).
+    pub fn notifier_guard(&self) -> &MmapWriteGuard<'a> {
+        &self.guard
+    }
+}
+
+impl std::fmt::Debug for MmapRead<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MmapRead(mm {})", self.mm.subs.id())
+    }
+}
+
+impl std::fmt::Debug for MmapWrite<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MmapWrite(mm {})", self.mm.subs.id())
+    }
+}
+
+impl Mm {
+    /// A new, empty address space on `phys` with one user.
+    pub fn new(phys: &Arc<PhysMem>) -> Mm {
+        Mm {
+            grab: MmGrab {
+                inner: Arc::new(MmInner {
+                    subs: Subscriptions::new(),
+                    phys: phys.clone(),
+                    users: AtomicUsize::new(1),
+                    exited: AtomicBool::new(false),
+                    oom_reaped: AtomicBool::new(false),
+                    vmas: RwLock::new(Vmas::default()),
+                    ptl: Mutex::new(()),
+                    pt: Mutex::new(PageTable::default()),
+                    pending: Mutex::new(None),
+                    migration_wq: Condvar::new(),
+                    trace: Trace::default(),
+                }),
+            },
+        }
+    }
+
+    /// A structure reference for a secondary MMU (Linux `mmgrab`).
+    pub fn grab(&self) -> MmGrab {
+        self.grab.clone()
+    }
+
+    /// Drops this user reference; returns true if it was the last one and
+    /// the address space has exited (Linux `mmput`).
+    pub fn exit(self) -> bool {
+        let last = self.inner.users.load(Ordering::Acquire) == 1;
+        drop(self);
+        last
+    }
+
+    /// Takes the mmap lock for reading.
+    pub fn mmap_read(&self) -> MmapRead<'_> {
+        MmapRead {
+            _guard: self.inner.subs.mmap_read(),
+            mm: &self.inner,
+        }
+    }
+
+    /// Takes the mmap lock for writing.
+    pub fn mmap_write(&self) -> MmapWrite<'_> {
+        MmapWrite {
+            guard: self.inner.subs.mmap_write(),
+            mm: &self.inner,
+        }
+    }
+
+    /// Checks that `guard` is this address space's lock.
+    pub(crate) fn own_read<'g>(&self, guard: &'g MmapRead<'_>) -> Result<&'g MmInner> {
+        if std::ptr::eq(guard.mm, &*self.inner) {
+            Ok(guard.mm)
+        } else {
+            Err(Error::Notifier(
+                "the mmap guard belongs to a different address space".into(),
+            ))
+        }
+    }
+}
+
+impl MmGrab {
+    /// A user reference if the address space has not exited (Linux
+    /// `mmget_not_zero`).
+    ///
+    /// # Errors
+    /// [`Error::Exited`] once the last user is gone.
+    pub fn get(&self) -> Result<Mm> {
+        let mut n = self.inner.users.load(Ordering::Acquire);
+        loop {
+            if n == 0 {
+                return Err(Error::Exited);
+            }
+            match self.inner.users.compare_exchange_weak(
+                n,
+                n + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    return Ok(Mm { grab: self.clone() });
+                }
+                Err(cur) => n = cur,
+            }
+        }
+    }
+
+    /// The subscriptions of this address space: register notifiers and
+    /// insert interval notifiers here.
+    pub fn subscriptions(&self) -> &Subscriptions {
+        &self.inner.subs
+    }
+
+    /// Identity (the subscriptions' id).
+    pub fn id(&self) -> u64 {
+        self.inner.subs.id()
+    }
+
+    /// The physical memory this address space allocates from.
+    pub fn phys(&self) -> &Arc<PhysMem> {
+        &self.inner.phys
+    }
+
+    /// Whether the address space has exited.
+    pub fn is_exited(&self) -> bool {
+        self.inner.exited.load(Ordering::Acquire)
+    }
+
+    /// Current number of user references (`mm_users`).
+    pub fn users(&self) -> usize {
+        self.inner.users.load(Ordering::Acquire)
+    }
+
+    /// The PTE for `vaddr`, as the hardware walker sees it now (no PTL).
+    pub fn pte(&self, vaddr: u64) -> Option<Pte> {
+        lock(&self.inner.pt).get(vaddr / PAGE_SIZE)
+    }
+
+    /// Every PTE, `(vaddr, pte)` in address order (for checks and tests).
+    pub fn ptes(&self) -> Vec<(u64, Pte)> {
+        lock(&self.inner.pt)
+            .range(0, u64::MAX)
+            .map(|(v, p)| (v * PAGE_SIZE, p))
+            .collect()
+    }
+
+    /// The VMAs, in address order.
+    pub fn vmas(&self) -> Vec<crate::vma::Vma> {
+        self.inner.vmas_read().all().cloned().collect()
+    }
+
+    /// The most recent operations and invalidations on this address space.
+    pub fn recent_trace(&self) -> Vec<TraceEntry> {
+        self.inner.trace.recent()
+    }
+
+    /// How many times `op` ran on this address space.
+    pub fn op_count(&self, op: Op) -> u64 {
+        self.inner.trace.count(op)
+    }
+}
+
+/// Validates `[addr, addr + len)`: page aligned, nonempty, inside user space.
+pub(crate) fn check_range(addr: u64, len: u64) -> Result<(u64, u64)> {
+    let bad = Error::InvalidRange { addr, len };
+    if addr % PAGE_SIZE != 0 || len == 0 || len % PAGE_SIZE != 0 {
+        return Err(bad);
+    }
+    match addr.checked_add(len) {
+        Some(end) if end <= TASK_SIZE => Ok((addr, end)),
+        _ => Err(bad),
+    }
+}
+
+/// An invalidation pair that also lands in the trace.
+pub(crate) struct Inv<'a> {
+    inner: Option<ActiveInvalidation<'a>>,
+    mm: &'a MmInner,
+}
+
+impl Drop for Inv<'_> {
+    fn drop(&mut self) {
+        if let Some(a) = self.inner.take() {
+            let r = *a.range();
+            a.end();
+            self.mm
+                .trace
+                .record(Op::InvalidateEnd, Some(r.event()), r.start(), r.end());
+        }
+    }
+}
+
+impl Inv<'_> {
+    /// `mmu_notifier_invalidate_range_end`.
+    pub(crate) fn end(self) {}
+}
+
+impl MmInner {
+    pub(crate) fn vmas_read(&self) -> RwLockReadGuard<'_, Vmas> {
+        self.vmas.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn vmas_write(&self) -> RwLockWriteGuard<'_, Vmas> {
+        self.vmas.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn ptl(&self) -> MutexGuard<'_, ()> {
+        lock(&self.ptl)
+    }
+
+    pub(crate) fn pt(&self) -> MutexGuard<'_, PageTable> {
+        lock(&self.pt)
+    }
+
+    pub(crate) fn get_pte(&self, addr: u64) -> Option<Pte> {
+        self.pt().get(addr / PAGE_SIZE)
+    }
+
+    pub(crate) fn set_pte(&self, addr: u64, pte: Pte) {
+        self.pt().set(addr / PAGE_SIZE, pte);
+    }
+
+    pub(crate) fn clear_pte(&self, addr: u64) -> Option<Pte> {
+        self.pt().remove(addr / PAGE_SIZE)
+    }
+
+    /// PTEs in `[start, end)`, in address order: `(vaddr, pte)`.
+    pub(crate) fn ptes_in(&self, start: u64, end: u64) -> Vec<(u64, Pte)> {
+        let (s, e) = (start / PAGE_SIZE, end.div_ceil(PAGE_SIZE));
+        self.pt()
+            .range(s, e)
+            .map(|(v, p)| (v * PAGE_SIZE, p))
+            .collect()
+    }
+
+    /// `mmu_notifier_invalidate_range_start` (blockable), traced.
+    pub(crate) fn invalidate(
+        &self,
+        event: Event,
+        start: u64,
+        end: u64,
+        owner: Option<Owner>,
+    ) -> Inv<'_> {
+        self.trace
+            .record(Op::InvalidateStart, Some(event), start, end);
+        let range = Range::with_owner(start, end, event, owner)
+            .expect("softmm builds only page-aligned, nonempty ranges");
+        Inv {
+            inner: Some(self.subs.invalidate_range_start(range)),
+            mm: self,
+        }
+    }
+
+    /// `mmu_notifier_invalidate_range_start_nonblock`, traced.
+    pub(crate) fn invalidate_nonblock(
+        &self,
+        event: Event,
+        start: u64,
+        end: u64,
+    ) -> std::result::Result<Inv<'_>, mmu_notifier::Again> {
+        self.trace
+            .record(Op::InvalidateStart, Some(event), start, end);
+        let range = Range::new(start, end, event)
+            .expect("softmm builds only page-aligned, nonempty ranges");
+        match self.subs.invalidate_range_start_nonblock(range) {
+            Ok(a) => Ok(Inv {
+                inner: Some(a),
+                mm: self,
+            }),
+            Err(e) => {
+                self.trace
+                    .record(Op::InvalidateEnd, Some(event), start, end);
+                Err(e)
+            }
+        }
+    }
+
+    /// The software TLB flush every PTE change goes through; it calls the
+    /// secondary-TLB hook after the (modelled) CPU flush, like x86's
+    /// `flush_tlb_mm_range`.
+    pub(crate) fn flush_tlb(&self, start: u64, end: u64) {
+        self.trace.record(Op::TlbFlush, None, start, end);
+        self.subs.arch_invalidate_secondary_tlbs(start, end);
+        self.pt()
+            .flushed(start / PAGE_SIZE, end.div_ceil(PAGE_SIZE));
+    }
+
+    /// `set_pte_at_notify`: announce `pte` to `change_pte`, then write it.
+    /// Called with the PTL held, after the old PTE was cleared and flushed.
+    pub(crate) fn set_pte_at_notify(&self, addr: u64, pte: Pte) {
+        *lock(&self.pending) = Some((addr / PAGE_SIZE, pte));
+        if let PteKind::Present { pfn } = pte.kind {
+            self.subs.change_pte(
+                addr,
+                mmu_notifier::Pte {
+                    pfn,
+                    writable: pte.write,
+                },
+            );
+        }
+        self.pt().set(addr / PAGE_SIZE, pte);
+        *lock(&self.pending) = None;
+    }
+
+    /// Wakes faults waiting for migration entries.
+    pub(crate) fn migration_done(&self) {
+        let _ptl = self.ptl();
+        self.migration_wq.notify_all();
+    }
+
+    /// Waits (PTL released) until migration entries change.
+    pub(crate) fn wait_migration<'a>(&'a self, ptl: MutexGuard<'a, ()>) {
+        let (_g, _) = self
+            .migration_wq
+            .wait_timeout(ptl, std::time::Duration::from_millis(10))
+            .unwrap_or_else(|e| e.into_inner());
+    }
+
+    pub(crate) fn check_usable(&self) -> Result<()> {
+        if self.exited.load(Ordering::Acquire) {
+            return Err(Error::Exited);
+        }
+        if self.oom_reaped.load(Ordering::Acquire) {
+            return Err(Error::OomReaped);
+        }
+        Ok(())
+    }
+
+    /// Linux `exit_mmap`: notifier release first, then the UNMAP of
+    /// everything, then the frames are freed and the VMAs dropped.
+    fn exit_mmap(&self) {
+        self.trace.record(Op::Exit, None, 0, u64::MAX);
+        // Release runs with mm_users == 0; an earlier explicit release (a
+        // test driving the subsystem directly) is not an error here.
+        let _ = self.subs.release();
+        {
+            let _mmap = self.subs.mmap_write();
+            let mut gather = Gather::new(self);
+            let inv = self.invalidate(Event::Unmap, 0, mmu_notifier::END_OF_ADDRESS_SPACE, None);
+            {
+                let _ptl = self.ptl();
+                let all: Vec<(u64, Pte)> = self.ptes_in(0, TASK_SIZE);
+                for (addr, _) in all {
+                    gather.zap(addr);
+                }
+            }
+            inv.end();
+            gather.finish();
+            self.exited.store(true, Ordering::Release);
+            let vmas = self.vmas_write().clear();
+            drop(vmas);
+        }
+        self.migration_done();
+    }
+}
+
+/// Linux `struct mmu_gather`: frames whose PTEs were cleared wait here until
+/// the TLB is flushed, then their mapping references are dropped (which may
+/// free them). A full batch is flushed and freed at once, even inside an
+/// invalidation pair.
+pub(crate) struct Gather<'a> {
+    mm: &'a MmInner,
+    frames: Vec<u64>,
+    lo: u64,
+    hi: u64,
+}
+
+impl<'a> Gather<'a> {
+    pub(crate) fn new(mm: &'a MmInner) -> Self {
+        Gather {
+            mm,
+            frames: Vec::new(),
+            lo: u64::MAX,
+            hi: 0,
+        }
+    }
+
+    /// Clears the PTE at `addr` (PTL held by the caller) and queues what it
+    /// referenced. Returns the old PTE.
+    pub(crate) fn zap(&mut self, addr: u64) -> Option<Pte> {
+        let old = self.mm.clear_pte(addr)?;
+        self.lo = self.lo.min(addr);
+        self.hi = self.hi.max(addr + PAGE_SIZE);
+        match old.kind {
+            PteKind::Swap { slot } => self.mm.phys.swap_free(slot),
+            _ => {
+                if let Some(pfn) = old.maps_frame() {
+                    self.frames.push(pfn);
+                }
+            }
+        }
+        if self.frames.len() >= GATHER_BATCH {
+            self.flush();
+        }
+        Some(old)
+    }
+
+    /// `tlb_flush_mmu`: flush what was gathered, then drop the references.
+    fn flush(&mut self) {
+        if self.lo < self.hi {
+            self.mm.flush_tlb(self.lo, self.hi);
+            self.lo = u64::MAX;
+            self.hi = 0;
+        }
+        for pfn in self.frames.drain(..) {
+            self.mm.phys.unmap(pfn);
+        }
+    }
+
+    /// `tlb_finish_mmu`.
+    pub(crate) fn finish(mut self) {
+        self.flush();
+    }
+}
+
+impl Drop for Gather<'_> {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}

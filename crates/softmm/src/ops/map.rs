@@ -1,0 +1,358 @@
+//! Mapping changes: mmap, munmap, mremap, madvise and the OOM reaper.
+
+use std::sync::atomic::Ordering;
+
+use mmu_notifier::Event;
+
+use crate::error::{Error, Result};
+use crate::mm::{check_range, Gather, Mm, MmInner, MmapWrite, MMAP_BASE, TASK_SIZE};
+use crate::pte::PteKind;
+use crate::trace::Op;
+use crate::vma::{Backing, MapKind, Prot, SharedObject, Vma};
+use crate::PAGE_SIZE;
+
+/// What [`Mm::oom_reap`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OomReport {
+    /// VMAs whose memory was reaped.
+    pub reaped: Vec<(u64, u64)>,
+    /// VMAs skipped because a notifier returned `Again`: retry later.
+    pub retry: Vec<(u64, u64)>,
+}
+
+impl OomReport {
+    /// Whether the reaper must try again later (Linux: `__oom_reap_task_mm`
+    /// returned false).
+    pub fn needs_retry(&self) -> bool {
+        !self.retry.is_empty()
+    }
+}
+
+impl MmInner {
+    /// Unmaps `[start, end)`: one UNMAP pair around the zap of every VMA in
+    /// it (Linux `do_vmi_munmap` → `unmap_region` → `unmap_vmas`). No VMA in
+    /// the range: no notification.
+    pub(crate) fn do_munmap(&self, start: u64, end: u64) {
+        let removed = self.vmas_write().remove_range(start, end);
+        if removed.is_empty() {
+            return;
+        }
+        let mut gather = Gather::new(self);
+        let inv = self.invalidate(Event::Unmap, start, end, None);
+        self.zap_vmas(&mut gather, &removed);
+        inv.end();
+        gather.finish();
+    }
+
+    /// Zaps every PTE of `vmas` (PTL taken here).
+    pub(crate) fn zap_vmas(&self, gather: &mut Gather<'_>, vmas: &[Vma]) {
+        let _ptl = self.ptl();
+        for v in vmas {
+            for (addr, _) in self.ptes_in(v.start, v.end) {
+                gather.zap(addr);
+            }
+        }
+    }
+}
+
+impl Mm {
+    /// Maps `len` bytes at an address the address space picks.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRange`] for a zero or unaligned length,
+    /// [`Error::NoAddressSpace`] when nothing is free.
+    pub fn mmap(&self, len: u64, prot: Prot, kind: MapKind) -> Result<u64> {
+        check_range(MMAP_BASE, len)?;
+        let g = self.mmap_write();
+        let addr =
+            g.mm.vmas_read()
+                .find_free(MMAP_BASE, len)
+                .filter(|a| a + len <= TASK_SIZE)
+                .ok_or(Error::NoAddressSpace { len })?;
+        self.insert_vma(&g, addr, len, prot, kind)
+    }
+
+    /// Maps `len` bytes at exactly `addr` (`MAP_FIXED`): whatever was mapped
+    /// there is unmapped first, with its UNMAP notification.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRange`] for bad ranges.
+    pub fn mmap_fixed(&self, addr: u64, len: u64, prot: Prot, kind: MapKind) -> Result<u64> {
+        let (start, end) = check_range(addr, len)?;
+        let g = self.mmap_write();
+        g.mm.do_munmap(start, end);
+        self.insert_vma(&g, addr, len, prot, kind)
+    }
+
+    fn insert_vma(
+        &self,
+        g: &MmapWrite<'_>,
+        addr: u64,
+        len: u64,
+        prot: Prot,
+        kind: MapKind,
+    ) -> Result<u64> {
+        let (backing, pgoff) = match kind {
+            MapKind::AnonPrivate => (Backing::AnonPrivate, 0),
+            MapKind::AnonShared => (Backing::AnonShared(SharedObject::anon(&g.mm.phys)), 0),
+            MapKind::File { file, pgoff } => (Backing::File(file), pgoff),
+        };
+        g.mm.vmas_write().insert(Vma {
+            start: addr,
+            end: addr + len,
+            prot,
+            backing,
+            pgoff,
+            anon_vma: false,
+        });
+        g.mm.trace.record(Op::Mmap, None, addr, addr + len);
+        Ok(addr)
+    }
+
+    /// Unmaps `[addr, addr + len)`: one UNMAP invalidation over the whole
+    /// range around the zap of every VMA in it; frames are freed after the
+    /// TLB flush (full gather batches possibly before the end callback).
+    ///
+    /// # Errors
+    /// [`Error::InvalidRange`] for bad ranges. Unmapping nothing is not an
+    /// error (as in Linux).
+    pub fn munmap(&self, addr: u64, len: u64) -> Result<()> {
+        let (start, end) = check_range(addr, len)?;
+        let g = self.mmap_write();
+        g.mm.trace.record(Op::Munmap, None, start, end);
+        g.mm.do_munmap(start, end);
+        Ok(())
+    }
+
+    /// Resizes and possibly moves `[old, old + old_len)` (Linux `mremap`).
+    /// Shrinking unmaps the tail; growing extends in place when the space
+    /// after it is free, otherwise moves it if `may_move`. A move is an UNMAP
+    /// pair over the old range around the page-table move, followed by the
+    /// (now empty) munmap of the old range with its own UNMAP pair.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRange`] for bad ranges, [`Error::NotMapped`] if the
+    /// old range is not inside one VMA, [`Error::NoAddressSpace`] if growing
+    /// needs a move that is not allowed or not possible.
+    pub fn mremap(&self, old: u64, old_len: u64, new_len: u64, may_move: bool) -> Result<u64> {
+        self.mremap_inner(
+            old,
+            old_len,
+            new_len,
+            if may_move { Some(None) } else { None },
+        )
+    }
+
+    /// Moves `[old, old + old_len)` to exactly `new` with size `new_len`
+    /// (`MREMAP_MAYMOVE | MREMAP_FIXED`); whatever was at `new` is unmapped.
+    ///
+    /// # Errors
+    /// As [`mremap`](Self::mremap), plus [`Error::InvalidRange`] when the
+    /// ranges overlap.
+    pub fn mremap_fixed(&self, old: u64, old_len: u64, new_len: u64, new: u64) -> Result<u64> {
+        self.mremap_inner(old, old_len, new_len, Some(Some(new)))
+    }
+
+    fn mremap_inner(
+        &self,
+        old: u64,
+        old_len: u64,
+        new_len: u64,
+        target: Option<Option<u64>>,
+    ) -> Result<u64> {
+        let (ostart, oend) = check_range(old, old_len)?;
+        check_range(old, new_len)?;
+        let g = self.mmap_write();
+        let mm = g.mm;
+        let vma = mm
+            .vmas_read()
+            .find(ostart)
+            .cloned()
+            .filter(|v| v.end >= oend)
+            .ok_or(Error::NotMapped {
+                addr: ostart,
+                why: "mremap range is not inside one VMA",
+            })?;
+        mm.trace.record(Op::Mremap, None, ostart, oend);
+        if let Some(Some(new)) = target {
+            let (nstart, nend) = check_range(new, new_len)?;
+            if nstart < oend && ostart < nend {
+                return Err(Error::InvalidRange {
+                    addr: new,
+                    len: new_len,
+                });
+            }
+            mm.do_munmap(nstart, nend);
+            self.move_vma(mm, &vma, ostart, oend, nstart, new_len);
+            return Ok(nstart);
+        }
+        if new_len <= old_len {
+            if new_len < old_len {
+                mm.do_munmap(ostart + new_len, oend);
+            }
+            return Ok(ostart);
+        }
+        let grow_end = ostart + new_len;
+        if vma.end == oend && grow_end <= TASK_SIZE && mm.vmas_read().is_free(oend, grow_end) {
+            // Grow in place: only the VMA changes, no PTE does.
+            mm.vmas_write()
+                .update_range(vma.start, vma.end, |v| v.end = grow_end);
+            return Ok(ostart);
+        }
+        if target.is_none() {
+            return Err(Error::NoAddressSpace { len: new_len });
+        }
+        let nstart = mm
+            .vmas_read()
+            .find_free(MMAP_BASE, new_len)
+            .filter(|a| a + new_len <= TASK_SIZE)
+            .ok_or(Error::NoAddressSpace { len: new_len })?;
+        self.move_vma(mm, &vma, ostart, oend, nstart, new_len);
+        Ok(nstart)
+    }
+
+    /// Linux `move_vma`: new VMA, `move_page_tables` under an UNMAP pair of
+    /// the old range, then munmap of the old range.
+    fn move_vma(&self, mm: &MmInner, vma: &Vma, ostart: u64, oend: u64, nstart: u64, new_len: u64) {
+        let mut moved = vma.slice(ostart, oend);
+        moved.start = nstart;
+        moved.end = nstart + new_len;
+        mm.vmas_write().insert(moved);
+        {
+            let inv = mm.invalidate(Event::Unmap, ostart, oend, None);
+            {
+                let _ptl = mm.ptl();
+                let ptes = mm.ptes_in(ostart, oend.min(ostart + new_len));
+                for (addr, _) in &ptes {
+                    let pte = mm.clear_pte(*addr).expect("listed under the PTL");
+                    mm.set_pte(nstart + (addr - ostart), pte);
+                }
+                if !ptes.is_empty() {
+                    mm.flush_tlb(ostart, oend);
+                }
+            }
+            inv.end();
+        }
+        mm.do_munmap(ostart, oend);
+    }
+
+    /// `madvise(MADV_DONTNEED)`: per VMA, a CLEAR pair around the zap of the
+    /// range (Linux `zap_page_range_single`). Private pages are freed; shared
+    /// pages stay in their object.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRange`], or [`Error::NotMapped`] if part of the range
+    /// has no VMA (checked before anything is changed).
+    pub fn madvise_dontneed(&self, addr: u64, len: u64) -> Result<()> {
+        let (start, end) = check_range(addr, len)?;
+        let g = self.mmap_read();
+        let mm = g.mm;
+        let vmas = {
+            let v = mm.vmas_read();
+            v.covers(start, end)?;
+            v.overlapping(start, end)
+        };
+        mm.trace.record(Op::MadviseDontneed, None, start, end);
+        for v in vmas {
+            let mut gather = Gather::new(mm);
+            let inv = mm.invalidate(Event::Clear, v.start, v.end, None);
+            mm.zap_vmas(&mut gather, std::slice::from_ref(&v));
+            inv.end();
+            gather.finish();
+        }
+        Ok(())
+    }
+
+    /// `madvise(MADV_FREE)`: per VMA, a CLEAR pair (clipped to the VMA)
+    /// around marking exclusive pages clean, old and lazily freeable; swap
+    /// entries are dropped. Reclaim later discards such pages unless written.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRange`]; [`Error::NotMapped`] for holes or for
+    /// non-private-anonymous VMAs (Linux `-EINVAL`).
+    pub fn madvise_free(&self, addr: u64, len: u64) -> Result<()> {
+        let (start, end) = check_range(addr, len)?;
+        let g = self.mmap_read();
+        let mm = g.mm;
+        let vmas = {
+            let v = mm.vmas_read();
+            v.covers(start, end)?;
+            v.overlapping(start, end)
+        };
+        if let Some(v) = vmas.iter().find(|v| !v.is_private()) {
+            return Err(Error::NotMapped {
+                addr: v.start,
+                why: "MADV_FREE needs private anonymous memory",
+            });
+        }
+        mm.trace.record(Op::MadviseFree, None, start, end);
+        for v in vmas {
+            let inv = mm.invalidate(Event::Clear, v.start, v.end, None);
+            {
+                let _ptl = mm.ptl();
+                let mut flushed = false;
+                for (a, mut pte) in mm.ptes_in(v.start, v.end) {
+                    match pte.kind {
+                        PteKind::Swap { slot } => {
+                            mm.clear_pte(a);
+                            mm.phys.swap_free(slot);
+                        }
+                        PteKind::Present { pfn }
+                            if !pte.is_zero()
+                                && mm.phys.mapcount(pfn) == 1
+                                && mm.phys.pincount(pfn) == 0 =>
+                        {
+                            pte.dirty = false;
+                            pte.young = false;
+                            mm.set_pte(a, pte);
+                            mm.phys.set_lazyfree(pfn, true);
+                            flushed = true;
+                        }
+                        _ => {}
+                    }
+                }
+                if flushed {
+                    mm.flush_tlb(v.start, v.end);
+                }
+            }
+            inv.end();
+        }
+        Ok(())
+    }
+
+    /// The OOM reaper (Linux `__oom_reap_task_mm`): marks the address space
+    /// unstable (later faults fail with [`Error::OomReaped`]), then for each
+    /// private VMA a **non-blockable** UNMAP start; if a notifier answers
+    /// `Again` that VMA is skipped (no end) and reported for retry.
+    pub fn oom_reap(&self) -> OomReport {
+        let g = self.mmap_read();
+        let mm = g.mm;
+        mm.oom_reaped.store(true, Ordering::Release);
+        mm.trace.record(Op::OomReap, None, 0, TASK_SIZE);
+        let vmas: Vec<Vma> = mm
+            .vmas_read()
+            .all()
+            .filter(|v| v.is_private())
+            .cloned()
+            .collect();
+        let mut report = OomReport::default();
+        for v in vmas {
+            let mut gather = Gather::new(mm);
+            match mm.invalidate_nonblock(Event::Unmap, v.start, v.end) {
+                Ok(inv) => {
+                    mm.zap_vmas(&mut gather, std::slice::from_ref(&v));
+                    inv.end();
+                    gather.finish();
+                    report.reaped.push((v.start, v.end));
+                }
+                Err(mmu_notifier::Again) => report.retry.push((v.start, v.end)),
+            }
+        }
+        report
+    }
+}
+
+/// Page-aligned length helper for callers: `n` pages in bytes.
+pub const fn pages(n: u64) -> u64 {
+    n * PAGE_SIZE
+}

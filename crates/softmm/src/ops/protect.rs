@@ -1,0 +1,240 @@
+//! Protection changes: mprotect, fork's write-protect, soft-dirty clear and
+//! writeback cleaning.
+
+use mmu_notifier::{Event, END_OF_ADDRESS_SPACE};
+
+use crate::error::Result;
+use crate::frame::ZERO_PFN;
+use crate::mm::{check_range, Mm, MmInner, TASK_SIZE};
+use crate::ops::fault::is_system;
+use crate::pte::{Pte, PteKind};
+use crate::trace::Op;
+use crate::vma::Prot;
+use crate::PAGE_SIZE;
+
+/// Bytes mapped by one PMD (a page table of 512 PTEs).
+pub const PMD_SIZE: u64 = 1 << 21;
+/// Bytes mapped by one PUD.
+pub const PUD_SIZE: u64 = 1 << 30;
+
+impl MmInner {
+    /// Linux `change_protection` over one VMA part: per PUD-sized range, a
+    /// PROTECTION_VMA pair started lazily at the first populated PMD, over
+    /// `[that address, end of the PUD range)`.
+    fn change_protection(&self, start: u64, end: u64, prot: Prot) {
+        let mut addr = start;
+        while addr < end {
+            let pud_end = ((addr | (PUD_SIZE - 1)) + 1).min(end);
+            let first = self.ptes_in(addr, pud_end).first().map(|&(a, _)| a);
+            if let Some(first) = first {
+                let rstart = addr.max(first & !(PMD_SIZE - 1));
+                let inv = self.invalidate(Event::ProtectionVma, rstart, pud_end, None);
+                {
+                    let _ptl = self.ptl();
+                    for (a, mut pte) in self.ptes_in(rstart, pud_end) {
+                        if matches!(pte.kind, PteKind::Swap { .. }) {
+                            continue;
+                        }
+                        pte.read = prot.read;
+                        pte.write = pte.write && prot.write;
+                        self.set_pte(a, pte);
+                    }
+                    self.flush_tlb(rstart, pud_end);
+                }
+                inv.end();
+            }
+            addr = pud_end;
+        }
+    }
+}
+
+impl Mm {
+    /// Changes the protection of `[addr, addr + len)` (Linux `mprotect`):
+    /// VMAs are split at the range's ends, then per VMA the PTEs change under
+    /// PROTECTION_VMA pairs (see [`PUD_SIZE`]: one pair per PUD range that
+    /// has content). Adding write permission leaves PTEs read-only; the
+    /// next write fault upgrades them.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRange`]; [`Error::NotMapped`] if part of the range has
+    /// no VMA (nothing is changed).
+    pub fn mprotect(&self, addr: u64, len: u64, prot: Prot) -> Result<()> {
+        let (start, end) = check_range(addr, len)?;
+        let g = self.mmap_write();
+        let mm = g.mm;
+        mm.vmas_read().covers(start, end)?;
+        mm.trace.record(Op::Mprotect, None, start, end);
+        mm.vmas_write().update_range(start, end, |v| v.prot = prot);
+        let parts = mm.vmas_read().overlapping(start, end);
+        for v in parts {
+            mm.change_protection(v.start, v.end, prot);
+        }
+        Ok(())
+    }
+
+    /// Forks the address space (Linux `dup_mmap`): the child gets every VMA.
+    /// For private VMAs that have anonymous pages, a PROTECTION_PAGE pair on
+    /// the **parent** over the whole VMA surrounds the copy, in which the
+    /// parent's writable PTEs are write-protected and the child maps the
+    /// same frames read-only (COW). Pinned pages are copied for the child at
+    /// once (Linux `page_needs_cow_for_dma`), so the pin stays coherent.
+    /// Shared mappings are not copied (the child faults them in) and get no
+    /// notification. The parent's TLB is flushed after all VMAs are copied.
+    ///
+    /// # Errors
+    /// [`Error::OomReaped`]; [`Error::OutOfMemory`] while copying pinned
+    /// pages (the partial child is torn down).
+    pub fn fork(&self) -> Result<Mm> {
+        let g = self.mmap_write();
+        let mm = g.mm;
+        mm.check_usable()?;
+        mm.trace.record(Op::Fork, None, 0, TASK_SIZE);
+        let child = Mm::new(&mm.phys);
+        let vmas: Vec<_> = mm.vmas_read().all().cloned().collect();
+        let mut protected = false;
+        for v in vmas {
+            child.inner.vmas_write().insert(v.clone());
+            if !(v.is_private() && v.anon_vma) {
+                continue;
+            }
+            let inv = mm.invalidate(Event::ProtectionPage, v.start, v.end, None);
+            let copied = {
+                let _ptl = mm.ptl();
+                let mut res = Ok(());
+                for (a, pte) in mm.ptes_in(v.start, v.end) {
+                    match self.copy_pte(&child, a, pte) {
+                        Ok(p) => protected |= p,
+                        Err(e) => {
+                            res = Err(e);
+                            break;
+                        }
+                    }
+                }
+                res
+            };
+            inv.end();
+            if let Err(e) = copied {
+                if protected {
+                    mm.flush_tlb(0, END_OF_ADDRESS_SPACE);
+                }
+                return Err(e);
+            }
+        }
+        if protected {
+            mm.flush_tlb(0, END_OF_ADDRESS_SPACE);
+        }
+        Ok(child)
+    }
+
+    /// Copies one PTE of a COW mapping into `child` (parent PTL held).
+    /// Returns whether the parent's PTE was write-protected.
+    fn copy_pte(&self, child: &Mm, a: u64, pte: Pte) -> Result<bool> {
+        let mm = &self.inner;
+        let mut parent = pte;
+        if let PteKind::DeviceExclusive { pfn, .. } = pte.kind {
+            // try_restore_exclusive_pte: the parent gets its normal PTE
+            // back; the PROTECTION_PAGE start already told the device.
+            parent.kind = PteKind::Present { pfn };
+        }
+        let child_pte = match parent.kind {
+            PteKind::Swap { slot } => {
+                mm.phys.swap_dup(slot);
+                parent
+            }
+            PteKind::Migration { .. } => return Ok(false), // excluded by the mmap lock
+            PteKind::Present { pfn }
+                if pfn != ZERO_PFN && is_system(mm, pfn) && mm.phys.pincount(pfn) > 0 =>
+            {
+                // A pinned page is copied for the child now.
+                let new = mm.phys.alloc_frame()?;
+                mm.phys.copy_frame(pfn, new.pfn);
+                mm.phys.map(new.pfn);
+                mm.phys.put_frame(new.pfn);
+                mm.set_pte(a, parent);
+                child.inner.set_pte(
+                    a,
+                    Pte {
+                        kind: PteKind::Present { pfn: new.pfn },
+                        ..parent
+                    },
+                );
+                return Ok(false);
+            }
+            _ => {
+                if let Some(pfn) = parent.maps_frame() {
+                    mm.phys.map(pfn);
+                }
+                let was_writable = parent.write;
+                parent.write = false;
+                mm.set_pte(a, parent);
+                child.inner.set_pte(a, parent);
+                return Ok(was_writable || pte != parent);
+            }
+        };
+        child.inner.set_pte(a, child_pte);
+        Ok(false)
+    }
+
+    /// Clears the soft-dirty bits of the whole address space (Linux
+    /// `clear_refs` type 4): a SOFT_DIRTY pair over `[0, END)` around
+    /// write-protecting every present PTE and clearing its soft-dirty bit;
+    /// the TLB (and so the secondary TLBs) is flushed after the end.
+    pub fn clear_soft_dirty(&self) {
+        let g = self.mmap_read();
+        let mm = g.mm;
+        mm.trace.record(Op::SoftDirtyClear, None, 0, TASK_SIZE);
+        let inv = mm.invalidate(Event::SoftDirty, 0, END_OF_ADDRESS_SPACE, None);
+        {
+            let _ptl = mm.ptl();
+            for (a, mut pte) in mm.ptes_in(0, TASK_SIZE) {
+                pte.soft_dirty = false;
+                if matches!(pte.kind, PteKind::Present { .. }) {
+                    pte.write = false;
+                }
+                mm.set_pte(a, pte);
+            }
+        }
+        inv.end();
+        let _ptl = mm.ptl();
+        mm.flush_tlb(0, END_OF_ADDRESS_SPACE);
+    }
+
+    /// Writeback cleaning of shared pages (Linux `page_vma_mkclean_one`):
+    /// for each dirty page of a shared mapping in the range, a
+    /// PROTECTION_PAGE pair of that page around clear + flush + set
+    /// read-only and clean. Returns the pages cleaned.
+    ///
+    /// # Errors
+    /// [`Error::InvalidRange`].
+    pub fn writeback(&self, addr: u64, len: u64) -> Result<usize> {
+        let (start, end) = check_range(addr, len)?;
+        let g = self.mmap_read();
+        let mm = g.mm;
+        mm.trace.record(Op::Writeback, None, start, end);
+        let mut cleaned = 0;
+        for v in mm.vmas_read().overlapping(start, end) {
+            if v.is_private() {
+                continue;
+            }
+            for (a, pte) in mm.ptes_in(v.start, v.end) {
+                if !(pte.dirty || pte.write) || pte.present_pfn().is_none() {
+                    continue;
+                }
+                let inv = mm.invalidate(Event::ProtectionPage, a, a + PAGE_SIZE, None);
+                {
+                    let _ptl = mm.ptl();
+                    if let Some(mut cur) = mm.get_pte(a).filter(|c| c.kind == pte.kind) {
+                        mm.clear_pte(a);
+                        mm.flush_tlb(a, a + PAGE_SIZE);
+                        cur.write = false;
+                        cur.dirty = false;
+                        mm.set_pte(a, cur);
+                        cleaned += 1;
+                    }
+                }
+                inv.end();
+            }
+        }
+        Ok(cleaned)
+    }
+}

@@ -1,0 +1,160 @@
+//! Page-table entries of the software MMU.
+
+use mmu_notifier::Owner;
+
+use crate::frame::ZERO_PFN;
+
+/// What a page-table entry points at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PteKind {
+    /// A present mapping of a frame (the zero page is frame [`ZERO_PFN`]).
+    Present {
+        /// Frame mapped.
+        pfn: u64,
+    },
+    /// A device-private entry (Linux swap-type entry): the data lives in a
+    /// device frame; a CPU access migrates it back to system memory.
+    DevicePrivate {
+        /// The device frame.
+        pfn: u64,
+        /// Its pgmap owner.
+        owner: Owner,
+    },
+    /// A device-exclusive entry: the device holds the page for atomics; a
+    /// CPU access revokes it first.
+    DeviceExclusive {
+        /// The (system) frame.
+        pfn: u64,
+        /// Owner given when the entry was made.
+        owner: Option<Owner>,
+    },
+    /// A migration entry: the page is being migrated; accesses wait.
+    Migration {
+        /// The source frame.
+        pfn: u64,
+    },
+    /// Swapped out to a swap slot.
+    Swap {
+        /// Swap slot number.
+        slot: u64,
+    },
+}
+
+/// One page-table entry (Linux `pte_t`): what it maps plus its bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pte {
+    /// What the entry points at.
+    pub kind: PteKind,
+    /// Reads allowed (false for PROT_NONE: present but inaccessible).
+    pub read: bool,
+    /// Writes allowed.
+    pub write: bool,
+    /// Accessed bit.
+    pub young: bool,
+    /// Dirty bit.
+    pub dirty: bool,
+    /// Soft-dirty bit (written since the last soft-dirty clear).
+    pub soft_dirty: bool,
+}
+
+impl Pte {
+    /// A present entry for `pfn`.
+    pub fn present(pfn: u64, read: bool, write: bool) -> Pte {
+        Pte {
+            kind: PteKind::Present { pfn },
+            read,
+            write,
+            young: true,
+            dirty: write,
+            soft_dirty: true,
+        }
+    }
+
+    /// The frame the entry refers to, if any (swap entries have none).
+    pub fn pfn(&self) -> Option<u64> {
+        match self.kind {
+            PteKind::Present { pfn }
+            | PteKind::DevicePrivate { pfn, .. }
+            | PteKind::DeviceExclusive { pfn, .. }
+            | PteKind::Migration { pfn } => Some(pfn),
+            PteKind::Swap { .. } => None,
+        }
+    }
+
+    /// A present entry of a frame (not the zero page, not a special entry).
+    pub fn present_pfn(&self) -> Option<u64> {
+        match self.kind {
+            PteKind::Present { pfn } => Some(pfn),
+            _ => None,
+        }
+    }
+
+    /// Whether this maps the shared zero page.
+    pub fn is_zero(&self) -> bool {
+        self.kind == PteKind::Present { pfn: ZERO_PFN }
+    }
+
+    /// Whether the frame it refers to holds a reference counted in the
+    /// frame's mapcount (everything but swap entries and the zero page).
+    pub(crate) fn maps_frame(&self) -> Option<u64> {
+        self.pfn().filter(|&p| p != ZERO_PFN)
+    }
+}
+
+/// The page-table memory of one address space: the PTEs, plus the entries a
+/// TLB may still hold because they were downgraded or removed since the
+/// last flush of their address (what a secondary TLB may legitimately still
+/// use until `arch_invalidate_secondary_tlbs` covers it).
+#[derive(Default, Debug)]
+pub(crate) struct PageTable {
+    ptes: std::collections::BTreeMap<u64, Pte>,
+    unflushed: std::collections::BTreeMap<u64, Pte>,
+}
+
+/// Whether replacing `old` by `new` takes away a translation or a
+/// permission (and so needs a TLB flush before the old one is gone).
+fn downgrades(old: &Pte, new: Option<&Pte>) -> bool {
+    match new {
+        None => true,
+        Some(n) => n.pfn() != old.pfn() || (old.write && !n.write) || (old.read && !n.read),
+    }
+}
+
+impl PageTable {
+    pub(crate) fn get(&self, vpn: u64) -> Option<Pte> {
+        self.ptes.get(&vpn).copied()
+    }
+
+    pub(crate) fn set(&mut self, vpn: u64, pte: Pte) -> Option<Pte> {
+        let old = self.ptes.insert(vpn, pte);
+        if let Some(o) = old.filter(|o| downgrades(o, Some(&pte))) {
+            self.unflushed.entry(vpn).or_insert(o);
+        }
+        old
+    }
+
+    pub(crate) fn remove(&mut self, vpn: u64) -> Option<Pte> {
+        let old = self.ptes.remove(&vpn);
+        if let Some(o) = old {
+            self.unflushed.entry(vpn).or_insert(o);
+        }
+        old
+    }
+
+    pub(crate) fn range(&self, first: u64, end: u64) -> impl Iterator<Item = (u64, Pte)> + '_ {
+        self.ptes.range(first..end).map(|(&v, &p)| (v, p))
+    }
+
+    /// The TLB was flushed for pages `[first, end)`.
+    pub(crate) fn flushed(&mut self, first: u64, end: u64) {
+        let keys: Vec<u64> = self.unflushed.range(first..end).map(|(&k, _)| k).collect();
+        for k in keys {
+            self.unflushed.remove(&k);
+        }
+    }
+
+    /// An entry a TLB may still hold for `vpn`.
+    pub(crate) fn unflushed(&self, vpn: u64) -> Option<Pte> {
+        self.unflushed.get(&vpn).copied()
+    }
+}
