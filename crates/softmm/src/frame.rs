@@ -250,8 +250,12 @@ impl PhysMem {
 
     /// Takes one more reference on `pfn` (Linux `get_page`).
     pub(crate) fn get(&self, pfn: u64) {
+        self.update(pfn, |m| m.refs += 1);
+    }
+
+    fn update(&self, pfn: u64, f: impl FnOnce(&mut Meta)) {
         if let Some(mut m) = self.meta(pfn) {
-            m.refs += 1;
+            f(&mut m);
         }
     }
 
@@ -279,18 +283,16 @@ impl PhysMem {
 
     /// One more PTE maps `pfn` (takes a reference too).
     pub(crate) fn map(&self, pfn: u64) {
-        if let Some(mut m) = self.meta(pfn) {
+        self.update(pfn, |m| {
             m.refs += 1;
             m.maps += 1;
-        }
+        });
     }
 
     /// One PTE fewer maps `pfn`; drops the mapping's reference, which may
     /// free the frame.
     pub(crate) fn unmap(&self, pfn: u64) {
-        if let Some(mut m) = self.meta(pfn) {
-            m.maps = m.maps.saturating_sub(1);
-        }
+        self.update(pfn, |m| m.maps = m.maps.saturating_sub(1));
         self.put_frame(pfn);
     }
 
@@ -310,16 +312,14 @@ impl PhysMem {
     }
 
     pub(crate) fn pin(&self, pfn: u64) {
-        if let Some(mut m) = self.meta(pfn) {
+        self.update(pfn, |m| {
             m.refs += 1;
             m.pins += 1;
-        }
+        });
     }
 
     pub(crate) fn unpin(&self, pfn: u64) {
-        if let Some(mut m) = self.meta(pfn) {
-            m.pins = m.pins.saturating_sub(1);
-        }
+        self.update(pfn, |m| m.pins = m.pins.saturating_sub(1));
         self.put_frame(pfn);
     }
 
@@ -333,15 +333,11 @@ impl PhysMem {
     }
 
     pub(crate) fn set_ksm(&self, pfn: u64) {
-        if let Some(mut m) = self.meta(pfn) {
-            m.ksm = true;
-        }
+        self.update(pfn, |m| m.ksm = true);
     }
 
-    pub(crate) fn set_lazyfree(&self, pfn: u64, on: bool) {
-        if let Some(mut m) = self.meta(pfn) {
-            m.lazyfree = on;
-        }
+    pub(crate) fn set_lazyfree(&self, pfn: u64) {
+        self.update(pfn, |m| m.lazyfree = true);
     }
 
     pub(crate) fn is_lazyfree(&self, pfn: u64) -> bool {
@@ -405,9 +401,7 @@ impl PhysMem {
     }
 
     pub(crate) fn set_content(&self, pfn: u64, data: Option<Box<[u8]>>) {
-        if let Some(mut m) = self.meta(pfn) {
-            m.data = data;
-        }
+        self.update(pfn, |m| m.data = data);
     }
 
     /// Copies the content of `src` into `dst` (COW, migration).

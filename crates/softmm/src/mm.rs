@@ -94,6 +94,8 @@ pub(crate) struct MmInner {
 /// ```
 pub struct Mm {
     grab: MmGrab,
+    /// This user reference was already dropped by [`Mm::exit`].
+    put: AtomicBool,
 }
 
 /// A reference that keeps the address space's structure alive without
@@ -128,15 +130,14 @@ impl Clone for Mm {
         self.inner.users.fetch_add(1, Ordering::Relaxed);
         Mm {
             grab: self.grab.clone(),
+            put: AtomicBool::new(false),
         }
     }
 }
 
 impl Drop for Mm {
     fn drop(&mut self) {
-        if self.inner.users.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.inner.exit_mmap();
-        }
+        self.put_user();
     }
 }
 
@@ -178,6 +179,7 @@ impl Mm {
     /// A new, empty address space on `phys` with one user.
     pub fn new(phys: &Arc<PhysMem>) -> Mm {
         Mm {
+            put: AtomicBool::new(false),
             grab: MmGrab {
                 inner: Arc::new(MmInner {
                     subs: Subscriptions::new(),
@@ -204,8 +206,18 @@ impl Mm {
     /// Drops this user reference; returns true if it was the last one and
     /// the address space has exited (Linux `mmput`).
     pub fn exit(self) -> bool {
-        let last = self.inner.users.load(Ordering::Acquire) == 1;
-        drop(self);
+        self.put_user()
+    }
+
+    /// `mmput`, once per handle; exits the address space on the last one.
+    fn put_user(&self) -> bool {
+        if self.put.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let last = self.inner.users.fetch_sub(1, Ordering::AcqRel) == 1;
+        if last {
+            self.inner.exit_mmap();
+        }
         last
     }
 
@@ -256,7 +268,10 @@ impl MmGrab {
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    return Ok(Mm { grab: self.clone() });
+                    return Ok(Mm {
+                        grab: self.clone(),
+                        put: AtomicBool::new(false),
+                    });
                 }
                 Err(cur) => n = cur,
             }

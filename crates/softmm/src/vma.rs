@@ -241,6 +241,12 @@ impl Vmas {
         }
     }
 
+    /// The VMA parts of `[start, end)`, which must have no hole.
+    pub(crate) fn covering(&self, start: u64, end: u64) -> Result<Vec<Vma>> {
+        self.covers(start, end)?;
+        Ok(self.overlapping(start, end))
+    }
+
     /// Splits so that `addr` is a VMA boundary (if inside one).
     pub(crate) fn split_at(&mut self, addr: u64) {
         let Some(v) = self.find(addr).cloned() else {

@@ -247,11 +247,7 @@ impl Mm {
         let (start, end) = check_range(addr, len)?;
         let g = self.mmap_read();
         let mm = g.mm;
-        let vmas = {
-            let v = mm.vmas_read();
-            v.covers(start, end)?;
-            v.overlapping(start, end)
-        };
+        let vmas = mm.vmas_read().covering(start, end)?;
         mm.trace.record(Op::MadviseDontneed, None, start, end);
         for v in vmas {
             let mut gather = Gather::new(mm);
@@ -274,11 +270,7 @@ impl Mm {
         let (start, end) = check_range(addr, len)?;
         let g = self.mmap_read();
         let mm = g.mm;
-        let vmas = {
-            let v = mm.vmas_read();
-            v.covers(start, end)?;
-            v.overlapping(start, end)
-        };
+        let vmas = mm.vmas_read().covering(start, end)?;
         if let Some(v) = vmas.iter().find(|v| !v.is_private()) {
             return Err(Error::NotMapped {
                 addr: v.start,
@@ -305,7 +297,7 @@ impl Mm {
                             pte.dirty = false;
                             pte.young = false;
                             mm.set_pte(a, pte);
-                            mm.phys.set_lazyfree(pfn, true);
+                            mm.phys.set_lazyfree(pfn);
                             flushed = true;
                         }
                         _ => {}

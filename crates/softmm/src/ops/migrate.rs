@@ -21,7 +21,7 @@ pub struct MigratedPage {
     pub writable: bool,
 }
 
-fn pages(start: u64, end: u64) -> impl Iterator<Item = u64> {
+fn page_addrs(start: u64, end: u64) -> impl Iterator<Item = u64> {
     (start..end).step_by(PAGE_SIZE as usize)
 }
 
@@ -66,30 +66,18 @@ impl MmInner {
         let mut oom = false;
         for (addr, dev, old) in collected {
             let new = if oom {
-                Err(Error::OutOfMemory)
+                None
             } else {
-                self.phys.alloc_frame()
+                self.phys.alloc_frame().ok()
             };
+            oom = new.is_none();
+            if let Some(n) = new {
+                self.phys.copy_frame(dev, n.pfn);
+            }
             let _ptl = self.ptl();
-            let still = self.get_pte(addr).map(|p| p.kind) == Some(PteKind::Migration { pfn: dev });
-            match new {
-                Ok(new) if still => {
-                    self.phys.copy_frame(dev, new.pfn);
-                    self.phys.map(new.pfn);
-                    let mut pte = Pte::present(new.pfn, old.read, old.write);
-                    pte.dirty = true;
-                    self.set_pte(addr, pte);
-                    self.phys.unmap(dev);
-                    self.phys.put_frame(new.pfn);
-                    out.push(new);
-                }
-                Ok(new) => self.phys.put_frame(new.pfn),
-                Err(_) if still => {
-                    // No memory: put the device entry back.
-                    oom = true;
-                    self.set_pte(addr, old);
-                }
-                Err(_) => {}
+            let present = |pfn| PteKind::Present { pfn };
+            if self.finish_migration(addr, dev, new, old, present) {
+                out.extend(new);
             }
         }
         self.migration_done();
@@ -97,6 +85,47 @@ impl MmInner {
             return Err(Error::OutOfMemory);
         }
         Ok(out)
+    }
+
+    /// Linux `remove_migration_pte` for one page (PTL held): if `addr`
+    /// still holds the migration entry of `src`, map `dst` there with the
+    /// bits of `old` and the kind `kind(dst)`, and release `src`'s mapping;
+    /// without a destination, put `old` back. The destination's allocation
+    /// reference is dropped either way. Returns whether `dst` was mapped.
+    fn finish_migration(
+        &self,
+        addr: u64,
+        src: u64,
+        dst: Option<FrameRef>,
+        old: Pte,
+        kind: impl FnOnce(u64) -> PteKind,
+    ) -> bool {
+        let still = self.get_pte(addr).map(|p| p.kind) == Some(PteKind::Migration { pfn: src });
+        match dst {
+            Some(d) if still => {
+                self.phys.map(d.pfn);
+                self.set_pte(
+                    addr,
+                    Pte {
+                        kind: kind(d.pfn),
+                        ..old
+                    },
+                );
+                self.phys.unmap(src);
+                self.phys.put_frame(d.pfn);
+                true
+            }
+            Some(d) => {
+                self.phys.put_frame(d.pfn);
+                false
+            }
+            None => {
+                if still {
+                    self.set_pte(addr, old);
+                }
+                false
+            }
+        }
     }
 
     /// Write-protects one page for KSM (Linux `write_protect_page`): a CLEAR
@@ -217,7 +246,7 @@ impl Mm {
         if vma.is_private() {
             let _ptl = mm.ptl();
             let mut flush = false;
-            for a in pages(start, end) {
+            for a in page_addrs(start, end) {
                 match mm.get_pte(a) {
                     None => selected.push((a, Sel::Hole { zero: false })),
                     Some(p) if p.is_zero() => selected.push((a, Sel::Hole { zero: true })),
@@ -292,24 +321,14 @@ impl Mm {
                 }
                 Sel::Page { pfn, pte } => {
                     let _ptl = mm.ptl();
-                    let still = mm.get_pte(a).map(|p| p.kind) == Some(PteKind::Migration { pfn });
-                    match dst {
-                        Some(d) if still => {
-                            let mut e = pte;
-                            e.kind = PteKind::DevicePrivate { pfn: d.pfn, owner };
-                            mm.set_pte(a, e);
-                            mm.phys.map(d.pfn);
-                            mm.phys.put_frame(d.pfn);
-                            mm.phys.unmap(pfn);
-                            out.push(MigratedPage {
-                                addr: a,
-                                frame: d,
-                                writable: e.write,
-                            });
-                        }
-                        Some(d) => mm.phys.put_frame(d.pfn),
-                        None if still => mm.set_pte(a, pte),
-                        None => {}
+                    let device = |d| PteKind::DevicePrivate { pfn: d, owner };
+                    if mm.finish_migration(a, pfn, dst, pte, device) {
+                        let frame = dst.expect("mapped");
+                        out.push(MigratedPage {
+                            addr: a,
+                            frame,
+                            writable: pte.write,
+                        });
                     }
                     mm.phys.put_frame(pfn);
                 }
@@ -365,25 +384,14 @@ impl Mm {
                 };
                 inv.end();
                 let Some(old) = entry else { continue };
-                let new = mm.phys.alloc_frame();
+                let new = mm.phys.alloc_frame().ok();
+                if let Some(n) = new {
+                    mm.phys.copy_frame(pfn, n.pfn);
+                }
                 {
                     let _ptl = mm.ptl();
-                    let still = mm.get_pte(a).map(|p| p.kind) == Some(PteKind::Migration { pfn });
-                    match new {
-                        Ok(n) if still => {
-                            mm.phys.copy_frame(pfn, n.pfn);
-                            mm.phys.map(n.pfn);
-                            let mut e = old;
-                            e.kind = PteKind::Present { pfn: n.pfn };
-                            mm.set_pte(a, e);
-                            mm.phys.unmap(pfn);
-                            mm.phys.put_frame(n.pfn);
-                            moved += 1;
-                        }
-                        Ok(n) => mm.phys.put_frame(n.pfn),
-                        Err(_) if still => mm.set_pte(a, old),
-                        Err(_) => {}
-                    }
+                    let present = |p| PteKind::Present { pfn: p };
+                    moved += usize::from(mm.finish_migration(a, pfn, new, old, present));
                     mm.phys.put_frame(pfn);
                 }
                 mm.migration_done();
@@ -411,7 +419,7 @@ impl Mm {
         let mm = g.mm;
         mm.trace.record(Op::MakeExclusive, None, start, end);
         let mut out = Vec::new();
-        for a in pages(start, end) {
+        for a in page_addrs(start, end) {
             let Ok(pte) = mm.fault_in(a, Access::Write) else {
                 out.push(None);
                 continue;
