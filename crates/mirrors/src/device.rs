@@ -1,0 +1,654 @@
+//! `DeviceMirror`: the HMM pattern of Linux's `lib/test_hmm.c` (dmirror,
+//! spec 8.2 and 9.1). A device page table under the device lock, an
+//! interval notifier over the whole address space, the
+//! `read_begin` / `range_fault` / `read_retry` loop, and the dmirror
+//! commands: read, write, migrate to and from device memory, snapshot,
+//! exclusive access.
+//!
+//! One deliberate difference from dmirror: for MIGRATE events it owns,
+//! dmirror returns at once. Here the callback still bumps the sequence and
+//! drops entries of *system* pages (it keeps its own device pages), because
+//! dmirror's early return lets a concurrent fault of the same device install
+//! a system page that its own migration is about to free (harmless in the
+//! single-threaded selftests, a coherence violation under `mmun stress`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+
+use mmu_notifier::{Event, IntervalNotifier, IntervalOps, Owner, Range};
+use softmm::{
+    DevicePagemap, Error as MmError, FrameKind, FrameRef, HmmRange, MmGrab, PteKind, PAGE_SIZE,
+    TASK_SIZE,
+};
+
+/// dmirror processes ranges in chunks of this many pages.
+pub const CHUNK_PAGES: u64 = 64;
+
+/// Deadline of the populate loop, in retries (Linux: 1000 ms).
+const MAX_COLLISIONS: u32 = 10_000;
+
+/// Tag of a device page-table entry (dmirror's xarray tags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tag {
+    /// Read-only mapping.
+    Read,
+    /// Writable mapping (`DPT_XA_TAG_WRITE`).
+    Write,
+    /// Exclusive (atomic) access (`DPT_XA_TAG_ATOMIC`).
+    Atomic,
+}
+
+/// The errno-style results of the dmirror commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DmirrorError {
+    /// `-EINVAL`.
+    #[error("EINVAL")]
+    Inval,
+    /// `-EFAULT`.
+    #[error("EFAULT")]
+    Fault,
+    /// `-EPERM`.
+    #[error("EPERM")]
+    Perm,
+    /// `-ENOENT`.
+    #[error("ENOENT")]
+    NoEnt,
+    /// `-EBUSY`.
+    #[error("EBUSY")]
+    Busy,
+    /// `-ENOMEM`.
+    #[error("ENOMEM")]
+    NoMem,
+    /// The oracle caught a stale device mapping (never expected).
+    #[error("coherence violation")]
+    Violation,
+}
+
+impl From<MmError> for DmirrorError {
+    fn from(e: MmError) -> Self {
+        match e {
+            MmError::InvalidRange { .. } => DmirrorError::Inval,
+            MmError::Protection {
+                access: "write", ..
+            } => DmirrorError::Perm,
+            MmError::OutOfMemory => DmirrorError::NoMem,
+            MmError::Busy => DmirrorError::Busy,
+            _ => DmirrorError::Fault,
+        }
+    }
+}
+
+/// Outputs of a command (`struct hmm_dmirror_cmd`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cmd {
+    /// Pages processed (`cpages`).
+    pub cpages: u64,
+    /// Fault rounds (`faults`).
+    pub faults: u64,
+}
+
+/// Snapshot byte encoding (`HMM_DMIRROR_PROT_*`).
+pub mod prot {
+    /// `HMM_PFN_ERROR`.
+    pub const ERROR: u8 = 0xFF;
+    /// Not present.
+    pub const NONE: u8 = 0x00;
+    /// Readable.
+    pub const READ: u8 = 0x01;
+    /// Writable.
+    pub const WRITE: u8 = 0x02;
+    /// PMD-mapped.
+    pub const PMD: u8 = 0x04;
+    /// The zero page.
+    pub const ZERO: u8 = 0x10;
+    /// Device-private memory of this device.
+    pub const DEV_PRIVATE_LOCAL: u8 = 0x20;
+    /// Device-private memory of another device.
+    pub const DEV_PRIVATE_REMOTE: u8 = 0x30;
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    invalidations: AtomicU64,
+    faults: AtomicU64,
+    retries: AtomicU64,
+    accesses: AtomicU64,
+}
+
+struct Inner {
+    mm: MmGrab,
+    owner: Owner,
+    /// The device page table (`dmirror->pt`) under the user lock
+    /// (`dmirror->mutex`).
+    pt: Mutex<BTreeMap<u64, (FrameRef, Tag)>>,
+    sub: OnceLock<IntervalNotifier>,
+    counters: Counters,
+}
+
+/// An HMM-style device mirroring one address space.
+pub struct DeviceMirror {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for DeviceMirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceMirror")
+            .field("owner", &self.inner.owner)
+            .finish()
+    }
+}
+
+struct Ops(Weak<Inner>);
+
+impl IntervalOps for Ops {
+    fn invalidate(&self, sub: &IntervalNotifier, r: &Range, seq: u64) -> bool {
+        let Some(dev) = self.0.upgrade() else {
+            return true;
+        };
+        let own_migration = r.event() == Event::Migrate && r.owner() == Some(dev.owner);
+        let mut pt = if r.blockable() {
+            dev.lock()
+        } else {
+            match dev.pt.try_lock() {
+                Ok(g) => g,
+                Err(_) => return false,
+            }
+        };
+        sub.set_seq(seq);
+        dev.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+        let keys: Vec<u64> = pt.range(r.start()..r.end()).map(|(&k, _)| k).collect();
+        let phys = dev.mm.phys();
+        for k in keys {
+            let mine = phys.kind(pt[&k].0.pfn) == FrameKind::DevicePrivate(dev.owner);
+            if !(own_migration && mine) {
+                pt.remove(&k);
+            }
+        }
+        true
+    }
+}
+
+struct Pagemap(Weak<Inner>);
+
+impl DevicePagemap for Pagemap {
+    fn migrating_to_ram(&self, mm_id: u64, addr: u64, _frame: FrameRef) {
+        if let Some(dev) = self.0.upgrade() {
+            if dev.mm.id() == mm_id {
+                dev.lock().remove(&addr);
+            }
+        }
+    }
+}
+
+fn check(addr: u64, npages: u64) -> Result<(u64, u64), DmirrorError> {
+    let len = npages.checked_mul(PAGE_SIZE).ok_or(DmirrorError::Inval)?;
+    match addr.checked_add(len) {
+        Some(end) if addr % PAGE_SIZE == 0 && end > addr && end <= TASK_SIZE => Ok((addr, end)),
+        _ => Err(DmirrorError::Inval),
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, (FrameRef, Tag)>> {
+        self.pt.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sub(&self) -> &IntervalNotifier {
+        self.sub.get().expect("set at open")
+    }
+
+    /// The populate loop of spec 8.2 for `[start, end)` (one chunk).
+    fn range_fault(&self, start: u64, end: u64, write: bool) -> Result<(), DmirrorError> {
+        let Ok(mm) = self.mm.get() else {
+            return Ok(()); // mmget_not_zero failed: dmirror returns 0
+        };
+        let sub = self.sub();
+        for _ in 0..MAX_COLLISIONS {
+            let seq = sub.read_begin().map_err(|_| DmirrorError::Fault)?;
+            let mut range = HmmRange::new(sub, seq, start, end);
+            range.fault = true;
+            range.write = write;
+            range.dev_private_owner = Some(self.owner);
+            let r = {
+                let g = mm.mmap_read();
+                mm.range_fault(&g, &mut range)
+            };
+            match r {
+                Err(MmError::Busy) => {
+                    self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+                Ok(()) => {}
+            }
+            let mut pt = self.lock();
+            if sub.read_retry(seq) {
+                self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            for (i, p) in range.pfns.iter().enumerate() {
+                if let (true, Some(f)) = (p.valid, p.frame) {
+                    let tag = if p.write { Tag::Write } else { Tag::Read };
+                    pt.insert(start + i as u64 * PAGE_SIZE, (f, tag));
+                }
+            }
+            return Ok(());
+        }
+        Err(DmirrorError::Busy)
+    }
+
+    /// Installs entries for pages a primary operation gave the device
+    /// (migration, exclusive access) with the interval protocol: each page
+    /// is installed only if the primary still maps that frame there, and
+    /// nothing if an invalidation hit the range meanwhile (then the loop
+    /// takes a new sequence and re-checks).
+    fn install(&self, pages: &[(u64, FrameRef, Tag)], expect: impl Fn(&PteKind, u64) -> bool) {
+        let sub = self.sub();
+        loop {
+            let Ok(seq) = sub.read_begin() else { return };
+            let mut pt = self.lock();
+            if sub.read_retry(seq) {
+                continue;
+            }
+            for &(addr, f, tag) in pages {
+                let still = self.mm.pte(addr).is_some_and(|p| expect(&p.kind, f.pfn))
+                    && self.mm.phys().is_current(f);
+                if still {
+                    pt.insert(addr, (f, tag));
+                }
+            }
+            return;
+        }
+    }
+
+    /// Copies present entries from `start` into `out`, checking each access
+    /// with the oracle; returns the first address without a (suitable)
+    /// entry.
+    fn copy_out(
+        &self,
+        start: u64,
+        end: u64,
+        out: &mut [u8],
+        base: u64,
+    ) -> Result<u64, DmirrorError> {
+        let pt = self.lock();
+        let mut a = start;
+        while a < end {
+            let Some(&(f, _)) = pt.get(&a) else { break };
+            self.counters.accesses.fetch_add(1, Ordering::Relaxed);
+            self.checked(a, f, false)?;
+            let off = (a - base) as usize;
+            self.mm
+                .phys()
+                .read_frame(f, 0, &mut out[off..off + PAGE_SIZE as usize])
+                .map_err(|_| DmirrorError::Violation)?;
+            a += PAGE_SIZE;
+        }
+        Ok(a)
+    }
+
+    fn checked(&self, addr: u64, f: FrameRef, write: bool) -> Result<(), DmirrorError> {
+        self.mm
+            .phys()
+            .oracle()
+            .check_access(&self.mm, addr, f, write)
+            .map_err(|_| DmirrorError::Violation)
+    }
+}
+
+impl DeviceMirror {
+    /// Opens a device mirror of `mm` with device-memory owner `owner`
+    /// (dmirror `open()`: interval notifier over the whole address space,
+    /// plus the device's pagemap for CPU faults on its memory).
+    ///
+    /// # Errors
+    /// The subsystem's insert errors (an exited address space).
+    pub fn open(mm: MmGrab, owner: Owner) -> Result<DeviceMirror, mmu_notifier::Error> {
+        let inner = Arc::new(Inner {
+            mm,
+            owner,
+            pt: Mutex::new(BTreeMap::new()),
+            sub: OnceLock::new(),
+            counters: Counters::default(),
+        });
+        let sub = inner.mm.subscriptions().interval_insert(
+            0,
+            !(PAGE_SIZE - 1), // dmirror: ULONG_MAX & PAGE_MASK
+            Arc::new(Ops(Arc::downgrade(&inner))),
+        )?;
+        let _ = inner.sub.set(sub);
+        inner
+            .mm
+            .phys()
+            .register_pagemap(owner, Arc::new(Pagemap(Arc::downgrade(&inner))));
+        Ok(DeviceMirror { inner })
+    }
+
+    /// The device's pgmap owner.
+    pub fn owner(&self) -> Owner {
+        self.inner.owner
+    }
+
+    /// Entries in the device page table now.
+    pub fn entries(&self) -> usize {
+        self.inner.lock().len()
+    }
+
+    /// (invalidations, faults, retries, oracle-checked accesses).
+    pub fn counters(&self) -> (u64, u64, u64, u64) {
+        let c = &self.inner.counters;
+        (
+            c.invalidations.load(Ordering::Relaxed),
+            c.faults.load(Ordering::Relaxed),
+            c.retries.load(Ordering::Relaxed),
+            c.accesses.load(Ordering::Relaxed),
+        )
+    }
+
+    /// dmirror READ: copies `npages` from `addr` through the device page
+    /// table, faulting missing pages (one fault round faults the rest).
+    ///
+    /// # Errors
+    /// `Inval` for bad ranges, `Fault` for unmapped or unreadable memory.
+    pub fn read(&self, addr: u64, npages: u64) -> Result<(Vec<u8>, Cmd), DmirrorError> {
+        let (start, end) = check(addr, npages)?;
+        let mut out = vec![0u8; (end - start) as usize];
+        let mut cmd = Cmd::default();
+        let mut at = start;
+        loop {
+            at = self.inner.copy_out(at, end, &mut out, start)?;
+            if at >= end {
+                break;
+            }
+            self.fault_rest(at, end, false)?;
+            cmd.faults += 1;
+        }
+        cmd.cpages = npages;
+        Ok((out, cmd))
+    }
+
+    /// dmirror WRITE: stores `data` (whole pages) at `addr` through
+    /// writable device entries, faulting for writing where missing.
+    ///
+    /// # Errors
+    /// `Inval`; `Perm` for a read-only VMA; `Fault`.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<Cmd, DmirrorError> {
+        let npages = data.len() as u64 / PAGE_SIZE;
+        if data.len() as u64 % PAGE_SIZE != 0 {
+            return Err(DmirrorError::Inval);
+        }
+        let (start, end) = check(addr, npages)?;
+        let mut cmd = Cmd::default();
+        let mut at = start;
+        loop {
+            {
+                let pt = self.inner.lock();
+                while at < end {
+                    let Some(&(f, Tag::Write)) = pt.get(&at) else {
+                        break;
+                    };
+                    self.inner.counters.accesses.fetch_add(1, Ordering::Relaxed);
+                    self.inner.checked(at, f, true)?;
+                    let off = (at - start) as usize;
+                    self.inner
+                        .mm
+                        .phys()
+                        .write_frame(f, 0, &data[off..off + PAGE_SIZE as usize])
+                        .map_err(|_| DmirrorError::Violation)?;
+                    at += PAGE_SIZE;
+                }
+            }
+            if at >= end {
+                break;
+            }
+            self.fault_rest(at, end, true)?;
+            cmd.faults += 1;
+        }
+        cmd.cpages = npages;
+        Ok(cmd)
+    }
+
+    fn fault_rest(&self, from: u64, end: u64, write: bool) -> Result<(), DmirrorError> {
+        self.inner.counters.faults.fetch_add(1, Ordering::Relaxed);
+        let mut a = from;
+        while a < end {
+            let next = (a + CHUNK_PAGES * PAGE_SIZE).min(end);
+            self.inner.range_fault(a, next, write)?;
+            a = next;
+        }
+        Ok(())
+    }
+
+    /// dmirror MIGRATE_TO_DEV: migrates `npages` from `addr` into this
+    /// device's memory (per 64-page chunk clipped to its VMA), maps them in
+    /// the device page table, then reads the range back without faulting.
+    ///
+    /// # Errors
+    /// `Inval` if a chunk has no readable VMA; `NoEnt` if some page could not
+    /// be migrated (shared memory, another device's page).
+    pub fn migrate_to_device(
+        &self,
+        addr: u64,
+        npages: u64,
+    ) -> Result<(Vec<u8>, Cmd), DmirrorError> {
+        let (start, end) = check(addr, npages)?;
+        let mm = self.inner.mm.get().map_err(|_| DmirrorError::Inval)?;
+        let mut a = start;
+        while a < end {
+            let vma = mm
+                .vmas()
+                .into_iter()
+                .find(|v| v.start <= a && a < v.end)
+                .filter(|v| v.prot.read)
+                .ok_or(DmirrorError::Inval)?;
+            let next = (a + CHUNK_PAGES * PAGE_SIZE).min(end).min(vma.end);
+            let moved = mm
+                .migrate_to_device(a, next - a, self.inner.owner)
+                .map_err(|_| DmirrorError::Inval)?;
+            let pages: Vec<_> = moved
+                .iter()
+                .map(|m| {
+                    (
+                        m.addr,
+                        m.frame,
+                        if m.writable { Tag::Write } else { Tag::Read },
+                    )
+                })
+                .collect();
+            self.inner.install(
+                &pages,
+                |k, pfn| matches!(k, PteKind::DevicePrivate { pfn: p, .. } if *p == pfn),
+            );
+            a = next;
+        }
+        // Read back without faulting.
+        let mut out = vec![0u8; (end - start) as usize];
+        let at = self.inner.copy_out(start, end, &mut out, start)?;
+        if at < end {
+            return Err(DmirrorError::NoEnt);
+        }
+        Ok((
+            out,
+            Cmd {
+                cpages: npages,
+                faults: 0,
+            },
+        ))
+    }
+
+    /// dmirror MIGRATE_TO_SYS: migrates this device's pages in the range
+    /// back to system memory; `cpages` counts the pages migrated.
+    ///
+    /// # Errors
+    /// `Inval` for bad ranges.
+    pub fn migrate_to_system(&self, addr: u64, npages: u64) -> Result<Cmd, DmirrorError> {
+        let (start, end) = check(addr, npages)?;
+        let mm = self.inner.mm.get().map_err(|_| DmirrorError::Inval)?;
+        let moved = mm.migrate_to_ram(start, end - start, self.inner.owner)?;
+        Ok(Cmd {
+            cpages: moved.len() as u64,
+            faults: 0,
+        })
+    }
+
+    /// dmirror SNAPSHOT: one byte per page describing what the primary maps
+    /// (see [`prot`]), without faulting, through a temporary interval
+    /// notifier per chunk.
+    ///
+    /// # Errors
+    /// `Inval`; `Busy` after too many collisions.
+    pub fn snapshot(&self, addr: u64, npages: u64) -> Result<(Vec<u8>, Cmd), DmirrorError> {
+        let (start, end) = check(addr, npages)?;
+        let mut out = Vec::with_capacity(npages as usize);
+        let Ok(mm) = self.inner.mm.get() else {
+            return Err(DmirrorError::Inval);
+        };
+        struct SeqOnly;
+        impl IntervalOps for SeqOnly {
+            fn invalidate(&self, sub: &IntervalNotifier, _r: &Range, seq: u64) -> bool {
+                sub.set_seq(seq);
+                true
+            }
+        }
+        let mut a = start;
+        while a < end {
+            let next = (a + CHUNK_PAGES * PAGE_SIZE).min(end);
+            let tmp = mm
+                .subscriptions()
+                .interval_insert(a, next - a, Arc::new(SeqOnly))
+                .map_err(|_| DmirrorError::Inval)?;
+            let mut done = false;
+            for _ in 0..MAX_COLLISIONS {
+                let seq = tmp.read_begin().map_err(|_| DmirrorError::Fault)?;
+                let mut range = HmmRange::new(&tmp, seq, a, next);
+                range.dev_private_owner = Some(self.inner.owner);
+                let r = {
+                    let g = mm.mmap_read();
+                    mm.range_fault(&g, &mut range)
+                };
+                match r {
+                    Err(MmError::Busy) => continue,
+                    Err(e) => {
+                        let _ = tmp.remove();
+                        return Err(e.into());
+                    }
+                    Ok(()) => {}
+                }
+                let _pt = self.inner.lock();
+                if tmp.read_retry(seq) {
+                    continue;
+                }
+                let phys = mm.phys();
+                out.extend(range.pfns.iter().map(|p| {
+                    if p.error {
+                        return prot::ERROR;
+                    }
+                    if !p.valid {
+                        return prot::NONE;
+                    }
+                    let rw = if p.write { prot::WRITE } else { prot::READ };
+                    let base = match (p.zero, p.frame.map(|f| phys.kind(f.pfn))) {
+                        (true, _) => prot::ZERO,
+                        (_, Some(FrameKind::DevicePrivate(o))) if o == self.inner.owner => {
+                            prot::DEV_PRIVATE_LOCAL
+                        }
+                        (_, Some(FrameKind::DevicePrivate(_))) => prot::DEV_PRIVATE_REMOTE,
+                        _ => 0,
+                    };
+                    base | rw
+                }));
+                done = true;
+                break;
+            }
+            let _ = tmp.remove();
+            if !done {
+                return Err(DmirrorError::Busy);
+            }
+            a = next;
+        }
+        Ok((
+            out,
+            Cmd {
+                cpages: npages,
+                faults: 0,
+            },
+        ))
+    }
+
+    /// dmirror EXCLUSIVE: makes the range device-exclusive (EXCLUSIVE
+    /// invalidations with no owner, which this mirror honours), maps the
+    /// pages with the atomic tag, then reads the range back.
+    ///
+    /// # Errors
+    /// `Inval`; `Busy` if some page could not be made exclusive.
+    pub fn exclusive(&self, addr: u64, npages: u64) -> Result<(Vec<u8>, Cmd), DmirrorError> {
+        let (start, end) = check(addr, npages)?;
+        let mm = self.inner.mm.get().map_err(|_| DmirrorError::Inval)?;
+        let mut a = start;
+        while a < end {
+            let next = (a + CHUNK_PAGES * PAGE_SIZE).min(end);
+            let frames = mm.make_device_exclusive(a, next - a, None)?;
+            let pages: Vec<_> = frames
+                .iter()
+                .enumerate()
+                .filter_map(|(i, f)| f.map(|f| (a + i as u64 * PAGE_SIZE, f, Tag::Atomic)))
+                .collect();
+            if pages.len() as u64 == (next - a) / PAGE_SIZE {
+                self.inner.install(
+                    &pages,
+                    |k, pfn| matches!(k, PteKind::DeviceExclusive { pfn: p, .. } if *p == pfn),
+                );
+            } else {
+                return Err(DmirrorError::Busy);
+            }
+            a = next;
+        }
+        let mut out = vec![0u8; (end - start) as usize];
+        let at = self.inner.copy_out(start, end, &mut out, start)?;
+        Ok((
+            out,
+            Cmd {
+                cpages: (at - start) / PAGE_SIZE,
+                faults: 0,
+            },
+        ))
+    }
+
+    /// dmirror CHECK_EXCLUSIVE: `Perm` if any page still has an atomic entry.
+    ///
+    /// # Errors
+    /// `Perm`, `Inval`.
+    pub fn check_exclusive(&self, addr: u64, npages: u64) -> Result<(), DmirrorError> {
+        let (start, end) = check(addr, npages)?;
+        let pt = self.inner.lock();
+        if pt.range(start..end).any(|(_, &(_, t))| t == Tag::Atomic) {
+            return Err(DmirrorError::Perm);
+        }
+        Ok(())
+    }
+
+    /// dmirror RELEASE: evicts all of this device's memory back to system
+    /// memory.
+    ///
+    /// # Errors
+    /// `NoMem`.
+    pub fn release_device_memory(&self) -> Result<Cmd, DmirrorError> {
+        self.migrate_to_system(0, TASK_SIZE / PAGE_SIZE)
+    }
+
+    /// The device-side view of one page: the frame and tag, if mapped.
+    pub fn entry(&self, addr: u64) -> Option<(FrameRef, Tag)> {
+        self.inner.lock().get(&addr).copied()
+    }
+}
+
+impl Drop for DeviceMirror {
+    fn drop(&mut self) {
+        // close(): remove the notifier; device memory stays where it is.
+        if let Some(sub) = self.inner.sub.get() {
+            let _ = sub.remove();
+        }
+        self.inner.mm.phys().unregister_pagemap(self.inner.owner);
+    }
+}

@@ -1,0 +1,150 @@
+//! The small interface mirrors use to reach their primary MMU, so the same
+//! mirror code runs on the software MMU and (for registration caches) on a
+//! real process.
+
+use mmu_notifier::Subscriptions;
+use softmm::{FrameRef, MmGrab, Pin, Violation};
+
+/// Why a mirror operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MirrorError {
+    /// The primary refused (bad range, no mapping, protection, exited...).
+    #[error(transparent)]
+    Primary(#[from] softmm::Error),
+    /// The subsystem refused a registration.
+    #[error(transparent)]
+    Notifier(#[from] mmu_notifier::Error),
+    /// The coherence oracle caught an access through a stale translation.
+    #[error("coherence violation: {0}")]
+    Violation(Box<Violation>),
+    /// The mirror was released (its address space exited) or detached.
+    #[error("the mirror was released")]
+    Released,
+    /// Too many retries against concurrent invalidations (Linux
+    /// `HMM_RANGE_DEFAULT_TIMEOUT` / `-EBUSY`).
+    #[error("gave up after too many collisions with invalidations")]
+    Busy,
+}
+
+impl From<Box<Violation>> for MirrorError {
+    fn from(v: Box<Violation>) -> Self {
+        MirrorError::Violation(v)
+    }
+}
+
+/// Result of mirror operations.
+pub type Result<T> = std::result::Result<T, MirrorError>;
+
+/// What a mirror needs from its primary MMU.
+pub trait Primary: Send + Sync + 'static {
+    /// Pinned memory (Linux `FOLL_PIN` pages).
+    type Pinned: Send + Sync + 'static;
+
+    /// The address space's subscriptions (register / interval_insert here).
+    fn subscriptions(&self) -> &Subscriptions;
+
+    /// Faults `addr` in (for writing if `write`) and returns the frame it
+    /// maps and whether it is writable, without keeping a reference (KVM's
+    /// `hva_to_pfn` followed by the release of the page).
+    ///
+    /// # Errors
+    /// The primary's fault errors.
+    fn fault_page(&self, addr: u64, write: bool) -> Result<(FrameRef, bool)>;
+
+    /// What the CPU page table maps at `addr` now, as a hardware walker sees
+    /// it: the frame and whether it is writable; `None` if not present.
+    fn walk(&self, addr: u64) -> Option<(FrameRef, bool)>;
+
+    /// The frame a `change_pte` pfn refers to now.
+    fn frame_of(&self, pfn: u64) -> FrameRef;
+
+    /// Pins `len` bytes from `start`.
+    ///
+    /// # Errors
+    /// The primary's fault errors.
+    fn pin(&self, start: u64, len: u64, write: bool) -> Result<Self::Pinned>;
+
+    /// The frame pinned for `addr`.
+    fn pinned_frame(&self, pinned: &Self::Pinned, addr: u64) -> Option<FrameRef>;
+
+    /// The oracle's verdict on a secondary access through `frame`.
+    ///
+    /// # Errors
+    /// [`MirrorError::Violation`].
+    fn check_access(&self, addr: u64, frame: FrameRef, write: bool) -> Result<()>;
+
+    /// The oracle's verdict on an access through a pinned registration.
+    ///
+    /// # Errors
+    /// [`MirrorError::Violation`].
+    fn check_pinned(&self, pinned: &Self::Pinned, addr: u64, write: bool) -> Result<()>;
+
+    /// A device load from `frame` (DMA).
+    ///
+    /// # Errors
+    /// [`MirrorError::Primary`] for a stale frame.
+    fn dma_read(&self, frame: FrameRef, offset: usize, buf: &mut [u8]) -> Result<()>;
+
+    /// A device store into `frame` (DMA).
+    ///
+    /// # Errors
+    /// [`MirrorError::Primary`] for a stale frame.
+    fn dma_write(&self, frame: FrameRef, offset: usize, data: &[u8]) -> Result<()>;
+}
+
+impl Primary for MmGrab {
+    type Pinned = Pin;
+
+    fn subscriptions(&self) -> &Subscriptions {
+        MmGrab::subscriptions(self)
+    }
+
+    fn fault_page(&self, addr: u64, write: bool) -> Result<(FrameRef, bool)> {
+        let mm = self.get()?;
+        let pin = mm.pin(addr & !(softmm::PAGE_SIZE - 1), 1, write)?;
+        let f = pin.frames()[0];
+        let writable = mm
+            .pte(addr)
+            .is_some_and(|p| p.write && p.pfn() == Some(f.pfn));
+        Ok((f, writable))
+    }
+
+    fn walk(&self, addr: u64) -> Option<(FrameRef, bool)> {
+        let pte = self.pte(addr)?;
+        let pfn = pte.present_pfn().filter(|_| pte.read)?;
+        Some((self.phys().frame_ref(pfn), pte.write))
+    }
+
+    fn frame_of(&self, pfn: u64) -> FrameRef {
+        self.phys().frame_ref(pfn)
+    }
+
+    fn pin(&self, start: u64, len: u64, write: bool) -> Result<Pin> {
+        let mm = self.get()?;
+        Ok(mm.pin(start, len.div_ceil(softmm::PAGE_SIZE), write)?)
+    }
+
+    fn pinned_frame(&self, pinned: &Pin, addr: u64) -> Option<FrameRef> {
+        pinned.frame_at(addr)
+    }
+
+    fn check_access(&self, addr: u64, frame: FrameRef, write: bool) -> Result<()> {
+        Ok(self
+            .phys()
+            .oracle()
+            .check_access(self, addr, frame, write)?)
+    }
+
+    fn check_pinned(&self, pinned: &Pin, addr: u64, write: bool) -> Result<()> {
+        Ok(self.phys().oracle().check_pinned(pinned, addr, write)?)
+    }
+
+    fn dma_read(&self, frame: FrameRef, offset: usize, buf: &mut [u8]) -> Result<()> {
+        Ok(self.phys().read_frame(frame, offset, buf)?)
+    }
+
+    fn dma_write(&self, frame: FrameRef, offset: usize, data: &[u8]) -> Result<()> {
+        Ok(self.phys().write_frame(frame, offset, data)?)
+    }
+}

@@ -1,0 +1,385 @@
+//! `RegCache`: the RDMA memory-region cache pattern (UCX `ucs_rcache`,
+//! libfabric MR cache). Registrations pin their pages and carry one interval
+//! notifier each; an invalidation overlapping a registration takes it out
+//! of the cache before the primary changes the PTEs, so a lookup made after
+//! a munmap / mremap / madvise / mprotect has returned never returns it.
+//!
+//! Teardown of invalidated or evicted registrations (removing the interval
+//! notifier, unpinning) cannot run inside the callback (`remove` would wait
+//! for the invalidation in progress), so it is deferred to the next cache
+//! call.
+//!
+//! ```
+//! use mirrors::RegCache;
+//! use softmm::{MapKind, Mm, PhysMem, Prot};
+//! let phys = PhysMem::new(64);
+//! let mm = Mm::new(&phys);
+//! let a = mm.mmap(4 * 4096, Prot::RW, MapKind::AnonPrivate).unwrap();
+//! let cache = RegCache::new(mm.grab(), 16);
+//! let r1 = cache.get(a, 8192, true).unwrap();
+//! let r2 = cache.get(a, 4096, false).unwrap(); // hit: covered by r1
+//! assert_eq!(r1.id(), r2.id());
+//! mm.munmap(a, 4096).unwrap();
+//! assert!(!r1.is_valid());
+//! assert_ne!(cache.get(a + 4096, 4096, true).unwrap().id(), r1.id());
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+
+use mmu_notifier::{IntervalNotifier, IntervalOps, Range};
+
+use crate::primary::{MirrorError, Primary, Result};
+
+/// Retries of one lookup against concurrent invalidations.
+const MAX_RETRIES: u32 = 10_000;
+
+/// One cached registration (an RDMA memory region).
+pub struct Registration<P: Primary> {
+    id: u64,
+    start: u64,
+    len: u64,
+    write: bool,
+    pinned: OnceLock<P::Pinned>,
+    sub: OnceLock<IntervalNotifier>,
+    valid: AtomicBool,
+}
+
+impl<P: Primary> std::fmt::Debug for Registration<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration")
+            .field("id", &self.id)
+            .field("start", &format_args!("{:#x}", self.start))
+            .field("len", &self.len)
+            .field("write", &self.write)
+            .field("valid", &self.is_valid())
+            .finish()
+    }
+}
+
+impl<P: Primary> Registration<P> {
+    /// Unique id (a memory key).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// First address.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the registration is empty (never: lengths are nonzero).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Registered for writing.
+    pub fn writable(&self) -> bool {
+        self.write
+    }
+
+    /// Still in the cache and coherent with the address space.
+    pub fn is_valid(&self) -> bool {
+        self.valid.load(Ordering::Acquire)
+    }
+
+    /// The pinned memory (set once the registration was returned).
+    pub fn pinned(&self) -> Option<&P::Pinned> {
+        self.pinned.get()
+    }
+
+    fn covers(&self, start: u64, end: u64, write: bool) -> bool {
+        self.start <= start && end <= self.start + self.len && (self.write || !write)
+    }
+}
+
+#[derive(Default)]
+struct State<P: Primary> {
+    /// Valid registrations by start address.
+    regs: BTreeMap<(u64, u64), Arc<Registration<P>>>,
+    /// Least recently used first: (last use tick, key).
+    lru: BTreeMap<u64, (u64, u64)>,
+    last_use: BTreeMap<(u64, u64), u64>,
+    tick: u64,
+    /// Invalidated or evicted, waiting for teardown outside callbacks.
+    dead: Vec<Arc<Registration<P>>>,
+}
+
+/// Counters of one cache.
+#[derive(Debug, Default)]
+pub struct RegCacheStats {
+    /// Lookups answered from the cache.
+    pub hits: AtomicU64,
+    /// Lookups that registered.
+    pub misses: AtomicU64,
+    /// Registrations dropped by invalidations.
+    pub invalidated: AtomicU64,
+    /// Registrations evicted by the size limit.
+    pub evicted: AtomicU64,
+    /// Lookups retried because an invalidation raced the registration.
+    pub retries: AtomicU64,
+}
+
+struct Shared<P: Primary> {
+    primary: P,
+    limit: usize,
+    state: Mutex<State<P>>,
+    next_id: AtomicU64,
+    stats: RegCacheStats,
+}
+
+impl<P: Primary> Shared<P> {
+    fn lock(&self) -> MutexGuard<'_, State<P>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn key<P: Primary>(r: &Registration<P>) -> (u64, u64) {
+    (r.start, r.id)
+}
+
+impl<P: Primary> State<P> {
+    fn unlink(&mut self, r: &Arc<Registration<P>>) {
+        let k = key(r);
+        if self.regs.remove(&k).is_some() {
+            if let Some(t) = self.last_use.remove(&k) {
+                self.lru.remove(&t);
+            }
+            r.valid.store(false, Ordering::Release);
+            self.dead.push(r.clone());
+        }
+    }
+
+    fn touch(&mut self, k: (u64, u64)) {
+        self.tick += 1;
+        if let Some(t) = self.last_use.insert(k, self.tick) {
+            self.lru.remove(&t);
+        }
+        self.lru.insert(self.tick, k);
+    }
+}
+
+struct Ops<P: Primary> {
+    cache: Weak<Shared<P>>,
+    reg: Weak<Registration<P>>,
+}
+
+impl<P: Primary> IntervalOps for Ops<P> {
+    fn invalidate(&self, sub: &IntervalNotifier, r: &Range, seq: u64) -> bool {
+        let (Some(cache), Some(reg)) = (self.cache.upgrade(), self.reg.upgrade()) else {
+            sub.set_seq(seq);
+            return true;
+        };
+        let mut st = if r.blockable() {
+            cache.lock()
+        } else {
+            match cache.state.try_lock() {
+                Ok(g) => g,
+                Err(_) => return false,
+            }
+        };
+        sub.set_seq(seq);
+        if reg.is_valid() {
+            cache.stats.invalidated.fetch_add(1, Ordering::Relaxed);
+        }
+        reg.valid.store(false, Ordering::Release);
+        st.unlink(&reg);
+        true
+    }
+}
+
+/// A registration cache over one address space, holding at most `limit`
+/// registrations (least recently used evicted first).
+pub struct RegCache<P: Primary> {
+    shared: Arc<Shared<P>>,
+}
+
+impl<P: Primary> std::fmt::Debug for RegCache<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegCache")
+            .field("limit", &self.shared.limit)
+            .field("stats", &self.shared.stats)
+            .finish()
+    }
+}
+
+impl<P: Primary> RegCache<P> {
+    /// An empty cache.
+    pub fn new(primary: P, limit: usize) -> Self {
+        RegCache {
+            shared: Arc::new(Shared {
+                primary,
+                limit: limit.max(1),
+                state: Mutex::new(State {
+                    regs: BTreeMap::new(),
+                    lru: BTreeMap::new(),
+                    last_use: BTreeMap::new(),
+                    tick: 0,
+                    dead: Vec::new(),
+                }),
+                next_id: AtomicU64::new(1),
+                stats: RegCacheStats::default(),
+            }),
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &RegCacheStats {
+        &self.shared.stats
+    }
+
+    /// Registrations cached now.
+    pub fn len(&self) -> usize {
+        self.shared.lock().regs.len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Returns a valid registration covering `[start, start + len)` (for
+    /// writing if `write`), registering one if none is cached.
+    ///
+    /// # Errors
+    /// The primary's pin errors; [`MirrorError::Notifier`];
+    /// [`MirrorError::Busy`].
+    pub fn get(&self, start: u64, len: u64, write: bool) -> Result<Arc<Registration<P>>> {
+        self.reap();
+        let end = start
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(softmm::Error::InvalidRange { addr: start, len })?;
+        {
+            let mut st = self.shared.lock();
+            let hit = st
+                .regs
+                .range(..=(start, u64::MAX))
+                .rev()
+                .map(|(_, r)| r)
+                .find(|r| r.covers(start, end, write) && r.is_valid())
+                .cloned();
+            if let Some(r) = hit {
+                st.touch(key(&r));
+                self.shared.stats.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(r);
+            }
+        }
+        self.shared.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let page = softmm::PAGE_SIZE;
+        let (pstart, pend) = (start & !(page - 1), end.div_ceil(page) * page);
+        for _ in 0..MAX_RETRIES {
+            let reg = Arc::new(Registration {
+                id: self.shared.next_id.fetch_add(1, Ordering::Relaxed),
+                start: pstart,
+                len: pend - pstart,
+                write,
+                pinned: OnceLock::new(),
+                sub: OnceLock::new(),
+                valid: AtomicBool::new(false),
+            });
+            let ops = Ops {
+                cache: Arc::downgrade(&self.shared),
+                reg: Arc::downgrade(&reg),
+            };
+            let sub = self.shared.primary.subscriptions().interval_insert(
+                pstart,
+                pend - pstart,
+                Arc::new(ops),
+            )?;
+            let sub = reg.sub.get_or_init(|| sub);
+            // The interval protocol: sample, pin (may fault and sleep), then
+            // under the cache lock check that no invalidation hit the range.
+            let seq = sub.read_begin()?;
+            match self.shared.primary.pin(pstart, pend - pstart, write) {
+                Ok(p) => {
+                    let _ = reg.pinned.set(p);
+                }
+                Err(e) => {
+                    self.teardown(&reg);
+                    return Err(e);
+                }
+            }
+            let mut st = self.shared.lock();
+            if sub.read_retry(seq) {
+                drop(st);
+                self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+                self.teardown(&reg);
+                continue;
+            }
+            reg.valid.store(true, Ordering::Release);
+            let k = key(&reg);
+            st.regs.insert(k, reg.clone());
+            st.touch(k);
+            while st.regs.len() > self.shared.limit {
+                let Some((_, victim)) = st.lru.pop_first() else {
+                    break;
+                };
+                if let Some(v) = st.regs.get(&victim).cloned() {
+                    self.shared.stats.evicted.fetch_add(1, Ordering::Relaxed);
+                    st.unlink(&v);
+                }
+            }
+            return Ok(reg);
+        }
+        Err(MirrorError::Busy)
+    }
+
+    fn teardown(&self, reg: &Registration<P>) {
+        if let Some(sub) = reg.sub.get() {
+            let _ = sub.remove();
+        }
+    }
+
+    /// Tears down registrations invalidated or evicted since the last call
+    /// (interval notifier removed, pages unpinned once the last user drops
+    /// its handle).
+    pub fn reap(&self) {
+        let dead = std::mem::take(&mut self.shared.lock().dead);
+        for r in dead {
+            self.teardown(&r);
+        }
+    }
+
+    /// An access through a registration (a NIC DMA), checked by the oracle:
+    /// the pin must hold, and while the registration is valid its pinned
+    /// frame must be exactly what the primary maps at `addr` (the
+    /// "never stale" promise, checked under the cache lock that
+    /// invalidations take before the primary changes anything).
+    ///
+    /// # Errors
+    /// [`MirrorError::Violation`]; [`MirrorError::Released`] for an
+    /// invalidated registration (the caller must look up again).
+    pub fn check(&self, reg: &Registration<P>, addr: u64, write: bool) -> Result<()> {
+        let _st = self.shared.lock();
+        let p = &self.shared.primary;
+        let pinned = reg.pinned.get().ok_or(MirrorError::Released)?;
+        p.check_pinned(pinned, addr, write)?;
+        if !reg.is_valid() {
+            return Err(MirrorError::Released);
+        }
+        let frame = p.pinned_frame(pinned, addr).ok_or(MirrorError::Released)?;
+        p.check_access(addr, frame, write)
+    }
+}
+
+impl<P: Primary> Drop for RegCache<P> {
+    fn drop(&mut self) {
+        let regs: Vec<_> = {
+            let mut st = self.shared.lock();
+            let regs: Vec<_> = st.regs.values().cloned().collect();
+            for r in &regs {
+                st.unlink(r);
+            }
+            regs
+        };
+        drop(regs);
+        self.reap();
+    }
+}
