@@ -5,12 +5,16 @@
 //! commands: read, write, migrate to and from device memory, snapshot,
 //! exclusive access.
 //!
-//! One deliberate difference from dmirror: for MIGRATE events it owns,
-//! dmirror returns at once. Here the callback still bumps the sequence and
-//! drops entries of *system* pages (it keeps its own device pages), because
+//! One deliberate difference from dmirror: for MIGRATE events of its own
+//! migration to device memory, dmirror returns at once. Here the callback
+//! still bumps the sequence and drops entries of *system* pages (it keeps
+//! only its own device pages, which that migration does not move), because
 //! dmirror's early return lets a concurrent fault of the same device install
-//! a system page that its own migration is about to free (harmless in the
-//! single-threaded selftests, a coherence violation under `mmun stress`).
+//! a system page that its own migration is about to free. A MIGRATE with
+//! this device as owner that moves its pages back to RAM (a CPU fault, or
+//! `migrate_to_system`) drops everything in the range. Both races are
+//! harmless in the single-threaded selftests and coherence violations under
+//! `mmun stress`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +28,9 @@ use softmm::{
 
 /// dmirror processes ranges in chunks of this many pages.
 pub const CHUNK_PAGES: u64 = 64;
+
+/// Fault rounds of one read or write before giving up with `EBUSY`.
+const MAX_ROUNDS: u64 = 1000;
 
 /// Deadline of the populate loop, in retries (Linux: 1000 ms).
 const MAX_COLLISIONS: u32 = 10_000;
@@ -141,12 +148,21 @@ impl std::fmt::Debug for DeviceMirror {
 
 struct Ops(Weak<Inner>);
 
+std::thread_local! {
+    /// Set while this thread runs a device's own migration to device memory.
+    static MIGRATING_TO_DEVICE: std::cell::Cell<Option<Owner>> = const { std::cell::Cell::new(None) };
+}
+
 impl IntervalOps for Ops {
     fn invalidate(&self, sub: &IntervalNotifier, r: &Range, seq: u64) -> bool {
         let Some(dev) = self.0.upgrade() else {
             return true;
         };
-        let own_migration = r.event() == Event::Migrate && r.owner() == Some(dev.owner);
+        // This device's own migration to device memory (running on this
+        // thread): its existing device pages are not being moved.
+        let own_migration = r.event() == Event::Migrate
+            && r.owner() == Some(dev.owner)
+            && MIGRATING_TO_DEVICE.with(|m| m.get()) == Some(dev.owner);
         let mut pt = if r.blockable() {
             dev.lock()
         } else {
@@ -252,11 +268,19 @@ impl Inner {
                 continue;
             }
             for &(addr, f, tag) in pages {
-                let still = self.mm.pte(addr).is_some_and(|p| expect(&p.kind, f.pfn))
-                    && self.mm.phys().is_current(f);
-                if still {
-                    pt.insert(addr, (f, tag));
+                let Some(pte) = self.mm.pte(addr) else {
+                    continue;
+                };
+                if !expect(&pte.kind, f.pfn) || !self.mm.phys().is_current(f) {
+                    continue;
                 }
+                // The PTE may have lost write permission since (fork, mprotect).
+                let tag = if tag == Tag::Write && !pte.write {
+                    Tag::Read
+                } else {
+                    tag
+                };
+                pt.insert(addr, (f, tag));
             }
             return;
         }
@@ -361,6 +385,9 @@ impl DeviceMirror {
             if at >= end {
                 break;
             }
+            if cmd.faults >= MAX_ROUNDS {
+                return Err(DmirrorError::Busy);
+            }
             self.fault_rest(at, end, false)?;
             cmd.faults += 1;
         }
@@ -381,6 +408,8 @@ impl DeviceMirror {
         let (start, end) = check(addr, npages)?;
         let mut cmd = Cmd::default();
         let mut at = start;
+        let mut stuck = None;
+        let mut rounds = 0;
         loop {
             {
                 let pt = self.inner.lock();
@@ -401,6 +430,19 @@ impl DeviceMirror {
             }
             if at >= end {
                 break;
+            }
+            if stuck == Some(at) {
+                // No progress: possibly a read-only entry of this device's
+                // own memory, which range_fault reports without faulting (as
+                // Linux does), so a write fault alone never makes progress
+                // (dmirror would loop forever). Bring the page back to
+                // system memory first.
+                self.migrate_to_system(at, 1)?;
+            }
+            stuck = Some(at);
+            rounds += 1;
+            if rounds > MAX_ROUNDS {
+                return Err(DmirrorError::Busy);
             }
             self.fault_rest(at, end, true)?;
             cmd.faults += 1;
@@ -443,9 +485,10 @@ impl DeviceMirror {
                 .filter(|v| v.prot.read)
                 .ok_or(DmirrorError::Inval)?;
             let next = (a + CHUNK_PAGES * PAGE_SIZE).min(end).min(vma.end);
-            let moved = mm
-                .migrate_to_device(a, next - a, self.inner.owner)
-                .map_err(|_| DmirrorError::Inval)?;
+            MIGRATING_TO_DEVICE.with(|m| m.set(Some(self.inner.owner)));
+            let moved = mm.migrate_to_device(a, next - a, self.inner.owner);
+            MIGRATING_TO_DEVICE.with(|m| m.set(None));
+            let moved = moved.map_err(|_| DmirrorError::Inval)?;
             let pages: Vec<_> = moved
                 .iter()
                 .map(|m| {

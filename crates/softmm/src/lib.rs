@@ -65,7 +65,7 @@ pub use mm::{Mm, MmGrab, MmapRead, MmapWrite, GATHER_BATCH, MMAP_BASE, TASK_SIZE
 pub use ops::map::{pages, OomReport};
 pub use ops::migrate::MigratedPage;
 pub use ops::protect::{PMD_SIZE, PUD_SIZE};
-pub use oracle::{Oracle, Violation, ViolationKind};
+pub use oracle::{Oracle, OracleObserver, Violation, ViolationKind};
 pub use pte::{Pte, PteKind};
 pub use trace::{Op, TraceEntry};
 pub use vma::{Backing, MapKind, Prot, SharedObject, Vma};

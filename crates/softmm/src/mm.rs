@@ -453,9 +453,12 @@ impl MmInner {
     /// `flush_tlb_mm_range`.
     pub(crate) fn flush_tlb(&self, start: u64, end: u64) {
         self.trace.record(Op::TlbFlush, None, start, end);
+        // Only the changes made before the callbacks run are covered: a
+        // flush may run without the PTL, next to new downgrades.
+        let mark = self.pt().flush_mark();
         self.subs.arch_invalidate_secondary_tlbs(start, end);
         self.pt()
-            .flushed(start / PAGE_SIZE, end.div_ceil(PAGE_SIZE));
+            .flushed(start / PAGE_SIZE, end.div_ceil(PAGE_SIZE), mark);
     }
 
     /// `set_pte_at_notify`: announce `pte` to `change_pte`, then write it.

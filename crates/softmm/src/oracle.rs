@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use crate::frame::FrameRef;
 use crate::hmm::Pin;
 use crate::mm::MmGrab;
-use crate::pte::{Pte, PteKind};
+use crate::pte::Pte;
 use crate::trace::TraceEntry;
 use crate::PAGE_SIZE;
 
@@ -61,6 +61,8 @@ pub struct Violation {
     pub write: bool,
     /// What was wrong.
     pub kind: ViolationKind,
+    /// The primary's PTE at that address at the moment of the check.
+    pub pte: Option<Pte>,
     /// Recent operations of the address space, oldest first.
     pub trace: Vec<TraceEntry>,
 }
@@ -77,9 +79,11 @@ impl fmt::Display for Violation {
             self.frame.gen,
             self.kind
         )?;
-        writeln!(f, "recent operations:")?;
+        writeln!(f, "primary PTE now: {:?}", self.pte)?;
+        writeln!(f, "recent operations (* = covers the address):")?;
         for t in &self.trace {
-            writeln!(f, "  {t}")?;
+            let hit = t.start <= self.vaddr && self.vaddr < t.end;
+            writeln!(f, " {} {t}", if hit { '*' } else { ' ' })?;
         }
         Ok(())
     }
@@ -97,6 +101,15 @@ pub struct Oracle {
     checks: AtomicU64,
     violations: AtomicU64,
     kept: Mutex<Vec<Violation>>,
+    observer: std::sync::RwLock<Option<std::sync::Arc<dyn OracleObserver>>>,
+}
+
+/// Sees every check as it happens (tracing tools; `mmun --trace`).
+pub trait OracleObserver: Send + Sync + 'static {
+    /// One check of address space `mm` at `vaddr`; `violation` when it
+    /// failed. Called on the checking thread, with the secondary's locks
+    /// held: keep it short and do not call back into the primary.
+    fn checked(&self, mm: u64, vaddr: u64, write: bool, violation: Option<&Violation>);
 }
 
 impl fmt::Debug for Oracle {
@@ -110,16 +123,11 @@ impl fmt::Debug for Oracle {
 
 /// Whether `pte` lets an access to `pfn` happen.
 fn grants(pte: &Pte, pfn: u64, write: bool) -> Result<(), ViolationKind> {
-    if pte.pfn() != Some(pfn) {
-        return Err(ViolationKind::WrongFrame { mapped: pte.pfn() });
+    let (mapped, read, writable) = pte.access();
+    if mapped != Some(pfn) {
+        return Err(ViolationKind::WrongFrame { mapped });
     }
-    let ok = match pte.kind {
-        PteKind::Present { .. } => pte.read && (!write || pte.write),
-        PteKind::DevicePrivate { .. } | PteKind::DeviceExclusive { .. } => !write || pte.write,
-        PteKind::Migration { .. } => !write,
-        PteKind::Swap { .. } => false,
-    };
-    if ok {
+    if (write && writable) || (!write && read) {
         Ok(())
     } else {
         Err(ViolationKind::Permission)
@@ -156,7 +164,7 @@ impl Oracle {
                 None => Err(ViolationKind::NotMapped),
                 Some(p) => grants(&p, frame.pfn, write),
             };
-            for alt in [pending, pt.unflushed(vpn)].into_iter().flatten() {
+            for alt in pending.into_iter().chain(pt.unflushed(vpn)) {
                 if verdict.is_err() && grants(&alt, frame.pfn, write).is_ok() {
                     verdict = Ok(());
                 }
@@ -170,7 +178,9 @@ impl Oracle {
                 }
             })
         };
-        verdict.map_err(|kind| self.report(mm, vaddr, frame, write, kind))
+        let r = verdict.map_err(|kind| self.report(mm, vaddr, frame, write, kind));
+        self.observe(mm.id(), vaddr, write, r.as_ref().err().map(|v| &**v));
+        r
     }
 
     /// Checks an access through a pinned registration: `vaddr` must be in
@@ -195,10 +205,13 @@ impl Oracle {
             None => false,
         };
         if ok {
+            self.observe(pin.mm.id(), vaddr, write, None);
             return Ok(());
         }
         let f = frame.unwrap_or(FrameRef { pfn: 0, gen: 0 });
-        Err(self.report(&pin.mm, vaddr, f, write, ViolationKind::NotPinned))
+        let v = self.report(&pin.mm, vaddr, f, write, ViolationKind::NotPinned);
+        self.observe(pin.mm.id(), vaddr, write, Some(&v));
+        Err(v)
     }
 
     fn report(
@@ -216,6 +229,7 @@ impl Oracle {
             frame,
             write,
             kind,
+            pte: mm.pte(vaddr),
             trace: mm.inner.trace.recent(),
         });
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
@@ -223,6 +237,18 @@ impl Oracle {
             kept.push((*v).clone());
         }
         v
+    }
+
+    /// Installs (or with `None` removes) the observer of every check.
+    pub fn set_observer(&self, observer: Option<std::sync::Arc<dyn OracleObserver>>) {
+        *self.observer.write().unwrap_or_else(|e| e.into_inner()) = observer;
+    }
+
+    fn observe(&self, mm: u64, vaddr: u64, write: bool, violation: Option<&Violation>) {
+        let obs = self.observer.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(o) = obs.as_ref() {
+            o.checked(mm, vaddr, write, violation);
+        }
     }
 
     /// Accesses checked so far.

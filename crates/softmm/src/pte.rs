@@ -94,6 +94,21 @@ impl Pte {
         self.kind == PteKind::Present { pfn: ZERO_PFN }
     }
 
+    /// What a TLB holding this entry may do: the frame and whether reads
+    /// and writes are allowed (device entries are the device's to read;
+    /// migration entries are read-only; swap entries grant nothing). The
+    /// oracle and the unflushed-entry tracking both use this.
+    pub fn access(&self) -> (Option<u64>, bool, bool) {
+        match self.kind {
+            PteKind::Present { pfn } => (Some(pfn), self.read, self.read && self.write),
+            PteKind::DevicePrivate { pfn, .. } | PteKind::DeviceExclusive { pfn, .. } => {
+                (Some(pfn), true, self.write)
+            }
+            PteKind::Migration { pfn } => (Some(pfn), true, false),
+            PteKind::Swap { .. } => (None, false, false),
+        }
+    }
+
     /// Whether the frame it refers to holds a reference counted in the
     /// frame's mapcount (everything but swap entries and the zero page).
     pub(crate) fn maps_frame(&self) -> Option<u64> {
@@ -108,15 +123,21 @@ impl Pte {
 #[derive(Default, Debug)]
 pub(crate) struct PageTable {
     ptes: std::collections::BTreeMap<u64, Pte>,
-    unflushed: std::collections::BTreeMap<u64, Pte>,
+    /// Downgraded entries not yet flushed, with the change number at which
+    /// each was recorded (a TLB may hold any of them).
+    unflushed: std::collections::BTreeMap<u64, Vec<(Pte, u64)>>,
+    changes: u64,
 }
 
 /// Whether replacing `old` by `new` takes away a translation or a
 /// permission (and so needs a TLB flush before the old one is gone).
 fn downgrades(old: &Pte, new: Option<&Pte>) -> bool {
-    match new {
-        None => true,
-        Some(n) => n.pfn() != old.pfn() || (old.write && !n.write) || (old.read && !n.read),
+    let (pfn, read, write) = old.access();
+    match new.map(Pte::access) {
+        None => pfn.is_some(),
+        Some((npfn, nread, nwrite)) => {
+            pfn.is_some() && (npfn != pfn || (read && !nread) || (write && !nwrite))
+        }
     }
 }
 
@@ -128,7 +149,7 @@ impl PageTable {
     pub(crate) fn set(&mut self, vpn: u64, pte: Pte) -> Option<Pte> {
         let old = self.ptes.insert(vpn, pte);
         if let Some(o) = old.filter(|o| downgrades(o, Some(&pte))) {
-            self.unflushed.entry(vpn).or_insert(o);
+            self.record(vpn, o);
         }
         old
     }
@@ -136,7 +157,7 @@ impl PageTable {
     pub(crate) fn remove(&mut self, vpn: u64) -> Option<Pte> {
         let old = self.ptes.remove(&vpn);
         if let Some(o) = old {
-            self.unflushed.entry(vpn).or_insert(o);
+            self.record(vpn, o);
         }
         old
     }
@@ -145,16 +166,39 @@ impl PageTable {
         self.ptes.range(first..end).map(|(&v, &p)| (v, p))
     }
 
-    /// The TLB was flushed for pages `[first, end)`.
-    pub(crate) fn flushed(&mut self, first: u64, end: u64) {
+    fn record(&mut self, vpn: u64, old: Pte) {
+        self.changes += 1;
+        let n = self.changes;
+        self.unflushed.entry(vpn).or_default().push((old, n));
+    }
+
+    /// The change number a flush starting now covers: a flush covers only
+    /// the changes made before its TLB callbacks ran (a flush may run
+    /// without the PTL, concurrently with new downgrades).
+    pub(crate) fn flush_mark(&self) -> u64 {
+        self.changes
+    }
+
+    /// The TLB was flushed for pages `[first, end)`, for the changes up to
+    /// `mark`.
+    pub(crate) fn flushed(&mut self, first: u64, end: u64, mark: u64) {
         let keys: Vec<u64> = self.unflushed.range(first..end).map(|(&k, _)| k).collect();
         for k in keys {
-            self.unflushed.remove(&k);
+            if let Some(v) = self.unflushed.get_mut(&k) {
+                v.retain(|&(_, n)| n > mark);
+                if v.is_empty() {
+                    self.unflushed.remove(&k);
+                }
+            }
         }
     }
 
-    /// An entry a TLB may still hold for `vpn`.
-    pub(crate) fn unflushed(&self, vpn: u64) -> Option<Pte> {
-        self.unflushed.get(&vpn).copied()
+    /// The entries a TLB may still hold for `vpn`.
+    pub(crate) fn unflushed(&self, vpn: u64) -> impl Iterator<Item = Pte> + '_ {
+        self.unflushed
+            .get(&vpn)
+            .into_iter()
+            .flatten()
+            .map(|&(p, _)| p)
     }
 }

@@ -125,7 +125,7 @@ impl fmt::Display for TraceEntry {
 }
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
-const CAPACITY: usize = 64;
+const CAPACITY: usize = 256;
 
 /// The ring plus per-operation counters of one address space.
 #[derive(Default)]

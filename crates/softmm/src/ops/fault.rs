@@ -81,6 +81,10 @@ impl MmInner {
         let addr = addr & !(PAGE_SIZE - 1);
         let vma = self.vma_for(addr, access)?;
         self.trace.record(Op::Fault, None, addr, addr + PAGE_SIZE);
+        if access.is_write() && vma.is_private() {
+            // Before the PTL: the VMA lock is never taken under it.
+            self.mark_anon(&vma);
+        }
         let ptl = self.ptl();
         let Some(pte) = self.get_pte(addr) else {
             return self.fault_none(&vma, addr, access);
@@ -164,7 +168,6 @@ impl MmInner {
                 let f = self.phys.alloc_frame()?;
                 self.phys.map(f.pfn);
                 self.phys.put_frame(f.pfn);
-                self.mark_anon(vma);
                 self.set_pte(addr, Pte::present(f.pfn, read, true));
             }
             Some(obj) => {
@@ -178,7 +181,8 @@ impl MmInner {
         Ok(())
     }
 
-    /// The VMA now has anonymous pages (Linux `anon_vma_prepare`).
+    /// The VMA now has anonymous pages (Linux `anon_vma_prepare`). Takes
+    /// the VMA lock for writing: never call it with the PTL held.
     pub(crate) fn mark_anon(&self, vma: &Vma) {
         if !vma.anon_vma {
             self.vmas_write()

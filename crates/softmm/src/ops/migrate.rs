@@ -156,6 +156,16 @@ impl MmInner {
         ok
     }
 
+    /// Takes a reference on `pfn` if `addr` still maps it.
+    fn ksm_hold(&self, addr: u64, pfn: u64) -> bool {
+        let _ptl = self.ptl();
+        let mapped = self.get_pte(addr).and_then(|p| p.present_pfn()) == Some(pfn);
+        if mapped {
+            self.phys.get(pfn);
+        }
+        mapped
+    }
+
     /// Points one page at the KSM page (Linux `replace_page`): a CLEAR pair
     /// around clear, flush and `set_pte_at_notify`; the old frame's
     /// reference is dropped after the end.
@@ -460,7 +470,8 @@ impl Mm {
         let mm = g.mm;
         mm.trace.record(Op::KsmMerge, None, start, end);
         let mut candidates = Vec::new();
-        for v in mm.vmas_read().overlapping(start, end) {
+        let vmas = mm.vmas_read().overlapping(start, end);
+        for v in vmas {
             if !v.is_private() {
                 continue;
             }
@@ -472,12 +483,15 @@ impl Mm {
                 }
             }
         }
+        // Stable (KSM) pages are held by a reference for the whole pass: a
+        // concurrent unmap may drop their last mapping meanwhile (Linux
+        // holds the KSM page's reference while merging into it).
         let mut stable: Vec<u64> = Vec::new();
         let mut unstable: Vec<(u64, u64)> = Vec::new();
         let mut merged = 0;
         for (a, pfn) in candidates {
             if mm.phys.is_ksm(pfn) {
-                if !stable.contains(&pfn) {
+                if !stable.contains(&pfn) && mm.ksm_hold(a, pfn) {
                     stable.push(pfn);
                 }
                 continue;
@@ -491,7 +505,7 @@ impl Mm {
                     match partner {
                         Some(i) => {
                             let (pa, pp) = unstable.remove(i);
-                            if mm.ksm_write_protect(pa, pp) {
+                            if mm.ksm_write_protect(pa, pp) && mm.ksm_hold(pa, pp) {
                                 mm.phys.set_ksm(pp);
                                 stable.push(pp);
                                 Some(pp)
@@ -513,6 +527,9 @@ impl Mm {
             {
                 merged += 1;
             }
+        }
+        for k in stable {
+            mm.phys.put_frame(k);
         }
         Ok(merged)
     }

@@ -212,7 +212,8 @@ impl Mm {
         let mm = g.mm;
         mm.trace.record(Op::Writeback, None, start, end);
         let mut cleaned = 0;
-        for v in mm.vmas_read().overlapping(start, end) {
+        let vmas = mm.vmas_read().overlapping(start, end);
+        for v in vmas {
             if v.is_private() {
                 continue;
             }

@@ -89,7 +89,8 @@ impl Mm {
         let mm = g.mm;
         mm.trace.record(Op::SwapOut, None, start, end);
         let mut unmapped = 0;
-        for v in mm.vmas_read().overlapping(start, end) {
+        let vmas = mm.vmas_read().overlapping(start, end);
+        for v in vmas {
             for (a, pte) in mm.ptes_in(v.start, v.end) {
                 let Some(pfn) = pte.present_pfn().filter(|&p| p != ZERO_PFN) else {
                     continue;
