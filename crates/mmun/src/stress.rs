@@ -153,10 +153,12 @@ pub fn exec(kind: Kind, sp: &Space, rng: &mut Rng) -> Result<(), Fail> {
             mm.mmap_fixed(addr, len, Prot::RW, remap_kind(sp, base, addr))?;
         }
         Kind::Mremap => {
-            let a = PRIV + rng.below(PRIV_PAGES - n + 1) * P;
+            // One page: VMAs fragment under mprotect and partial unmaps, and
+            // mremap needs its range inside one VMA.
+            let a = PRIV + rng.below(PRIV_PAGES) * P;
             let scratch = SCRATCH + (a - PRIV);
-            mm.mremap_fixed(a, len, len, scratch)?;
-            mm.mremap_fixed(scratch, len, len, a)?;
+            mm.mremap_fixed(a, P, P, scratch)?;
+            mm.mremap_fixed(scratch, P, P, a)?;
         }
         Kind::Mprotect => {
             let prot = match rng.below(10) {

@@ -202,3 +202,54 @@ impl PageTable {
             .map(|&(p, _)| p)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flush_covers_only_the_changes_made_before_it_started() {
+        let mut pt = PageTable::default();
+        pt.set(1, Pte::present(7, true, true));
+        pt.set(1, Pte::present(7, true, false)); // write-protect: recorded
+        let mark = pt.flush_mark(); // a flush starts (its callbacks run)...
+        pt.remove(1); // ...while another CPU unmaps the page
+        pt.flushed(0, 10, mark);
+        let left: Vec<Pte> = pt.unflushed(1).collect();
+        assert_eq!(
+            left,
+            vec![Pte::present(7, true, false)],
+            "the unmap still needs its flush"
+        );
+        pt.flushed(0, 10, pt.flush_mark());
+        assert_eq!(pt.unflushed(1).count(), 0);
+    }
+
+    #[test]
+    fn every_downgrade_is_recorded_including_migration_entries() {
+        let mut pt = PageTable::default();
+        let rw = Pte::present(3, true, true);
+        pt.set(2, rw);
+        pt.set(
+            2,
+            Pte {
+                kind: PteKind::Migration { pfn: 3 },
+                ..rw
+            },
+        );
+        assert_eq!(
+            pt.unflushed(2).collect::<Vec<_>>(),
+            vec![rw],
+            "migration entries are read-only"
+        );
+        // Upgrades and bit changes are not downgrades.
+        let mut pt = PageTable::default();
+        pt.set(4, Pte::present(5, true, false));
+        pt.set(4, Pte::present(5, true, true));
+        assert_eq!(pt.unflushed(4).count(), 0);
+        assert_eq!(
+            Pte::present(5, true, false).access(),
+            (Some(5), true, false)
+        );
+    }
+}
