@@ -43,6 +43,31 @@ fn anon(mm: &Mm, npages: u64, prot: Prot) -> u64 {
     mm.mmap(npages * P, prot, MapKind::AnonPrivate).unwrap()
 }
 
+/// An address space with device 0 open and `npages` private pages filled
+/// with the selftests' pattern.
+struct Filled {
+    _phys: Arc<PhysMem>,
+    mm: Mm,
+    d: DeviceMirror,
+    a: u64,
+    data: Vec<u8>,
+}
+
+fn filled(npages: u64) -> Filled {
+    let (phys, mm) = machine();
+    let d = dev(&mm, 0);
+    let a = anon(&mm, npages, Prot::RW);
+    let data = pattern(npages, 0);
+    mm.write(a, &data).unwrap();
+    Filled {
+        _phys: phys,
+        mm,
+        d,
+        a,
+        data,
+    }
+}
+
 #[test]
 fn open_close() {
     let (_phys, mm) = machine();
@@ -182,11 +207,7 @@ fn file_write() {
 
 #[test]
 fn migrate() {
-    let (_phys, mm) = machine();
-    let d = dev(&mm, 0);
-    let a = anon(&mm, NPAGES, Prot::RW);
-    let data = pattern(NPAGES, 0);
-    mm.write(a, &data).unwrap();
+    let Filled { mm: _mm, d, a, data, .. } = filled(NPAGES);
     let (mirror, cmd) = d.migrate_to_device(a, NPAGES).unwrap();
     assert_eq!(cmd.cpages, NPAGES);
     assert_eq!(mirror, data);
@@ -194,11 +215,7 @@ fn migrate() {
 
 #[test]
 fn migrate_fault() {
-    let (_phys, mm) = machine();
-    let d = dev(&mm, 0);
-    let a = anon(&mm, NPAGES, Prot::RW);
-    let data = pattern(NPAGES, 0);
-    mm.write(a, &data).unwrap();
+    let Filled { mm, d, a, data, .. } = filled(NPAGES);
     let (_, cmd) = d.migrate_to_device(a, NPAGES).unwrap();
     assert_eq!(cmd.cpages, NPAGES);
     // The CPU reads half: those pages fault back to system memory.
@@ -211,11 +228,7 @@ fn migrate_fault() {
 
 #[test]
 fn migrate_release() {
-    let (_phys, mm) = machine();
-    let d = dev(&mm, 0);
-    let a = anon(&mm, NPAGES, Prot::RW);
-    let data = pattern(NPAGES, 0);
-    mm.write(a, &data).unwrap();
+    let Filled { mm, d, a, data, .. } = filled(NPAGES);
     d.migrate_to_device(a, NPAGES).unwrap();
     d.release_device_memory().unwrap();
     let half = NPAGES / 2;
@@ -385,11 +398,7 @@ fn double_map() {
 
 #[test]
 fn exclusive() {
-    let (_phys, mm) = machine();
-    let d = dev(&mm, 0);
-    let a = anon(&mm, NPAGES, Prot::RW);
-    let data = pattern(NPAGES, 0);
-    mm.write(a, &data).unwrap();
+    let Filled { mm, d, a, data, .. } = filled(NPAGES);
     let (mirror, cmd) = d.exclusive(a, NPAGES).unwrap();
     assert_eq!(cmd.cpages, NPAGES);
     assert_eq!(mirror, data);
@@ -406,11 +415,7 @@ fn exclusive() {
 
 #[test]
 fn exclusive_mprotect() {
-    let (_phys, mm) = machine();
-    let d = dev(&mm, 0);
-    let a = anon(&mm, NPAGES, Prot::RW);
-    let data = pattern(NPAGES, 0);
-    mm.write(a, &data).unwrap();
+    let Filled { mm, d, a, data, .. } = filled(NPAGES);
     let (_, cmd) = d.exclusive(a, NPAGES).unwrap();
     assert_eq!(cmd.cpages, NPAGES);
     mm.mprotect(a, NPAGES * P, Prot::READ).unwrap();
@@ -419,11 +424,7 @@ fn exclusive_mprotect() {
 
 #[test]
 fn exclusive_cow() {
-    let (_phys, mm) = machine();
-    let d = dev(&mm, 0);
-    let a = anon(&mm, NPAGES, Prot::RW);
-    let data = pattern(NPAGES, 0);
-    mm.write(a, &data).unwrap();
+    let Filled { mm, d, a, .. } = filled(NPAGES);
     d.exclusive(a, NPAGES).unwrap();
     let child = mm.fork().unwrap();
     for (m, inc) in [(&mm, 1u32), (&child, 2)] {
@@ -440,11 +441,7 @@ fn exclusive_cow() {
 
 #[test]
 fn hmm_gup_test() {
-    let (_phys, mm) = machine();
-    let d = dev(&mm, 0);
-    let a = anon(&mm, 4, Prot::RW);
-    let data = pattern(4, 0);
-    mm.write(a, &data).unwrap();
+    let Filled { mm, d, a, data, .. } = filled(4);
     let (_, cmd) = d.migrate_to_device(a, 4).unwrap();
     assert_eq!(cmd.cpages, 4);
     // GUP on each page (basic, fast, pin-fast longterm, pin longterm): private

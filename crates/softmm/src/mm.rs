@@ -237,6 +237,15 @@ impl Mm {
         }
     }
 
+    /// The prologue of the operations that run under the mmap read lock:
+    /// validates `[addr, addr + len)`, takes the lock and traces `op`.
+    pub(crate) fn read_op(&self, op: Op, addr: u64, len: u64) -> Result<(MmapRead<'_>, u64, u64)> {
+        let (start, end) = check_range(addr, len)?;
+        let g = self.mmap_read();
+        g.mm.trace.record(op, None, start, end);
+        Ok((g, start, end))
+    }
+
     /// Checks that `guard` is this address space's lock.
     pub(crate) fn own_read<'g>(&self, guard: &'g MmapRead<'_>) -> Result<&'g MmInner> {
         if std::ptr::eq(guard.mm, &*self.inner) {

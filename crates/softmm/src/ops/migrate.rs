@@ -358,10 +358,8 @@ impl Mm {
     /// # Errors
     /// [`Error::InvalidRange`].
     pub fn migrate_pages(&self, addr: u64, len: u64) -> Result<usize> {
-        let (start, end) = check_range(addr, len)?;
-        let g = self.mmap_read();
+        let (g, start, end) = self.read_op(Op::Migrate, addr, len)?;
         let mm = g.mm;
-        mm.trace.record(Op::Migrate, None, start, end);
         let private: Vec<(u64, u64)> = mm
             .vmas_read()
             .overlapping(start, end)
@@ -424,10 +422,8 @@ impl Mm {
         len: u64,
         owner: Option<Owner>,
     ) -> Result<Vec<Option<FrameRef>>> {
-        let (start, end) = check_range(addr, len)?;
-        let g = self.mmap_read();
+        let (g, start, end) = self.read_op(Op::MakeExclusive, addr, len)?;
         let mm = g.mm;
-        mm.trace.record(Op::MakeExclusive, None, start, end);
         let mut out = Vec::new();
         for a in page_addrs(start, end) {
             let Ok(pte) = mm.fault_in(a, Access::Write) else {
@@ -465,10 +461,8 @@ impl Mm {
     /// # Errors
     /// [`Error::InvalidRange`].
     pub fn ksm_merge(&self, addr: u64, len: u64) -> Result<usize> {
-        let (start, end) = check_range(addr, len)?;
-        let g = self.mmap_read();
+        let (g, start, end) = self.read_op(Op::KsmMerge, addr, len)?;
         let mm = g.mm;
-        mm.trace.record(Op::KsmMerge, None, start, end);
         let mut candidates = Vec::new();
         let vmas = mm.vmas_read().overlapping(start, end);
         for v in vmas {

@@ -207,10 +207,8 @@ impl Mm {
     /// # Errors
     /// [`Error::InvalidRange`].
     pub fn writeback(&self, addr: u64, len: u64) -> Result<usize> {
-        let (start, end) = check_range(addr, len)?;
-        let g = self.mmap_read();
+        let (g, start, end) = self.read_op(Op::Writeback, addr, len)?;
         let mm = g.mm;
-        mm.trace.record(Op::Writeback, None, start, end);
         let mut cleaned = 0;
         let vmas = mm.vmas_read().overlapping(start, end);
         for v in vmas {

@@ -4,7 +4,7 @@ use mmu_notifier::Event;
 
 use crate::error::Result;
 use crate::frame::ZERO_PFN;
-use crate::mm::{check_range, Mm};
+use crate::mm::Mm;
 use crate::ops::fault::is_system;
 use crate::pte::{Pte, PteKind};
 use crate::trace::Op;
@@ -33,10 +33,8 @@ impl Mm {
     }
 
     fn young_walk(&self, addr: u64, len: u64, flush: bool) -> Result<usize> {
-        let (start, end) = check_range(addr, len)?;
-        let g = self.mmap_read();
+        let (g, start, end) = self.read_op(Op::Age, addr, len)?;
         let mm = g.mm;
-        mm.trace.record(Op::Age, None, start, end);
         let mut referenced = 0;
         for (a, _) in mm.ptes_in(start, end) {
             let _ptl = mm.ptl();
@@ -84,10 +82,8 @@ impl Mm {
     /// # Errors
     /// [`Error::InvalidRange`](crate::Error::InvalidRange).
     pub fn swap_out(&self, addr: u64, len: u64) -> Result<usize> {
-        let (start, end) = check_range(addr, len)?;
-        let g = self.mmap_read();
+        let (g, start, end) = self.read_op(Op::SwapOut, addr, len)?;
         let mm = g.mm;
-        mm.trace.record(Op::SwapOut, None, start, end);
         let mut unmapped = 0;
         let vmas = mm.vmas_read().overlapping(start, end);
         for v in vmas {
