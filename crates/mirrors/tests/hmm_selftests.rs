@@ -207,7 +207,13 @@ fn file_write() {
 
 #[test]
 fn migrate() {
-    let Filled { mm: _mm, d, a, data, .. } = filled(NPAGES);
+    let Filled {
+        mm: _mm,
+        d,
+        a,
+        data,
+        ..
+    } = filled(NPAGES);
     let (mirror, cmd) = d.migrate_to_device(a, NPAGES).unwrap();
     assert_eq!(cmd.cpages, NPAGES);
     assert_eq!(mirror, data);

@@ -546,9 +546,11 @@ fn seed_23b68395_recursion_into_invalidate_is_reported() {
     assert_eq!(other.diagnostics().count(Warning::Recursion), 0);
 }
 
-/// 543bdb2d: registration publishes the notifier with release ordering, so a
-/// concurrent invalidation never sees a half-initialised notifier. (The loom
-/// model `publication_is_ordered` checks the ordering exhaustively.)
+/// 543bdb2d: registration publishes the notifier fully initialised, so a
+/// concurrent invalidation never sees a half-initialised one. Here the new
+/// list is published under the list mutex (readers that see a new version
+/// take the mutex), which gives the ordering Linux gets from
+/// `hlist_add_head_rcu`'s release store.
 #[test]
 fn seed_543bdb2d_concurrent_invalidation_sees_initialised_notifier() {
     struct Init {

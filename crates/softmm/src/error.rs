@@ -66,6 +66,9 @@ pub enum Error {
     /// The handle was already released (double unpin).
     #[error("the pin was already released")]
     AlreadyUnpinned,
+    /// A lock guard of another address space was passed.
+    #[error("the mmap guard belongs to a different address space")]
+    WrongAddressSpace,
     /// An error from the MMU-notifier subsystem (registration on this
     /// address space).
     #[error("mmu notifier: {0}")]

@@ -251,9 +251,7 @@ impl Mm {
         if std::ptr::eq(guard.mm, &*self.inner) {
             Ok(guard.mm)
         } else {
-            Err(Error::Notifier(
-                "the mmap guard belongs to a different address space".into(),
-            ))
+            Err(Error::WrongAddressSpace)
         }
     }
 }

@@ -228,7 +228,7 @@ fn exited_address_space_refuses_users_and_guards_of_others_are_refused() {
     let g = other.mmap_read();
     assert!(matches!(
         mm.range_fault(&g, &mut range),
-        Err(Error::Notifier(_))
+        Err(Error::WrongAddressSpace)
     ));
     drop(g);
     let mut empty = softmm::HmmRange::new(&isub, seq, a, a);
