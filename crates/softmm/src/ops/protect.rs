@@ -56,7 +56,7 @@ impl Mm {
     /// next write fault upgrades them.
     ///
     /// # Errors
-    /// [`Error::InvalidRange`]; [`Error::NotMapped`] if part of the range has
+    /// [`Error::InvalidRange`](crate::Error::InvalidRange); [`Error::NotMapped`](crate::Error::NotMapped) if part of the range has
     /// no VMA (nothing is changed).
     pub fn mprotect(&self, addr: u64, len: u64, prot: Prot) -> Result<()> {
         let (start, end) = check_range(addr, len)?;
@@ -82,7 +82,7 @@ impl Mm {
     /// notification. The parent's TLB is flushed after all VMAs are copied.
     ///
     /// # Errors
-    /// [`Error::OomReaped`]; [`Error::OutOfMemory`] while copying pinned
+    /// [`Error::OomReaped`](crate::Error::OomReaped); [`Error::OutOfMemory`](crate::Error::OutOfMemory) while copying pinned
     /// pages (the partial child is torn down).
     pub fn fork(&self) -> Result<Mm> {
         let g = self.mmap_write();
@@ -205,7 +205,7 @@ impl Mm {
     /// read-only and clean. Returns the pages cleaned.
     ///
     /// # Errors
-    /// [`Error::InvalidRange`].
+    /// [`Error::InvalidRange`](crate::Error::InvalidRange).
     pub fn writeback(&self, addr: u64, len: u64) -> Result<usize> {
         let (g, start, end) = self.read_op(Op::Writeback, addr, len)?;
         let mm = g.mm;
