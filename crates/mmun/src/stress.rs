@@ -43,7 +43,7 @@ macro_rules! kinds {
 
 kinds! {
     Remap = "munmap+mmap", 4, true;
-    Mremap = "mremap move", 2, true;
+    Mremap = "mremap move+grow", 2, true;
     Mprotect = "mprotect", 3, true;
     DontNeed = "madvise DONTNEED", 3, true;
     Free = "madvise FREE", 2, true;
@@ -158,6 +158,11 @@ pub fn exec(kind: Kind, sp: &Space, rng: &mut Rng) -> Result<(), Fail> {
             let a = PRIV + rng.below(PRIV_PAGES) * P;
             let scratch = SCRATCH + (a - PRIV);
             mm.mremap_fixed(a, P, P, scratch)?;
+            // Grow in place (when the next scratch page is free) and shrink
+            // back, then move home.
+            if mm.mremap(scratch, P, 2 * P, false).is_ok() {
+                mm.mremap(scratch, 2 * P, P, false)?;
+            }
             mm.mremap_fixed(scratch, P, P, a)?;
         }
         Kind::Mprotect => {
