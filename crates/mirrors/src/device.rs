@@ -163,13 +163,8 @@ impl IntervalOps for Ops {
         let own_migration = r.event() == Event::Migrate
             && r.owner() == Some(dev.owner)
             && MIGRATING_TO_DEVICE.with(|m| m.get()) == Some(dev.owner);
-        let mut pt = if r.blockable() {
-            dev.lock()
-        } else {
-            match dev.pt.try_lock() {
-                Ok(g) => g,
-                Err(_) => return false,
-            }
+        let Some(mut pt) = crate::lock::lock_for(&dev.pt, r) else {
+            return false;
         };
         sub.set_seq(seq);
         dev.counters.invalidations.fetch_add(1, Ordering::Relaxed);

@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod device;
+mod lock;
 mod primary;
 pub mod regcache;
 pub mod shadow;

@@ -176,13 +176,8 @@ impl<P: Primary> IntervalOps for Ops<P> {
             sub.set_seq(seq);
             return true;
         };
-        let mut st = if r.blockable() {
-            cache.lock()
-        } else {
-            match cache.state.try_lock() {
-                Ok(g) => g,
-                Err(_) => return false,
-            }
+        let Some(mut st) = crate::lock::lock_for(&cache.state, r) else {
+            return false;
         };
         sub.set_seq(seq);
         if reg.is_valid() {
