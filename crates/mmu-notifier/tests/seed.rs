@@ -598,6 +598,32 @@ fn seed_543bdb2d_concurrent_invalidation_sees_initialised_notifier() {
     assert_eq!(bad.load(Ordering::SeqCst), 0);
 }
 
+/// 543bdb2d, the other half: once registration has returned, an
+/// invalidation sees the new notifier, even on a thread that walked (and
+/// cached) the list before. Linux gets this from the release store that
+/// publishes the entry; here the published list version decides whether a
+/// thread's cached list is still current.
+#[test]
+fn seed_543bdb2d_registered_notifier_seen_by_a_thread_with_a_cached_list() {
+    let mm = Subscriptions::new();
+    let log = new_log();
+    let a = Recorder::new("a", START_END, &log);
+    mm.register(a.clone()).unwrap();
+    mm.invalidate_range_start(range(0, 0x1000)).end(); // this thread caches [a]
+    let b = Recorder::new("b", START_END, &log);
+    mm.register(b.clone()).unwrap();
+    mm.invalidate_range_start(range(0, 0x1000)).end();
+    let starts = |who: &str| {
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter(|(n, c)| *n == who && matches!(c, Call::Start(_)))
+            .count()
+    };
+    assert_eq!(starts("b"), 1, "the new notifier was missed");
+    assert_eq!(starts("a"), 2);
+}
+
 /// c2655835: when a start fails, every notifier's end is still called
 /// (including the ones whose start succeeded), every start was called.
 #[test]
@@ -741,6 +767,10 @@ fn seed_99cb252f_invalidate_overlapping_intervals_in_tree_order() {
     assert!(c.calls().is_empty(), "[0x9000,0xa000) does not overlap");
     assert_eq!(*order.lock().unwrap(), [0x4000]);
     inv.end();
+    assert!(
+        sa.read_retry(seq_a),
+        "and still after it completed: the sequence, not the running state, decides"
+    );
     assert_eq!(mm.interval_seq(), 4);
     assert_eq!(mm.interval_active_ranges(), 0);
     // A range touching nobody leaves the seq even.
