@@ -192,6 +192,17 @@ impl DevicePagemap for Pagemap {
     }
 }
 
+/// Commands that copy data allocate a buffer of the whole range; larger
+/// ones are refused with `ENOMEM` (dmirror's bounce buffer would fail too).
+pub const MAX_CMD_PAGES: u64 = 1 << 18;
+
+fn check_buf(addr: u64, npages: u64) -> Result<(u64, u64), DmirrorError> {
+    if npages > MAX_CMD_PAGES {
+        return Err(DmirrorError::NoMem);
+    }
+    check(addr, npages)
+}
+
 fn check(addr: u64, npages: u64) -> Result<(u64, u64), DmirrorError> {
     let len = npages.checked_mul(PAGE_SIZE).ok_or(DmirrorError::Inval)?;
     match addr.checked_add(len) {
@@ -371,7 +382,7 @@ impl DeviceMirror {
     /// # Errors
     /// `Inval` for bad ranges, `Fault` for unmapped or unreadable memory.
     pub fn read(&self, addr: u64, npages: u64) -> Result<(Vec<u8>, Cmd), DmirrorError> {
-        let (start, end) = check(addr, npages)?;
+        let (start, end) = check_buf(addr, npages)?;
         let mut out = vec![0u8; (end - start) as usize];
         let mut cmd = Cmd::default();
         let mut at = start;
@@ -400,7 +411,7 @@ impl DeviceMirror {
         if data.len() as u64 % PAGE_SIZE != 0 {
             return Err(DmirrorError::Inval);
         }
-        let (start, end) = check(addr, npages)?;
+        let (start, end) = check_buf(addr, npages)?;
         let mut cmd = Cmd::default();
         let mut at = start;
         let mut stuck = None;
@@ -469,7 +480,7 @@ impl DeviceMirror {
         addr: u64,
         npages: u64,
     ) -> Result<(Vec<u8>, Cmd), DmirrorError> {
-        let (start, end) = check(addr, npages)?;
+        let (start, end) = check_buf(addr, npages)?;
         let mm = self.inner.mm.get().map_err(|_| DmirrorError::Inval)?;
         let mut a = start;
         while a < end {
@@ -537,7 +548,7 @@ impl DeviceMirror {
     /// # Errors
     /// `Inval`; `Busy` after too many collisions.
     pub fn snapshot(&self, addr: u64, npages: u64) -> Result<(Vec<u8>, Cmd), DmirrorError> {
-        let (start, end) = check(addr, npages)?;
+        let (start, end) = check_buf(addr, npages)?;
         let mut out = Vec::with_capacity(npages as usize);
         let Ok(mm) = self.inner.mm.get() else {
             return Err(DmirrorError::Inval);
@@ -621,7 +632,7 @@ impl DeviceMirror {
     /// # Errors
     /// `Inval`; `Busy` if some page could not be made exclusive.
     pub fn exclusive(&self, addr: u64, npages: u64) -> Result<(Vec<u8>, Cmd), DmirrorError> {
-        let (start, end) = check(addr, npages)?;
+        let (start, end) = check_buf(addr, npages)?;
         let mm = self.inner.mm.get().map_err(|_| DmirrorError::Inval)?;
         let mut a = start;
         while a < end {

@@ -249,7 +249,7 @@ impl<P: Primary> RegCache<P> {
         self.reap();
         let end = start
             .checked_add(len)
-            .filter(|_| len > 0)
+            .filter(|&e| len > 0 && e <= softmm::TASK_SIZE)
             .ok_or(softmm::Error::InvalidRange { addr: start, len })?;
         {
             let mut st = self.shared.lock();

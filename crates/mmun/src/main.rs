@@ -2,12 +2,7 @@
 //! the coherence oracle on, benchmark, and export traces.
 #![forbid(unsafe_code)]
 
-mod progress;
-mod rng;
-mod scenario;
-mod stress;
-mod trace;
-mod world;
+use mmun::{scenario, stress, trace};
 
 use std::io::IsTerminal;
 use std::path::PathBuf;

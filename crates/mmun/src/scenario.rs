@@ -210,7 +210,9 @@ impl World {
                     .unwrap()
                     .get(name)
                     .ok_or_else(|| format!("unknown mapping name {name:?}"))?;
-                Ok(base + off * PAGE_SIZE)
+                off.checked_mul(PAGE_SIZE)
+                    .and_then(|o| base.checked_add(o))
+                    .ok_or_else(|| format!("address {s:?} overflows"))
             }
             other => Err(format!(
                 "an address must be a number or a name, not {other}"
@@ -238,8 +240,25 @@ fn prot(s: &Step) -> Result<Prot, String> {
     }
 }
 
-fn len(s: &Step) -> u64 {
-    s.pages.unwrap_or(1) * PAGE_SIZE
+/// Page counts above this are refused (device commands allocate buffers of
+/// that size).
+pub const MAX_PAGES: u64 = 1 << 16;
+
+fn pages_of(n: Option<u64>) -> Result<u64, String> {
+    match n.unwrap_or(1) {
+        n if n <= MAX_PAGES => Ok(n),
+        n => Err(format!(
+            "pages = {n} is more than the {MAX_PAGES} a scenario may use"
+        )),
+    }
+}
+
+fn npages(s: &Step) -> Result<u64, String> {
+    pages_of(s.pages)
+}
+
+fn len(s: &Step) -> Result<u64, String> {
+    Ok(npages(s)? * PAGE_SIZE)
 }
 
 fn event_named(name: &str) -> Result<Event, String> {
@@ -332,30 +351,30 @@ fn step(w: &Arc<World>, s: &Step) -> Result<(), String> {
                 k => return Err(format!("unknown kind {k:?} (anon, shared, file)")),
             };
             let r = match &s.to {
-                Some(at) => mm.mmap_fixed(w.addr_of(at)?, len(s), prot(s)?, kind),
-                None => mm.mmap(len(s), prot(s)?, kind),
+                Some(at) => mm.mmap_fixed(w.addr_of(at)?, len(s)?, prot(s)?, kind),
+                None => mm.mmap(len(s)?, prot(s)?, kind),
             };
             r.map(|a| w.bind(s, a)).map_err(fail_mm)
         }
-        "munmap" => w.mm(s)?.munmap(w.addr(s)?, len(s)).map_err(fail_mm),
+        "munmap" => w.mm(s)?.munmap(w.addr(s)?, len(s)?).map_err(fail_mm),
         "mremap" => {
             let mm = w.mm(s)?;
-            let new = s.new_pages.unwrap_or(s.pages.unwrap_or(1)) * PAGE_SIZE;
+            let new = pages_of(s.new_pages.or(s.pages))? * PAGE_SIZE;
             let r = match &s.to {
-                Some(t) => mm.mremap_fixed(w.addr(s)?, len(s), new, w.addr_of(t)?),
-                None => mm.mremap(w.addr(s)?, len(s), new, true),
+                Some(t) => mm.mremap_fixed(w.addr(s)?, len(s)?, new, w.addr_of(t)?),
+                None => mm.mremap(w.addr(s)?, len(s)?, new, true),
             };
             r.map(|a| w.bind(s, a)).map_err(fail_mm)
         }
         "mprotect" => w
             .mm(s)?
-            .mprotect(w.addr(s)?, len(s), prot(s)?)
+            .mprotect(w.addr(s)?, len(s)?, prot(s)?)
             .map_err(fail_mm),
         "madvise" => {
             let mm = w.mm(s)?;
             match s.advice.as_deref() {
-                Some("dontneed") => mm.madvise_dontneed(w.addr(s)?, len(s)).map_err(fail_mm),
-                Some("free") => mm.madvise_free(w.addr(s)?, len(s)).map_err(fail_mm),
+                Some("dontneed") => mm.madvise_dontneed(w.addr(s)?, len(s)?).map_err(fail_mm),
+                Some("free") => mm.madvise_free(w.addr(s)?, len(s)?).map_err(fail_mm),
                 a => return Err(format!("unknown advice {a:?} (dontneed, free)")),
             }
         }
@@ -375,7 +394,7 @@ fn step(w: &Arc<World>, s: &Step) -> Result<(), String> {
         }
         "ksm" | "migrate" | "swap_out" | "age" | "writeback" => {
             let mm = w.mm(s)?;
-            let (a, l) = (w.addr(s)?, len(s));
+            let (a, l) = (w.addr(s)?, len(s)?);
             let r = match s.op.as_str() {
                 "ksm" => mm.ksm_merge(a, l),
                 "migrate" => mm.migrate_pages(a, l),
@@ -444,12 +463,12 @@ fn step(w: &Arc<World>, s: &Step) -> Result<(), String> {
         | "device_migrate_back"
         | "device_exclusive" => {
             let m = w.mirrors(s)?;
-            let (a, n) = (w.addr(s)?, s.pages.unwrap_or(1));
+            let (a, n) = (w.addr(s)?, npages(s)?);
             let r = match s.op.as_str() {
                 "device_read" => m.dev.read(a, n).map(|(d, c)| (Some(d), c)),
                 "device_write" => m
                     .dev
-                    .write(a, &vec![s.value.unwrap_or(1); len(s) as usize])
+                    .write(a, &vec![s.value.unwrap_or(1); len(s)? as usize])
                     .map(|c| (None, c)),
                 "device_migrate" => m.dev.migrate_to_device(a, n).map(|(d, c)| (Some(d), c)),
                 "device_exclusive" => m.dev.exclusive(a, n).map(|(d, c)| (Some(d), c)),
@@ -469,7 +488,7 @@ fn step(w: &Arc<World>, s: &Step) -> Result<(), String> {
         }
         "device_snapshot" => {
             let m = w.mirrors(s)?;
-            match m.dev.snapshot(w.addr(s)?, s.pages.unwrap_or(1)) {
+            match m.dev.snapshot(w.addr(s)?, npages(s)?) {
                 Ok((bytes, _)) => {
                     expect_eq("snapshot", s.expect_bytes.clone(), bytes)?;
                     Ok(())
@@ -492,7 +511,7 @@ fn step(w: &Arc<World>, s: &Step) -> Result<(), String> {
         }
         "reg_get" => {
             let m = w.mirrors(s)?;
-            match m.cache.get(w.addr(s)?, len(s), s.write.unwrap_or(false)) {
+            match m.cache.get(w.addr(s)?, len(s)?, s.write.unwrap_or(false)) {
                 Ok(r) => {
                     if let Some(n) = &s.name {
                         w.regs.lock().unwrap().insert(n.clone(), r);
@@ -584,15 +603,23 @@ fn line_of(text: &str, offset: usize) -> usize {
 /// A parse error, a bad step, or a failed expectation, as `file:line: what`.
 pub fn run_file(path: &Path) -> Result<(String, usize), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let sc: Scenario = toml::from_str(&text).map_err(|e| {
-        let line = e.span().map(|s| line_of(&text, s.start)).unwrap_or(0);
-        format!("{}:{line}: {}", path.display(), e.message())
+    run_text(&path.display().to_string(), &text)
+}
+
+/// Runs a scenario given as text; `origin` names it in errors (`origin:line`).
+///
+/// # Errors
+/// As [`run_file`].
+pub fn run_text(origin: &str, text: &str) -> Result<(String, usize), String> {
+    let sc: Scenario = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
+        format!("{origin}:{line}: {}", e.message())
     })?;
-    let w = World::new(sc.frames.unwrap_or(4096));
+    let w = World::new(sc.frames.unwrap_or(4096).clamp(2, 1 << 20));
     for sp in &sc.step {
-        let line = line_of(&text, sp.span().start);
+        let line = line_of(text, sp.span().start);
         step(&w, sp.get_ref())
-            .map_err(|e| format!("{}:{line}: step {:?}: {e}", path.display(), sp.get_ref().op))?;
+            .map_err(|e| format!("{origin}:{line}: step {:?}: {e}", sp.get_ref().op))?;
     }
     // Threads not joined explicitly are joined at the end.
     step(
@@ -602,12 +629,11 @@ pub fn run_file(path: &Path) -> Result<(String, usize), String> {
             ..Step::default()
         },
     )
-    .map_err(|e| format!("{}: {e}", path.display()))?;
+    .map_err(|e| format!("{origin}: {e}"))?;
     if w.phys.oracle().violation_count() > 0 {
         let v = w.phys.oracle().violations();
         return Err(format!(
-            "{}: {} coherence violation(s); first:\n{}",
-            path.display(),
+            "{origin}: {} coherence violation(s); first:\n{}",
             w.phys.oracle().violation_count(),
             v.first().map(|v| v.to_string()).unwrap_or_default()
         ));

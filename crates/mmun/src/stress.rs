@@ -175,7 +175,7 @@ pub fn exec(kind: Kind, sp: &Space, rng: &mut Rng) -> Result<(), Fail> {
         }
         Kind::DontNeed => mm.madvise_dontneed(addr, len)?,
         Kind::Free => mm.madvise_free(addr, len)?,
-        Kind::CpuWrite => mm.write(addr + rng.below(P - 8), &rng.next().to_le_bytes())?,
+        Kind::CpuWrite => mm.write(addr + rng.below(P - 8), &rng.next_u64().to_le_bytes())?,
         Kind::CpuRead => mm.read(addr + rng.below(P - 8), &mut [0u8; 8])?,
         Kind::Fork => {
             let child = mm.fork()?;

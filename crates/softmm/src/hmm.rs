@@ -13,6 +13,10 @@ use crate::pte::PteKind;
 use crate::trace::Op;
 use crate::PAGE_SIZE;
 
+/// Pages one `range_fault` call may cover (its output is one entry per
+/// page); larger ranges are [`Error::InvalidRange`].
+pub const MAX_RANGE_PAGES: usize = 1 << 22;
+
 /// One page of a [`HmmRange`] result (Linux `hmm_pfns[i]`). All false/none
 /// means "not present but faultable" (the value 0).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -97,6 +101,12 @@ impl Mm {
         let (start, end) = check_range(range.start, range.end - range.start)?;
         mm.trace.record(Op::RangeFault, None, start, end);
         let n = ((end - start) / PAGE_SIZE) as usize;
+        if n > MAX_RANGE_PAGES {
+            return Err(Error::InvalidRange {
+                addr: start,
+                len: end - start,
+            });
+        }
         range.pfns.clear();
         range.pfns.resize(n, HmmPfn::default());
         let access = if range.write {
@@ -214,7 +224,7 @@ impl Mm {
             mm: self.grab(),
             start,
             write,
-            frames: Vec::with_capacity(npages as usize),
+            frames: Vec::new(),
             released: AtomicBool::new(false),
         };
         let mut pin = pin;
