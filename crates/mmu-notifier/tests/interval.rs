@@ -178,3 +178,30 @@ fn interval_mode_enabled_mid_pair_does_not_underflow() {
     assert!(!s.read_retry(seq));
     s.remove().unwrap();
 }
+
+/// ba170f76 for interval notifiers: a sleep inside a non-blockable
+/// `invalidate` is reported, one inside a blockable one is not (debug
+/// builds; found missing by cargo-mutants).
+#[cfg(debug_assertions)]
+#[test]
+fn sleeping_in_a_non_blockable_interval_callback_is_reported() {
+    struct Sleeper;
+    impl IntervalOps for Sleeper {
+        fn invalidate(&self, sub: &IntervalNotifier, _r: &Range, seq: u64) -> bool {
+            mmu_notifier::might_sleep();
+            sub.set_seq(seq);
+            true
+        }
+    }
+    let mm = Subscriptions::new();
+    let s = mm
+        .interval_insert(0x1000, 0x1000, Arc::new(Sleeper))
+        .unwrap();
+    mm.invalidate_range_start(range(0x1000, 0x2000)).end();
+    assert_eq!(mm.diagnostics().count(Warning::SleepInNonBlockable), 0);
+    mm.invalidate_range_start_nonblock(range(0x1000, 0x2000))
+        .unwrap()
+        .end();
+    assert_eq!(mm.diagnostics().count(Warning::SleepInNonBlockable), 1);
+    s.remove().unwrap();
+}
