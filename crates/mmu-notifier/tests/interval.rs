@@ -205,3 +205,23 @@ fn sleeping_in_a_non_blockable_interval_callback_is_reported() {
     assert_eq!(mm.diagnostics().count(Warning::SleepInNonBlockable), 1);
     s.remove().unwrap();
 }
+
+/// Removing a notifier whose insert is still deferred drops exactly that
+/// insert: the other deferred inserts still land in the tree at the end
+/// (found missing by cargo-mutants).
+#[test]
+fn removing_a_deferred_insert_keeps_the_other_deferred_inserts() {
+    let mm = Subscriptions::new();
+    let s = mm.interval_insert(0x1000, 0x1000, Mirror::new()).unwrap();
+    let inv = mm.invalidate_range_start(range(0x1000, 0x2000)); // seq odd
+    let a = mm.interval_insert(0x5000, 0x1000, Mirror::new()).unwrap();
+    let b = mm.interval_insert(0x7000, 0x1000, Mirror::new()).unwrap();
+    assert!(!a.is_in_tree() && !b.is_in_tree(), "deferred while odd");
+    a.remove().unwrap();
+    inv.end();
+    assert!(!a.is_in_tree(), "removed before its deferred insert ran");
+    assert!(b.is_in_tree(), "the other deferred insert still happened");
+    assert_eq!(mm.interval_count(), 2);
+    b.remove().unwrap();
+    s.remove().unwrap();
+}
