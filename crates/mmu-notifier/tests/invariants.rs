@@ -283,3 +283,89 @@ fn hooks_without_notifiers_do_nothing() {
     mm.arch_invalidate_secondary_tlbs(0, u64::MAX);
     assert_eq!(mm.diagnostics().total(), 0);
 }
+
+// ---------------------------------------------------------------------------
+// Gaps found by cargo-mutants (each test fails on the mutant it names).
+// ---------------------------------------------------------------------------
+
+/// A thread's cached notifier lists are per address space: two address
+/// spaces whose lists have the same version never share one
+/// (`CacheSlot::get` comparing the key).
+#[test]
+fn cached_lists_are_per_address_space() {
+    let (m1, m2) = (Subscriptions::new(), Subscriptions::new());
+    let log = new_log();
+    let a = Recorder::new("a", START_END, &log);
+    let b = Recorder::new("b", START_END, &log);
+    m1.register(a).unwrap();
+    m2.register(b).unwrap(); // both lists are at the same version now
+    m1.invalidate_range_start(range(0, 0x1000)).end(); // caches m1's list
+    m2.invalidate_range_start(range(0, 0x1000)).end();
+    let names: Vec<&str> = log.lock().unwrap().iter().map(|(n, _)| *n).collect();
+    assert_eq!(names, ["a", "a", "b", "b"]);
+}
+
+/// Ids are unique per address space; a handle says it is registered until
+/// unregister.
+#[test]
+fn ids_are_unique_and_handles_know_they_are_registered() {
+    let (m1, m2) = (Subscriptions::new(), Subscriptions::new());
+    assert_ne!(m1.id(), m2.id());
+    assert_eq!(m1.id(), m1.clone().id());
+    let h = m1
+        .register(Recorder::new("a", START_END, &new_log()))
+        .unwrap();
+    assert!(h.is_registered());
+    m1.unregister(&h).unwrap();
+    assert!(!h.is_registered());
+}
+
+/// A start failure in a *blockable* range (a notifier bug, reported) does not
+/// end the interval phase early: interval readers stay excluded until the
+/// pair's end, when the PTEs have changed.
+#[test]
+fn blockable_list_failure_keeps_the_interval_phase_until_end() {
+    struct AlwaysFails;
+    impl MmuNotifier for AlwaysFails {
+        fn callbacks(&self) -> Callbacks {
+            Callbacks::INVALIDATE_RANGE_START | Callbacks::START_MAY_FAIL
+        }
+        fn invalidate_range_start(&self, _r: &Range) -> Result<(), Again> {
+            Err(Again)
+        }
+    }
+    let mm = Subscriptions::new();
+    let s = mm.interval_insert(0x1000, 0x1000, Mirror::new()).unwrap();
+    mm.register(Arc::new(AlwaysFails)).unwrap();
+    let inv = mm.invalidate_range_start(range(0x1000, 0x2000));
+    assert_eq!(mm.interval_active_ranges(), 1, "still invalidating");
+    assert_eq!(mm.interval_seq() & 1, 1);
+    inv.end();
+    assert_eq!(mm.interval_active_ranges(), 0);
+    assert_eq!(
+        mm.diagnostics()
+            .count(mmu_notifier::Warning::BlockableStartFailed),
+        1
+    );
+    s.remove().unwrap();
+}
+
+/// Only an *undeclared* start failure is reported as such.
+#[test]
+fn declared_start_failures_are_not_reported_as_undeclared() {
+    use mmu_notifier::Warning::UndeclaredStartFailure;
+    let mm = Subscriptions::new();
+    mm.register(Arc::new(FailsNonBlockStart)).unwrap();
+    assert!(mm
+        .invalidate_range_start_nonblock(range(0, 0x1000))
+        .is_err());
+    assert_eq!(mm.diagnostics().count(UndeclaredStartFailure), 0);
+    let log = new_log();
+    let undeclared = Recorder::new("u", Callbacks::INVALIDATE_RANGE_START, &log);
+    undeclared.fail_start.store(true, Ordering::SeqCst);
+    mm.register(undeclared).unwrap();
+    assert!(mm
+        .invalidate_range_start_nonblock(range(0, 0x1000))
+        .is_err());
+    assert_eq!(mm.diagnostics().count(UndeclaredStartFailure), 1);
+}
