@@ -228,3 +228,66 @@ fn get_on_exited_address_space_frees_the_new_notifier() {
     assert!(matches!(mm.get(&dyn_ops), Err(Error::AddressSpaceExited)));
     assert_eq!(ops.0.load(Ordering::SeqCst), 1);
 }
+
+// Gaps found by cargo-mutants in the small value types.
+
+#[test]
+fn range_last_and_overlaps_are_inclusive_at_the_right_places() {
+    use mmu_notifier::Event;
+    let r = Range::new(0x2000, 0x4000, Event::Clear).unwrap();
+    assert_eq!(r.last(), 0x3fff);
+    assert!(r.overlaps(0x3fff, 0x5000), "touches the last byte");
+    assert!(r.overlaps(0x0, 0x2000), "touches the first byte");
+    assert!(r.overlaps(0x2800, 0x2900), "inside");
+    assert!(!r.overlaps(0x4000, 0x5000), "starts at end (exclusive)");
+    assert!(!r.overlaps(0x0, 0x1fff), "ends just before start");
+}
+
+#[test]
+fn callbacks_flags_are_distinct_bits() {
+    let all = [
+        Callbacks::RELEASE,
+        Callbacks::CLEAR_FLUSH_YOUNG,
+        Callbacks::CLEAR_YOUNG,
+        Callbacks::TEST_YOUNG,
+        Callbacks::CHANGE_PTE,
+        Callbacks::INVALIDATE_RANGE_START,
+        Callbacks::INVALIDATE_RANGE_END,
+        Callbacks::ARCH_INVALIDATE_SECONDARY_TLBS,
+        Callbacks::START_MAY_FAIL,
+    ];
+    for (i, a) in all.iter().enumerate() {
+        assert_ne!(*a, Callbacks::NONE);
+        for (j, b) in all.iter().enumerate() {
+            assert_eq!(a.contains(*b), i == j, "{a:?} vs {b:?}");
+        }
+    }
+    let both = Callbacks::RELEASE | Callbacks::CHANGE_PTE;
+    assert!(both.contains(Callbacks::RELEASE) && both.contains(Callbacks::CHANGE_PTE));
+    assert_eq!(both | Callbacks::RELEASE, both, "union, not xor");
+}
+
+#[test]
+fn diagnostics_count_each_warning_separately() {
+    use mmu_notifier::Warning;
+    let mm = Subscriptions::new();
+    // One PutUnderflow-free way to get two different warnings: a start that
+    // fails undeclared in a blockable range reports both kinds below.
+    struct Fails;
+    impl MmuNotifier for Fails {
+        fn callbacks(&self) -> Callbacks {
+            Callbacks::INVALIDATE_RANGE_START
+        }
+        fn invalidate_range_start(&self, _r: &Range) -> Result<(), Again> {
+            Err(Again)
+        }
+    }
+    mm.register(Arc::new(Fails)).unwrap();
+    mm.invalidate_range_start(Range::new(0, 0x1000, mmu_notifier::Event::Clear).unwrap())
+        .end();
+    let d = mm.diagnostics();
+    assert_eq!(d.count(Warning::BlockableStartFailed), 1);
+    assert_eq!(d.count(Warning::UndeclaredStartFailure), 1);
+    assert_eq!(d.count(Warning::Recursion), 0);
+    assert_eq!(d.total(), 2);
+}
