@@ -485,9 +485,7 @@ impl DeviceMirror {
         let mut a = start;
         while a < end {
             let vma = mm
-                .vmas()
-                .into_iter()
-                .find(|v| v.start <= a && a < v.end)
+                .vma(a)
                 .filter(|v| v.prot.read)
                 .ok_or(DmirrorError::Inval)?;
             let next = (a + CHUNK_PAGES * PAGE_SIZE).min(end).min(vma.end);

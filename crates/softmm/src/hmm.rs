@@ -220,14 +220,13 @@ impl Mm {
         let mm = g.mm;
         mm.trace.record(Op::Pin, None, start, end);
         let access = if write { Access::Write } else { Access::Read };
-        let pin = Pin {
+        let mut pin = Pin {
             mm: self.grab(),
             start,
             write,
             frames: Vec::new(),
             released: AtomicBool::new(false),
         };
-        let mut pin = pin;
         let mut a = start;
         while a < end {
             mm.fault_in(a, access)?;

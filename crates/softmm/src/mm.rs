@@ -329,6 +329,11 @@ impl MmGrab {
         self.inner.vmas_read().all().cloned().collect()
     }
 
+    /// The VMA containing `addr`, if any.
+    pub fn vma(&self, addr: u64) -> Option<crate::vma::Vma> {
+        self.inner.vmas_read().find(addr).cloned()
+    }
+
     /// The most recent operations and invalidations on this address space.
     pub fn recent_trace(&self) -> Vec<TraceEntry> {
         self.inner.trace.recent()
