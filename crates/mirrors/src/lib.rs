@@ -24,7 +24,7 @@ pub mod shadow;
 pub mod tlb;
 
 pub use device::{Cmd, DeviceMirror, DmirrorError, Tag};
-pub use primary::{MirrorError, Primary, Result};
+pub use primary::{FramePrimary, MirrorError, Primary, Result};
 pub use regcache::{RegCache, RegCacheStats, Registration};
 pub use shadow::{ShadowMmu, ShadowStats};
 pub use tlb::{SecondaryTlb, TlbStats};

@@ -15,6 +15,9 @@ pub enum MirrorError {
     /// The subsystem refused a registration.
     #[error(transparent)]
     Notifier(#[from] mmu_notifier::Error),
+    /// A primary other than the software MMU (a real process) refused.
+    #[error(transparent)]
+    Backend(Box<dyn std::error::Error + Send + Sync>),
     /// The coherence oracle caught an access through a stale translation.
     #[error("coherence violation: {0}")]
     Violation(Box<Violation>),
@@ -36,14 +39,52 @@ impl From<Box<Violation>> for MirrorError {
 /// Result of mirror operations.
 pub type Result<T> = std::result::Result<T, MirrorError>;
 
-/// What a mirror needs from its primary MMU.
+/// What every mirror needs from its primary MMU: the subscriptions, a way to
+/// make sure invalidations for the ranges it mirrors are delivered, and
+/// pinning. Implemented by the software MMU (`softmm::MmGrab`) and by real
+/// processes (the `uffd` crate's `ProcessMm`).
 pub trait Primary: Send + Sync + 'static {
     /// Pinned memory (Linux `FOLL_PIN` pages).
     type Pinned: Send + Sync + 'static;
 
+    /// Kept for as long as an interval notifier over a range is inserted:
+    /// whatever the primary needs to deliver invalidations for that range
+    /// (nothing for the software MMU, whose core mm calls every hook; the
+    /// userfaultfd registration for a real process).
+    type Watch: Send + Sync + 'static;
+
     /// The address space's subscriptions (register / interval_insert here).
     fn subscriptions(&self) -> &Subscriptions;
 
+    /// Starts delivering invalidations for `[start, start + len)`; they
+    /// stop when the returned value is dropped (and no other watch covers
+    /// the range).
+    ///
+    /// # Errors
+    /// The primary cannot observe that range.
+    fn watch(&self, start: u64, len: u64) -> Result<Self::Watch>;
+
+    /// Waits until every invalidation for a change that has already returned
+    /// to its caller (a munmap, mremap, madvise...) has been delivered. A
+    /// primary whose hooks run inside the change itself (the software MMU,
+    /// Linux) has nothing to wait for.
+    ///
+    /// # Errors
+    /// The primary can no longer deliver invalidations (it exited).
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Pins `len` bytes from `start`.
+    ///
+    /// # Errors
+    /// The primary's fault errors.
+    fn pin(&self, start: u64, len: u64, write: bool) -> Result<Self::Pinned>;
+}
+
+/// What mirrors that translate to frames need on top of [`Primary`]: the
+/// software MMU's frames, its page-table walker and its coherence oracle.
+pub trait FramePrimary: Primary {
     /// Faults `addr` in (for writing if `write`) and returns the frame it
     /// maps and whether it is writable, without keeping a reference (KVM's
     /// `hva_to_pfn` followed by the release of the page).
@@ -58,12 +99,6 @@ pub trait Primary: Send + Sync + 'static {
 
     /// The frame a `change_pte` pfn refers to now.
     fn frame_of(&self, pfn: u64) -> FrameRef;
-
-    /// Pins `len` bytes from `start`.
-    ///
-    /// # Errors
-    /// The primary's fault errors.
-    fn pin(&self, start: u64, len: u64, write: bool) -> Result<Self::Pinned>;
 
     /// The frame pinned for `addr`.
     fn pinned_frame(&self, pinned: &Self::Pinned, addr: u64) -> Option<FrameRef>;
@@ -95,11 +130,24 @@ pub trait Primary: Send + Sync + 'static {
 
 impl Primary for MmGrab {
     type Pinned = Pin;
+    /// The software MMU calls every hook itself: nothing to set up.
+    type Watch = ();
 
     fn subscriptions(&self) -> &Subscriptions {
         MmGrab::subscriptions(self)
     }
 
+    fn watch(&self, _start: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
+
+    fn pin(&self, start: u64, len: u64, write: bool) -> Result<Pin> {
+        let mm = self.get()?;
+        Ok(mm.pin(start, len.div_ceil(softmm::PAGE_SIZE), write)?)
+    }
+}
+
+impl FramePrimary for MmGrab {
     fn fault_page(&self, addr: u64, write: bool) -> Result<(FrameRef, bool)> {
         let mm = self.get()?;
         let pin = mm.pin(addr & !(softmm::PAGE_SIZE - 1), 1, write)?;
@@ -118,11 +166,6 @@ impl Primary for MmGrab {
 
     fn frame_of(&self, pfn: u64) -> FrameRef {
         self.phys().frame_ref(pfn)
-    }
-
-    fn pin(&self, start: u64, len: u64, write: bool) -> Result<Pin> {
-        let mm = self.get()?;
-        Ok(mm.pin(start, len.div_ceil(softmm::PAGE_SIZE), write)?)
     }
 
     fn pinned_frame(&self, pinned: &Pin, addr: u64) -> Option<FrameRef> {

@@ -29,11 +29,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use mmu_notifier::{IntervalNotifier, IntervalOps, Range};
+use rustc_hash::FxHashMap;
 
-use crate::primary::{MirrorError, Primary, Result};
+use crate::primary::{FramePrimary, MirrorError, Primary, Result};
 
 /// Retries of one lookup against concurrent invalidations.
 const MAX_RETRIES: u32 = 10_000;
+
+/// Registrations a lookup that is not an exact-start hit examines (those
+/// starting closest below the address). Past that the lookup counts as a
+/// miss and registers: correct, only less sharing.
+const SCAN_LIMIT: usize = 16;
+
+const PAGE_MASK: u64 = softmm::PAGE_SIZE - 1;
 
 /// One cached registration (an RDMA memory region).
 pub struct Registration<P: Primary> {
@@ -43,7 +51,13 @@ pub struct Registration<P: Primary> {
     write: bool,
     pinned: OnceLock<P::Pinned>,
     sub: OnceLock<IntervalNotifier>,
+    /// Dropped after the notifier is removed (teardown only).
+    watch: Mutex<Option<P::Watch>>,
     valid: AtomicBool,
+    /// Cache tick of the last hit (written under the cache lock).
+    last_use: AtomicU64,
+    /// Tick under which it sits in the LRU queue (under the cache lock).
+    queued: AtomicU64,
 }
 
 impl<P: Primary> std::fmt::Debug for Registration<P> {
@@ -99,13 +113,15 @@ impl<P: Primary> Registration<P> {
     }
 }
 
-#[derive(Default)]
 struct State<P: Primary> {
-    /// Valid registrations by start address.
+    /// Valid registrations by (start address, id).
     regs: BTreeMap<(u64, u64), Arc<Registration<P>>>,
-    /// Least recently used first: (last use tick, key).
+    /// The latest valid registration starting at each address: the hit
+    /// path for the common lookup of a buffer from its start.
+    by_start: FxHashMap<u64, Arc<Registration<P>>>,
+    /// LRU queue, lazily ordered: (tick when queued, key). A hit only
+    /// stamps `last_use`; eviction re-queues entries used since.
     lru: BTreeMap<u64, (u64, u64)>,
-    last_use: BTreeMap<(u64, u64), u64>,
     tick: u64,
     /// Invalidated or evicted, waiting for teardown outside callbacks.
     dead: Vec<Arc<Registration<P>>>,
@@ -130,14 +146,20 @@ struct Shared<P: Primary> {
     primary: P,
     limit: usize,
     state: Mutex<State<P>>,
+    /// `state.dead` is not empty (read without the lock on every lookup).
+    dead_pending: AtomicBool,
     next_id: AtomicU64,
     stats: RegCacheStats,
 }
 
 impl<P: Primary> Shared<P> {
     fn lock(&self) -> MutexGuard<'_, State<P>> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn key<P: Primary>(r: &Registration<P>) -> (u64, u64) {
@@ -145,23 +167,69 @@ fn key<P: Primary>(r: &Registration<P>) -> (u64, u64) {
 }
 
 impl<P: Primary> State<P> {
+    /// Takes `r` out of the cache and queues its teardown. The caller sets
+    /// `dead_pending`.
     fn unlink(&mut self, r: &Arc<Registration<P>>) {
         let k = key(r);
         if self.regs.remove(&k).is_some() {
-            if let Some(t) = self.last_use.remove(&k) {
-                self.lru.remove(&t);
+            if self
+                .by_start
+                .get(&r.start)
+                .is_some_and(|b| Arc::ptr_eq(b, r))
+            {
+                self.by_start.remove(&r.start);
             }
+            self.lru.remove(&r.queued.load(Ordering::Relaxed));
             r.valid.store(false, Ordering::Release);
             self.dead.push(r.clone());
         }
     }
 
-    fn touch(&mut self, k: (u64, u64)) {
+    fn next_tick(&mut self) -> u64 {
         self.tick += 1;
-        if let Some(t) = self.last_use.insert(k, self.tick) {
-            self.lru.remove(&t);
+        self.tick
+    }
+
+    /// A valid registration covering `[start, end)`.
+    fn lookup(&self, start: u64, end: u64, write: bool) -> Option<&Arc<Registration<P>>> {
+        if let Some(r) = self.by_start.get(&(start & !PAGE_MASK)) {
+            if r.covers(start, end, write) && r.is_valid() {
+                return Some(r);
+            }
         }
-        self.lru.insert(self.tick, k);
+        self.regs
+            .range(..=(start, u64::MAX))
+            .rev()
+            .take(SCAN_LIMIT)
+            .map(|(_, r)| r)
+            .find(|r| r.covers(start, end, write) && r.is_valid())
+    }
+
+    fn insert(&mut self, r: Arc<Registration<P>>) {
+        let t = self.next_tick();
+        r.last_use.store(t, Ordering::Relaxed);
+        r.queued.store(t, Ordering::Relaxed);
+        let k = key(&r);
+        self.lru.insert(t, k);
+        self.by_start.insert(r.start, r.clone());
+        self.regs.insert(k, r);
+    }
+
+    /// The least recently used registration, if any.
+    fn lru_victim(&mut self) -> Option<Arc<Registration<P>>> {
+        while let Some((t, k)) = self.lru.pop_first() {
+            let Some(r) = self.regs.get(&k).cloned() else {
+                continue;
+            };
+            let used = r.last_use.load(Ordering::Relaxed);
+            if used != t {
+                r.queued.store(used, Ordering::Relaxed);
+                self.lru.insert(used, k);
+                continue;
+            }
+            return Some(r);
+        }
+        None
     }
 }
 
@@ -185,6 +253,7 @@ impl<P: Primary> IntervalOps for Ops<P> {
         }
         reg.valid.store(false, Ordering::Release);
         st.unlink(&reg);
+        cache.dead_pending.store(true, Ordering::Release);
         true
     }
 }
@@ -213,11 +282,12 @@ impl<P: Primary> RegCache<P> {
                 limit: limit.max(1),
                 state: Mutex::new(State {
                     regs: BTreeMap::new(),
+                    by_start: FxHashMap::default(),
                     lru: BTreeMap::new(),
-                    last_use: BTreeMap::new(),
                     tick: 0,
                     dead: Vec::new(),
                 }),
+                dead_pending: AtomicBool::new(false),
                 next_id: AtomicU64::new(1),
                 stats: RegCacheStats::default(),
             }),
@@ -242,33 +312,35 @@ impl<P: Primary> RegCache<P> {
     /// Returns a valid registration covering `[start, start + len)` (for
     /// writing if `write`), registering one if none is cached.
     ///
+    /// The returned registration was valid after every change to the
+    /// address space that returned before this call started (the primary's
+    /// [`flush`](Primary::flush) runs first); it stays pinned while the
+    /// handle lives, and [`Registration::is_valid`] turns false once a
+    /// later change invalidates it.
+    ///
     /// # Errors
-    /// The primary's pin errors; [`MirrorError::Notifier`];
+    /// The primary's watch and pin errors; [`MirrorError::Notifier`];
     /// [`MirrorError::Busy`].
     pub fn get(&self, start: u64, len: u64, write: bool) -> Result<Arc<Registration<P>>> {
-        self.reap();
         let end = start
             .checked_add(len)
             .filter(|&e| len > 0 && e <= softmm::TASK_SIZE)
             .ok_or(softmm::Error::InvalidRange { addr: start, len })?;
+        self.shared.primary.flush()?;
+        if self.shared.dead_pending.load(Ordering::Acquire) {
+            self.reap();
+        }
         {
             let mut st = self.shared.lock();
-            let hit = st
-                .regs
-                .range(..=(start, u64::MAX))
-                .rev()
-                .map(|(_, r)| r)
-                .find(|r| r.covers(start, end, write) && r.is_valid())
-                .cloned();
-            if let Some(r) = hit {
-                st.touch(key(&r));
+            if let Some(r) = st.lookup(start, end, write).cloned() {
+                let t = st.next_tick();
+                r.last_use.store(t, Ordering::Relaxed);
                 self.shared.stats.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(r);
             }
         }
         self.shared.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let page = softmm::PAGE_SIZE;
-        let (pstart, pend) = (start & !(page - 1), end.div_ceil(page) * page);
+        let (pstart, pend) = (start & !PAGE_MASK, (end + PAGE_MASK) & !PAGE_MASK);
         for _ in 0..MAX_RETRIES {
             let reg = Arc::new(Registration {
                 id: self.shared.next_id.fetch_add(1, Ordering::Relaxed),
@@ -277,71 +349,101 @@ impl<P: Primary> RegCache<P> {
                 write,
                 pinned: OnceLock::new(),
                 sub: OnceLock::new(),
+                watch: Mutex::new(None),
                 valid: AtomicBool::new(false),
+                last_use: AtomicU64::new(0),
+                queued: AtomicU64::new(0),
             });
-            let ops = Ops {
-                cache: Arc::downgrade(&self.shared),
-                reg: Arc::downgrade(&reg),
-            };
-            let sub = self.shared.primary.subscriptions().interval_insert(
-                pstart,
-                pend - pstart,
-                Arc::new(ops),
-            )?;
-            let sub = reg.sub.get_or_init(|| sub);
-            // The interval protocol: sample, pin (may fault and sleep), then
-            // under the cache lock check that no invalidation hit the range.
-            let seq = sub.read_begin()?;
-            match self.shared.primary.pin(pstart, pend - pstart, write) {
-                Ok(p) => {
-                    let _ = reg.pinned.set(p);
-                }
-                Err(e) => {
-                    self.teardown(&reg);
-                    return Err(e);
-                }
+            if let Some(r) = self.register(&reg)? {
+                return Ok(r);
             }
-            let mut st = self.shared.lock();
-            if sub.read_retry(seq) {
-                drop(st);
-                self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
-                self.teardown(&reg);
-                continue;
-            }
-            reg.valid.store(true, Ordering::Release);
-            let k = key(&reg);
-            st.regs.insert(k, reg.clone());
-            st.touch(k);
-            while st.regs.len() > self.shared.limit {
-                let Some((_, victim)) = st.lru.pop_first() else {
-                    break;
-                };
-                if let Some(v) = st.regs.get(&victim).cloned() {
-                    self.shared.stats.evicted.fetch_add(1, Ordering::Relaxed);
-                    st.unlink(&v);
-                }
-            }
-            return Ok(reg);
         }
         Err(MirrorError::Busy)
+    }
+
+    /// One registration attempt: `Ok(None)` when an invalidation raced it.
+    fn register(&self, reg: &Arc<Registration<P>>) -> Result<Option<Arc<Registration<P>>>> {
+        let p = &self.shared.primary;
+        let (start, len) = (reg.start, reg.len);
+        let watch = p.watch(start, len)?;
+        *lock(&reg.watch) = Some(watch);
+        let ops = Ops {
+            cache: Arc::downgrade(&self.shared),
+            reg: Arc::downgrade(reg),
+        };
+        let sub = match p.subscriptions().interval_insert(start, len, Arc::new(ops)) {
+            Ok(sub) => reg.sub.get_or_init(|| sub),
+            Err(e) => {
+                self.teardown(reg);
+                return Err(e.into());
+            }
+        };
+        // The interval protocol: sample, pin (may fault and sleep), then
+        // under the cache lock check that no invalidation hit the range. The
+        // flush makes invalidations of changes that returned during the pin
+        // count.
+        let pinned = sub
+            .read_begin()
+            .map_err(MirrorError::from)
+            .and_then(|seq| Ok((seq, p.pin(start, len, reg.write)?)))
+            .and_then(|(seq, pinned)| p.flush().map(|()| (seq, pinned)));
+        let seq = match pinned {
+            Ok((seq, pinned)) => {
+                let _ = reg.pinned.set(pinned);
+                seq
+            }
+            Err(e) => {
+                self.teardown(reg);
+                return Err(e);
+            }
+        };
+        let mut st = self.shared.lock();
+        if sub.read_retry(seq) {
+            drop(st);
+            self.shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+            self.teardown(reg);
+            return Ok(None);
+        }
+        reg.valid.store(true, Ordering::Release);
+        st.insert(reg.clone());
+        let mut evicted = false;
+        while st.regs.len() > self.shared.limit {
+            let Some(victim) = st.lru_victim() else {
+                break;
+            };
+            self.shared.stats.evicted.fetch_add(1, Ordering::Relaxed);
+            st.unlink(&victim);
+            evicted = true;
+        }
+        if evicted {
+            self.shared.dead_pending.store(true, Ordering::Release);
+        }
+        Ok(Some(reg.clone()))
     }
 
     fn teardown(&self, reg: &Registration<P>) {
         if let Some(sub) = reg.sub.get() {
             let _ = sub.remove();
         }
+        drop(lock(&reg.watch).take());
     }
 
     /// Tears down registrations invalidated or evicted since the last call
     /// (interval notifier removed, pages unpinned once the last user drops
     /// its handle).
     pub fn reap(&self) {
-        let dead = std::mem::take(&mut self.shared.lock().dead);
+        let dead = {
+            let mut st = self.shared.lock();
+            self.shared.dead_pending.store(false, Ordering::Relaxed);
+            std::mem::take(&mut st.dead)
+        };
         for r in dead {
             self.teardown(&r);
         }
     }
+}
 
+impl<P: FramePrimary> RegCache<P> {
     /// An access through a registration (a NIC DMA), checked by the oracle:
     /// the pin must hold, and while the registration is valid its pinned
     /// frame must be exactly what the primary maps at `addr` (the

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use mmu_notifier::{Again, Callbacks, MmuNotifier, NotifierHandle, Pte, Range, Subscriptions};
 use softmm::{FrameRef, PAGE_SIZE};
 
-use crate::primary::{MirrorError, Primary, Result};
+use crate::primary::{FramePrimary, MirrorError, Result};
 
 #[derive(Clone, Copy, Debug)]
 struct Spte {
@@ -66,12 +66,12 @@ struct Inner<P> {
 }
 
 /// A KVM-style shadow MMU over one primary address space.
-pub struct ShadowMmu<P: Primary> {
+pub struct ShadowMmu<P: FramePrimary> {
     inner: Arc<Inner<P>>,
     handle: NotifierHandle,
 }
 
-impl<P: Primary> std::fmt::Debug for ShadowMmu<P> {
+impl<P: FramePrimary> std::fmt::Debug for ShadowMmu<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShadowMmu")
             .field("stats", &self.inner.stats)
@@ -82,13 +82,13 @@ impl<P: Primary> std::fmt::Debug for ShadowMmu<P> {
 /// Retry bound of the fault path (a guest would spin; we report).
 const MAX_RETRIES: u32 = 10_000;
 
-impl<P: Primary> Inner<P> {
+impl<P: FramePrimary> Inner<P> {
     fn lock(&self) -> MutexGuard<'_, MmuState> {
         self.mmu_lock.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-impl<P: Primary> ShadowMmu<P> {
+impl<P: FramePrimary> ShadowMmu<P> {
     /// Registers a shadow MMU on `primary` (Linux `mmu_notifier_register`
     /// from `kvm_create_vm`).
     ///
@@ -201,7 +201,7 @@ impl<P: Primary> ShadowMmu<P> {
     }
 }
 
-impl<P: Primary> Drop for ShadowMmu<P> {
+impl<P: FramePrimary> Drop for ShadowMmu<P> {
     fn drop(&mut self) {
         // kvm_destroy_vm: unregister (calls release if exit did not).
         let _ = self.inner.primary.subscriptions().unregister(&self.handle);
@@ -216,7 +216,7 @@ fn zap(st: &mut MmuState, start: u64, end: u64) -> usize {
     keys.len()
 }
 
-impl<P: Primary> MmuNotifier for Inner<P> {
+impl<P: FramePrimary> MmuNotifier for Inner<P> {
     fn callbacks(&self) -> Callbacks {
         Callbacks::RELEASE
             | Callbacks::INVALIDATE_RANGE_START

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use mmu_notifier::{Callbacks, MmuNotifier, NotifierHandle, Subscriptions};
 use softmm::{FrameRef, PAGE_SIZE};
 
-use crate::primary::{MirrorError, Primary, Result};
+use crate::primary::{FramePrimary, MirrorError, Result};
 
 /// Page requests before giving up on one access.
 const MAX_PAGE_REQUESTS: u32 = 1000;
@@ -44,19 +44,19 @@ struct Inner<P> {
     stats: TlbStats,
 }
 
-impl<P: Primary> Inner<P> {
+impl<P: FramePrimary> Inner<P> {
     fn lock(&self) -> MutexGuard<'_, Tlb> {
         self.tlb.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 /// An SVA device TLB over one address space.
-pub struct SecondaryTlb<P: Primary> {
+pub struct SecondaryTlb<P: FramePrimary> {
     inner: Arc<Inner<P>>,
     handle: NotifierHandle,
 }
 
-impl<P: Primary> std::fmt::Debug for SecondaryTlb<P> {
+impl<P: FramePrimary> std::fmt::Debug for SecondaryTlb<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SecondaryTlb")
             .field("stats", &self.inner.stats)
@@ -64,7 +64,7 @@ impl<P: Primary> std::fmt::Debug for SecondaryTlb<P> {
     }
 }
 
-impl<P: Primary> SecondaryTlb<P> {
+impl<P: FramePrimary> SecondaryTlb<P> {
     /// Binds a device to the address space (`iommu_sva_bind_device`).
     ///
     /// # Errors
@@ -148,13 +148,13 @@ impl<P: Primary> SecondaryTlb<P> {
     }
 }
 
-impl<P: Primary> Drop for SecondaryTlb<P> {
+impl<P: FramePrimary> Drop for SecondaryTlb<P> {
     fn drop(&mut self) {
         let _ = self.inner.primary.subscriptions().unregister(&self.handle);
     }
 }
 
-impl<P: Primary> MmuNotifier for Inner<P> {
+impl<P: FramePrimary> MmuNotifier for Inner<P> {
     fn callbacks(&self) -> Callbacks {
         Callbacks::ARCH_INVALIDATE_SECONDARY_TLBS | Callbacks::RELEASE
     }

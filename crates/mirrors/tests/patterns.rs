@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use mirrors::{MirrorError, Primary, RegCache, SecondaryTlb, ShadowMmu};
+use mirrors::{FramePrimary, MirrorError, Primary, RegCache, SecondaryTlb, ShadowMmu};
 use mmu_notifier::Subscriptions;
 use softmm::{FrameRef, MapKind, Mm, MmGrab, PhysMem, Pin, Prot, PAGE_SIZE};
 
@@ -24,9 +24,19 @@ struct Hooked {
 
 impl Primary for Hooked {
     type Pinned = Pin;
+    type Watch = ();
     fn subscriptions(&self) -> &Subscriptions {
         self.mm.subscriptions()
     }
+    fn watch(&self, _start: u64, _len: u64) -> mirrors::Result<()> {
+        Ok(())
+    }
+    fn pin(&self, start: u64, len: u64, write: bool) -> mirrors::Result<Pin> {
+        Primary::pin(&self.mm, start, len, write)
+    }
+}
+
+impl FramePrimary for Hooked {
     fn fault_page(&self, addr: u64, write: bool) -> mirrors::Result<(FrameRef, bool)> {
         let r = self.mm.fault_page(addr, write);
         if let Some(h) = self.hook.lock().unwrap().take() {
@@ -39,9 +49,6 @@ impl Primary for Hooked {
     }
     fn frame_of(&self, pfn: u64) -> FrameRef {
         self.mm.frame_of(pfn)
-    }
-    fn pin(&self, start: u64, len: u64, write: bool) -> mirrors::Result<Pin> {
-        Primary::pin(&self.mm, start, len, write)
     }
     fn pinned_frame(&self, p: &Pin, addr: u64) -> Option<FrameRef> {
         self.mm.pinned_frame(p, addr)

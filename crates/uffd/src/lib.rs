@@ -1,0 +1,35 @@
+//! This process's own address space as a primary MMU for [`mmu_notifier`],
+//! with invalidations fed from userfaultfd events: what user-space
+//! registration caches (RDMA memory regions, io_uring fixed buffers, DMA
+//! maps, GPU host registrations) need to drop a registration when the
+//! application munmaps, mremaps or madvises the memory under it, without
+//! patching libc (UCX, Open MPI and libfabric memhooks) or a kernel module.
+//!
+//! * [`ProcessMm`]: the address space; [`ProcessMm::watch`] and
+//!   [`ProcessMm::interval_insert`] choose the ranges that produce events,
+//!   [`ProcessMm::flush`] makes every change that has returned visible.
+//! * `mirrors::RegCache<ProcessMm>`: the registration cache on real memory
+//!   (`ProcessMm` implements [`mirrors::Primary`]).
+//!
+//! Requirements: Linux 5.7 or later (write-protect registration, which
+//! never makes the application wait on a page fault; see the `sys` module),
+//! and a userfaultfd: available unprivileged through `UFFD_USER_MODE_ONLY`
+//! (Linux 5.11), otherwise root, CAP_SYS_PTRACE, `vm.unprivileged_userfaultfd=1`
+//! or access to `/dev/userfaultfd`. [`UffdError`] says which remedy applies.
+//!
+//! Rules for callbacks that run on the monitor thread: do not munmap,
+//! mremap or madvise watched memory from them (the kernel would wait for the
+//! monitor to read that very event), and keep them short, since every
+//! munmap of watched memory in the process waits for the monitor.
+#![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod coverage;
+mod error;
+mod monitor;
+mod process;
+mod sys;
+
+pub use error::UffdError;
+pub use monitor::MonitorStats;
+pub use process::{ProcessInterval, ProcessMm, ProcessPin, Watch, USER_ADDRESS_LIMIT};
