@@ -335,7 +335,10 @@ impl<P: Primary> RegCache<P> {
             if let Some(r) = st.lookup(start, end, write).cloned() {
                 let t = st.next_tick();
                 r.last_use.store(t, Ordering::Relaxed);
-                self.shared.stats.hits.fetch_add(1, Ordering::Relaxed);
+                // Every hit is counted under the cache lock: a plain
+                // increment, not a read-modify-write on the hit path.
+                let hits = &self.shared.stats.hits;
+                hits.store(hits.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
                 return Ok(r);
             }
         }

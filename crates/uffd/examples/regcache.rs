@@ -1,0 +1,168 @@
+//! A registration cache on this process's real memory: buffers are
+//! registered, then several threads munmap, mremap and madvise some of them
+//! while others look them up; the cache must stay exact (no lookup returns a
+//! registration of memory that was changed before the lookup started).
+//!
+//! ```text
+//! cargo run --release -p uffd --example regcache
+//! ```
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use mirrors::RegCache;
+use rustix::mm::{Advice, MapFlags, MremapFlags, ProtFlags};
+use uffd::ProcessMm;
+
+const P: u64 = 4096;
+const BUFFERS: usize = 32;
+const PAGES: u64 = 8;
+
+fn map(pages: u64) -> u64 {
+    // SAFETY: a fresh anonymous mapping replaces nothing.
+    unsafe {
+        rustix::mm::mmap_anonymous(
+            std::ptr::null_mut(),
+            (pages * P) as usize,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE,
+        )
+    }
+    .expect("mmap") as u64
+}
+
+/// One application buffer. Changes hold the write lock across the syscall
+/// and lookups the read lock across the lookup, so "before the lookup" is
+/// exact.
+struct Buffer {
+    addr: u64,
+    generation: u64,
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mm = match ProcessMm::new() {
+        Ok(mm) => mm,
+        Err(e) => {
+            eprintln!("userfaultfd unavailable: {e}");
+            std::process::exit(2);
+        }
+    };
+    let cache = Arc::new(RegCache::new(mm.clone(), 256));
+    let bufs: Arc<Vec<RwLock<Buffer>>> = Arc::new(
+        (0..BUFFERS)
+            .map(|i| {
+                RwLock::new(Buffer {
+                    addr: map(PAGES),
+                    generation: (i as u64) << 32,
+                })
+            })
+            .collect(),
+    );
+    let first_seen: Arc<Mutex<HashMap<u64, (usize, u64)>>> = Arc::default();
+    let (stale, lookups, changes) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let deadline = Instant::now() + Duration::from_secs(3);
+
+    let mut threads = Vec::new();
+    for t in 0..2u64 {
+        let (bufs, changes) = (bufs.clone(), changes.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut x = 0x2545_F491_4F6C_DD1D ^ t;
+            while Instant::now() < deadline {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let mut b = bufs[(x % BUFFERS as u64) as usize].write().unwrap();
+                let len = (PAGES * P) as usize;
+                // SAFETY: the example's own buffers; no reference into them
+                // is alive while the write lock is held.
+                unsafe {
+                    match (x >> 8) % 3 {
+                        0 => {
+                            rustix::mm::munmap(b.addr as *mut _, len).unwrap();
+                            b.addr = map(PAGES);
+                        }
+                        1 => {
+                            let to = map(PAGES);
+                            rustix::mm::mremap_fixed(
+                                b.addr as *mut _,
+                                len,
+                                len,
+                                MremapFlags::MAYMOVE,
+                                to as *mut _,
+                            )
+                            .unwrap();
+                            b.addr = to;
+                        }
+                        _ => rustix::mm::madvise(b.addr as *mut _, len, Advice::LinuxDontNeed)
+                            .unwrap(),
+                    }
+                }
+                b.generation += 1;
+                changes.fetch_add(1, Ordering::Relaxed);
+                drop(b);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }));
+    }
+    for t in 0..2u64 {
+        let (cache, bufs, first_seen, stale, lookups) = (
+            cache.clone(),
+            bufs.clone(),
+            first_seen.clone(),
+            stale.clone(),
+            lookups.clone(),
+        );
+        threads.push(std::thread::spawn(move || {
+            let mut i = t;
+            while Instant::now() < deadline {
+                i += 1;
+                let k = (i.wrapping_mul(0x9E37_79B9) % BUFFERS as u64) as usize;
+                let b = bufs[k].read().unwrap();
+                let off = (i % PAGES) * P;
+                let r = cache.get(b.addr + off, P, true).unwrap();
+                let seen = *first_seen
+                    .lock()
+                    .unwrap()
+                    .entry(r.id())
+                    .or_insert((k, b.generation));
+                // (Validity alone is no test: the LRU limit evicts.)
+                if seen != (k, b.generation) {
+                    stale.fetch_add(1, Ordering::Relaxed);
+                }
+                lookups.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    let s = cache.stats();
+    let e = mm.stats();
+    println!(
+        "{} lookups ({} hits, {} misses) against {} munmap/mremap/madvise calls",
+        lookups.load(Ordering::Relaxed),
+        s.hits.load(Ordering::Relaxed),
+        s.misses.load(Ordering::Relaxed),
+        changes.load(Ordering::Relaxed),
+    );
+    println!(
+        "events: {} unmap, {} remove, {} remap; {} registrations invalidated; {} lookups waited for the monitor",
+        e.unmaps.load(Ordering::Relaxed),
+        e.removes.load(Ordering::Relaxed),
+        e.remaps.load(Ordering::Relaxed),
+        s.invalidated.load(Ordering::Relaxed),
+        e.flush_waits.load(Ordering::Relaxed),
+    );
+    let stale = stale.load(Ordering::Relaxed);
+    println!("stale registrations returned: {stale}");
+    if stale != 0 {
+        return Err("the cache returned stale registrations".into());
+    }
+    Ok(())
+}
