@@ -40,6 +40,7 @@ macro_rules! mm_or_skip {
 
 #[test]
 fn munmap_whole_and_partial_unmap_events_reach_the_notifier() {
+    let _serial = serial();
     let mm = mm_or_skip!();
     let a = map(8);
     let log = Arc::new(Log::default());
@@ -59,6 +60,7 @@ fn munmap_whole_and_partial_unmap_events_reach_the_notifier() {
 
 #[test]
 fn madvise_dontneed_and_free_are_clear_events() {
+    let _serial = serial();
     let mm = mm_or_skip!();
     let a = map(4);
     write_word(a, 7);
@@ -78,6 +80,7 @@ fn madvise_dontneed_and_free_are_clear_events() {
 
 #[test]
 fn mremap_move_unmaps_the_old_range_and_grow_in_place_keeps_it() {
+    let _serial = serial();
     let mm = mm_or_skip!();
     let cache = RegCache::new(mm.clone(), 64);
     // Grow in place: reserve 4 pages, give back the top 2, grow into them.
@@ -117,6 +120,7 @@ fn map_fixed_above(b: u64) -> u64 {
 
 #[test]
 fn map_fixed_over_a_registration_invalidates_it() {
+    let _serial = serial();
     let mm = mm_or_skip!();
     let cache = RegCache::new(mm.clone(), 64);
     let a = map(4);
@@ -135,6 +139,7 @@ fn map_fixed_over_a_registration_invalidates_it() {
 
 #[test]
 fn an_unmap_by_raw_syscall_is_seen() {
+    let _serial = serial();
     let mm = mm_or_skip!();
     let cache = RegCache::new(mm.clone(), 64);
     let a = map(2);
@@ -154,6 +159,7 @@ fn an_unmap_by_raw_syscall_is_seen() {
 
 #[test]
 fn lookups_after_each_change_never_return_the_old_registration() {
+    let _serial = serial();
     let mm = mm_or_skip!();
     let cache = RegCache::new(mm.clone(), 64);
     let a = map(4);
@@ -181,6 +187,7 @@ fn lookups_after_each_change_never_return_the_old_registration() {
 
 #[test]
 fn watched_pages_fault_in_without_the_monitor() {
+    let _serial = serial();
     let mm = mm_or_skip!();
     let a = map(16);
     let w = mm.watch(a, 16 * P).unwrap();
@@ -214,6 +221,7 @@ fn watched_pages_fault_in_without_the_monitor() {
 
 #[test]
 fn unwatched_ranges_are_unregistered_and_produce_no_events() {
+    let _serial = serial();
     let mm = mm_or_skip!();
     let a = map(8);
     let w1 = mm.watch(a, 4 * P).unwrap();
@@ -233,6 +241,7 @@ fn unwatched_ranges_are_unregistered_and_produce_no_events() {
 
 #[test]
 fn bad_input_gets_clear_errors() {
+    let _serial = serial();
     let mm = mm_or_skip!();
     assert!(matches!(
         mm.watch(0x1000, 0),
@@ -280,6 +289,7 @@ fn bad_input_gets_clear_errors() {
 
 #[test]
 fn shutdown_releases_notifiers_and_later_calls_fail() {
+    let _serial = serial();
     let mm = mm_or_skip!();
     let a = map(2);
     let log = Arc::new(Log::default());
@@ -303,6 +313,7 @@ fn a_panicking_callback_does_not_stop_the_monitor() {
             panic!("boom");
         }
     }
+    let _serial = serial();
     let mm = mm_or_skip!();
     let a = map(2);
     let boom = mm.interval_insert(a, P, Arc::new(Boom)).unwrap();

@@ -6,6 +6,15 @@ use uffd::{ProcessMm, UffdError};
 
 pub const P: u64 = 4096;
 
+/// Serializes the tests of one binary: two `ProcessMm`s in one process
+/// each have a userfaultfd, and registering whole mappings with both (a
+/// fresh mapping can merge with another test's) fails with EBUSY. One
+/// `ProcessMm` per process is the intended deployment.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A `ProcessMm`, or `None` (with the reason printed) where userfaultfd is
 /// unavailable: the only case in which these tests skip.
 pub fn process_mm() -> Option<ProcessMm> {
