@@ -20,40 +20,16 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use mirrors::RegCache;
-use rustix::mm::{MapFlags, ProtFlags};
 use uffd::ProcessMm;
 
-const P: u64 = 4096;
-
-fn map(pages: u64) -> u64 {
-    // SAFETY: a fresh anonymous mapping replaces nothing.
-    unsafe {
-        rustix::mm::mmap_anonymous(
-            std::ptr::null_mut(),
-            (pages * P) as usize,
-            ProtFlags::READ | ProtFlags::WRITE,
-            MapFlags::PRIVATE,
-        )
-    }
-    .expect("mmap") as u64
-}
-
-fn unmap(addr: u64, pages: u64) {
-    // SAFETY: the benchmark's own mapping; nothing references it.
-    unsafe { rustix::mm::munmap(addr as *mut _, (pages * P) as usize) }.expect("munmap");
-}
-
-fn touch(addr: u64) {
-    // SAFETY: `addr` is a live read-write mapping of the benchmark's.
-    unsafe { std::ptr::write_volatile(addr as *mut u8, 1) }
-}
+// The tests' mapping helpers, so the benchmark maps and unmaps the same way.
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{map, unmap, write_word, xorshift, P};
 
 /// The index sequence harness.c uses too.
 fn next_index(x: &mut u64, n: u64) -> u64 {
-    *x ^= *x << 13;
-    *x ^= *x >> 7;
-    *x ^= *x << 17;
-    *x % n
+    xorshift(x) % n
 }
 
 /// Compiles harness.c; `with_ucx` is false when libucx-dev is missing.
@@ -186,7 +162,7 @@ fn munmap_registered(c: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let a = map(1);
-                    touch(a);
+                    write_word(a, 1);
                     drop(cache.get(a, P, true).unwrap());
                     let t = Instant::now();
                     unmap(a, 1);
@@ -209,7 +185,7 @@ fn timed_unmaps(iters: u64) -> Duration {
     let mut total = Duration::ZERO;
     for _ in 0..iters {
         let a = map(1);
-        touch(a);
+        write_word(a, 1);
         let t = Instant::now();
         unmap(a, 1);
         total += t.elapsed();

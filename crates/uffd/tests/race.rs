@@ -57,9 +57,7 @@ fn racing_lookups_get_no_stale_registration() {
         std::thread::spawn(move || {
             let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
             while !done.load(Ordering::Relaxed) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                xorshift(&mut x);
                 let mut s = slots[(x % SLOTS as u64) as usize].write().unwrap();
                 match (x >> 8) % 4 {
                     0 => {

@@ -110,3 +110,12 @@ pub fn read_word(addr: u64) -> u64 {
     // SAFETY: as `write_word`.
     unsafe { std::ptr::read_volatile(addr as *const u64) }
 }
+
+/// xorshift64: the pseudo-random sequence of the race test and the
+/// benchmarks (and of benches/c/harness.c).
+pub fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
