@@ -312,7 +312,14 @@ impl Drop for Watch {
             return;
         };
         for (a, b) in freed {
-            // Fails harmlessly where the range was unmapped meanwhile.
+            // Only whole mappings: unregistering part of one splits it (the
+            // mapping may have changed, or merged with a neighbour, since it
+            // was watched), and mremap refuses to move a buffer made of
+            // several VMAs. A range left registered costs its munmaps a
+            // monitor round trip and no notifier sees it.
+            if s.vmas.extent(a, b) != Ok(Some((a, b))) {
+                continue;
+            }
             if uffd.unregister(a, b - a).is_ok() {
                 s.stats.unregisters.fetch_add(1, Ordering::Relaxed);
             }
