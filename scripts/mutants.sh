@@ -8,6 +8,12 @@
 # Prints one line per mutant (`caught`, `MISSED`, `does not apply`,
 # `does not build`) and `N/8 caught` last; exits non-zero unless all are
 # caught. Usage: scripts/mutants.sh [name...]
+#
+# `scripts/mutants.sh --whole-system [name...]` checks the other set instead:
+# the coherence bugs in mutants/whole-system/ (a mirror that skips its
+# collision check, a TLB that ignores a flush) must each make the shuttle
+# whole-system test (crates/mmun/tests/shuttle.rs) fail. Shuttle's schedules
+# are random, so this set is seeded (SHUTTLE_RANDOM_SEED) for repeatable runs.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 work="$root/target/mutants"
@@ -15,8 +21,15 @@ tree="$work/tree"
 export CARGO_TARGET_DIR="$work/target"
 export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}"
 
-# name | kind (std or loom) | test target | test name | what the mutant does
-mutants=(
+set_name=race
+if [ "${1:-}" = --whole-system ]; then
+  set_name=whole-system
+  shift
+fi
+
+# name | kind (std, loom or shuttle) | test target | test name (empty: every
+# test of the target) | what the mutant does
+race_mutants=(
   "3ad3d901|std|seed|seed_3ad3d901_release_runs_before_removal_from_list|exit takes notifiers off the list before calling release"
   "751efd86|loom|loom|unregister_racing_exit_releases_exactly_once|release is not claimed: unregister racing exit runs it twice"
   "543bdb2d|std|seed|seed_543bdb2d_registered_notifier_seen_by_a_thread_with_a_cached_list|a reader trusts its cached list without the published version"
@@ -26,6 +39,22 @@ mutants=(
   "spec-10.10|std|invariants|registration_never_splits_a_start_end_pair|end calls notifiers registered after its start"
   "spec-10.1|std|interval|list_failure_after_interval_phase_is_undone|a failed non-blockable list start leaves the interval phase open"
 )
+whole_system_mutants=(
+  "shadow-no-in-progress|shuttle|shuttle||the KVM fault path ignores a running invalidation (checks only the sequence)"
+  "shadow-no-seq|shuttle|shuttle||the KVM fault path ignores an invalidation that ended during the fault"
+  "device-no-retry|shuttle|shuttle||the device mirror commits range_fault results without read_retry"
+  "regcache-no-retry|shuttle|shuttle||the registration cache publishes a registration without read_retry"
+  "tlb-partial-flush-ignored|shuttle|shuttle||the secondary TLB keeps one entry of a ranged flush"
+)
+if [ "$set_name" = race ]; then
+  mutants=("${race_mutants[@]}")
+  patches="$root/mutants"
+else
+  mutants=("${whole_system_mutants[@]}")
+  patches="$root/mutants/whole-system"
+  export SHUTTLE_RANDOM_SEED="${SHUTTLE_RANDOM_SEED:-20261124}"
+  export MMUN_SHUTTLE_ITERATIONS="${MMUN_SHUTTLE_ITERATIONS:-3000}"
+fi
 
 sync_tree() {
   rm -rf "$tree"
@@ -34,24 +63,28 @@ sync_tree() {
   (cd "$root" && tar --exclude=./target --exclude=./.git -cf - .) | (cd "$tree" && tar -xf -)
 }
 
+cargo_test() { # kind target [test args...]
+  local kind=$1 target=$2
+  shift 2
+  case "$kind" in
+    loom) (cd "$tree" && RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="$work/loom" \
+      cargo test -q -p mmu-notifier --release --test "$target" "$@") ;;
+    shuttle) (cd "$tree" && RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR="$work/shuttle" \
+      cargo test -q -p mmun --release --test "$target" "$@") ;;
+    *) (cd "$tree" && cargo test -q -p mmu-notifier --test "$target" "$@") ;;
+  esac
+}
+
 run_test() { # kind target name
-  local kind=$1 target=$2 name=$3
-  if [ "$kind" = loom ]; then
-    (cd "$tree" && RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="$work/loom" \
-      cargo test -q -p mmu-notifier --release --test "$target" -- "$name" --exact)
+  if [ -z "$3" ]; then
+    cargo_test "$1" "$2"
   else
-    (cd "$tree" && cargo test -q -p mmu-notifier --test "$target" -- "$name" --exact)
+    cargo_test "$1" "$2" -- "$3" --exact
   fi
 }
 
 build_test() { # kind target
-  local kind=$1 target=$2
-  if [ "$kind" = loom ]; then
-    (cd "$tree" && RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="$work/loom" \
-      cargo test -q -p mmu-notifier --release --test "$target" --no-run)
-  else
-    (cd "$tree" && cargo test -q -p mmu-notifier --test "$target" --no-run)
-  fi
+  cargo_test "$1" "$2" --no-run
 }
 
 want=("$@")
@@ -68,13 +101,14 @@ caught=0
 total=0
 for m in "${selected[@]}"; do
   IFS='|' read -r name kind target test what <<<"$m"
+  shown=${test:-every test of $target}
   total=$((total + 1))
   # The unmutated test must pass first, or its failure would prove nothing.
   if ! run_test "$kind" "$target" "$test" >"$work/$name.base.log" 2>&1; then
     printf '%-11s MISSED   the test fails without the mutant too (see %s)\n' "$name" "$work/$name.base.log"
     continue
   fi
-  patch_file="$root/mutants/$name.patch"
+  patch_file="$patches/$name.patch"
   if ! (cd "$tree" && patch -p1 -s --dry-run <"$patch_file" >/dev/null 2>&1); then
     printf '%-11s does not apply\n' "$name"
     continue
@@ -83,9 +117,9 @@ for m in "${selected[@]}"; do
   if ! build_test "$kind" "$target" >"$work/$name.build.log" 2>&1; then
     printf '%-11s does not build (see %s)\n' "$name" "$work/$name.build.log"
   elif run_test "$kind" "$target" "$test" >"$work/$name.log" 2>&1; then
-    printf '%-11s MISSED   %s (%s passed)\n' "$name" "$what" "$test"
+    printf '%-11s MISSED   %s (%s passed)\n' "$name" "$what" "$shown"
   else
-    printf '%-11s caught   %s (by %s)\n' "$name" "$what" "$test"
+    printf '%-11s caught   %s (by %s)\n' "$name" "$what" "$shown"
     caught=$((caught + 1))
   fi
   (cd "$tree" && patch -p1 -s -R <"$patch_file")

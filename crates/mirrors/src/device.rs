@@ -17,8 +17,9 @@
 //! `mmun stress`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
+
+use mmu_notifier::sync::{AtomicU64, Mutex, MutexGuard, Ordering};
 
 use mmu_notifier::{Event, IntervalNotifier, IntervalOps, Owner, Range};
 use softmm::{
@@ -148,7 +149,7 @@ impl std::fmt::Debug for DeviceMirror {
 
 struct Ops(Weak<Inner>);
 
-std::thread_local! {
+mmu_notifier::sync::thread_local! {
     /// Set while this thread runs a device's own migration to device memory.
     static MIGRATING_TO_DEVICE: std::cell::Cell<Option<Owner>> = const { std::cell::Cell::new(None) };
 }

@@ -3,7 +3,9 @@
 //! (the callback then returns false, which fails the invalidation with
 //! `Again` instead of sleeping).
 
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::TryLockError;
+
+use mmu_notifier::sync::{Mutex, MutexGuard};
 
 use mmu_notifier::Range;
 

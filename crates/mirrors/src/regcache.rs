@@ -25,8 +25,9 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
+
+use mmu_notifier::sync::{lock, AtomicBool, AtomicU64, Mutex, MutexGuard, Ordering};
 
 use mmu_notifier::{IntervalNotifier, IntervalOps, Range};
 use rustc_hash::FxHashMap;
@@ -156,10 +157,6 @@ impl<P: Primary> Shared<P> {
     fn lock(&self) -> MutexGuard<'_, State<P>> {
         lock(&self.state)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn key<P: Primary>(r: &Registration<P>) -> (u64, u64) {

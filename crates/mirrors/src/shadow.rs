@@ -18,8 +18,9 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use mmu_notifier::sync::{AtomicU64, Mutex, MutexGuard, Ordering};
 
 use mmu_notifier::{Again, Callbacks, MmuNotifier, NotifierHandle, Pte, Range, Subscriptions};
 use softmm::{FrameRef, PAGE_SIZE};

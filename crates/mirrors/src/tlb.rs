@@ -8,8 +8,9 @@
 //! (hardware gets the same guarantee from its invalidation queue).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use mmu_notifier::sync::{AtomicU64, Mutex, MutexGuard, Ordering};
 
 use mmu_notifier::{Callbacks, MmuNotifier, NotifierHandle, Subscriptions};
 use softmm::{FrameRef, PAGE_SIZE};

@@ -12,15 +12,15 @@
 //!
 //! Where membarrier is unavailable (not Linux, an old kernel, seccomp), both
 //! sides fall back to `fence(SeqCst)`: correct, but readers pay for a real
-//! fence. Under loom both are `fence(SeqCst)`, which is the symmetric
-//! equivalent the model checker understands.
+//! fence. Under loom and shuttle both are `fence(SeqCst)`, which is the
+//! symmetric equivalent the model checkers understand.
 
 use crate::sync::{fence, Ordering};
 
 /// Which fence pair this process uses, decided once when the SRCU domain is
 /// created and never changed while readers exist.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[cfg_attr(loom, allow(dead_code))]
+#[cfg_attr(any(loom, shuttle), allow(dead_code))]
 pub(crate) enum Flavour {
     /// Reader: compiler fence; writer: `membarrier(PRIVATE_EXPEDITED)`.
     Membarrier,
@@ -32,7 +32,7 @@ impl Flavour {
     /// Registers this process for expedited private membarriers if the kernel
     /// offers them, otherwise picks the symmetric fallback.
     pub(crate) fn detect() -> Flavour {
-        #[cfg(all(target_os = "linux", not(loom)))]
+        #[cfg(all(target_os = "linux", not(any(loom, shuttle))))]
         {
             use rustix::thread::{membarrier, membarrier_query, MembarrierCommand};
             if std::env::var_os("MMU_NOTIFIER_NO_MEMBARRIER").is_some() {
@@ -53,7 +53,7 @@ impl Flavour {
     #[inline(always)]
     pub(crate) fn light(self) {
         match self {
-            #[cfg(not(loom))]
+            #[cfg(not(any(loom, shuttle)))]
             Flavour::Membarrier => std::sync::atomic::compiler_fence(Ordering::SeqCst),
             _ => fence(Ordering::SeqCst),
         }
@@ -63,7 +63,7 @@ impl Flavour {
     /// before its later loads on *every* thread of the process.
     pub(crate) fn heavy(self) {
         match self {
-            #[cfg(all(target_os = "linux", not(loom)))]
+            #[cfg(all(target_os = "linux", not(any(loom, shuttle))))]
             Flavour::Membarrier => {
                 use rustix::thread::{membarrier, MembarrierCommand};
                 // Registered in `detect`; the command cannot fail afterwards.

@@ -40,7 +40,7 @@ mod range;
 mod registration;
 pub mod srcu;
 mod subscriptions;
-mod sync;
+pub mod sync;
 
 pub use debug::{might_sleep, Diagnostics, Warning};
 pub use error::Error;

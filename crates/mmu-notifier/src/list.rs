@@ -103,7 +103,7 @@ struct Cache {
 // Constant initialiser: no lazy-init check on access, only the destructor
 // registration state (the slots own `Arc`s).
 #[cfg(not(loom))]
-std::thread_local! {
+sync::thread_local! {
     static CACHE: RefCell<Cache> = const {
         RefCell::new(Cache { slots: [CacheSlot::EMPTY; CACHE_SLOTS], next_victim: 0, last: Cell::new(0) })
     };

@@ -88,11 +88,16 @@ struct ReaderSlot {
     free: std::sync::atomic::AtomicBool,
 }
 
-#[cfg(not(loom))]
+#[cfg(not(any(loom, shuttle)))]
 static DOMAIN: std::sync::LazyLock<Domain> = std::sync::LazyLock::new(Domain::new);
 
+// Under the model checkers the domain is created afresh for every execution.
 #[cfg(loom)]
 loom::lazy_static! {
+    static ref DOMAIN: Domain = Domain::new();
+}
+#[cfg(shuttle)]
+shuttle::lazy_static! {
     static ref DOMAIN: Domain = Domain::new();
 }
 
@@ -104,7 +109,7 @@ fn domain() -> &'static Domain {
 // so an access is a bare thread-pointer-relative load: no lazy-init or
 // destructor-state check on the fast path.
 #[cfg(not(loom))]
-std::thread_local! {
+sync::thread_local! {
     static SLOT: Cell<Option<&'static ReaderSlot>> = const { Cell::new(None) };
     static IN_DEFERRED: Cell<bool> = const { Cell::new(false) };
     /// Returns this thread's slot to the pool when the thread exits.
@@ -187,6 +192,22 @@ fn assign_slot() -> &'static ReaderSlot {
     slot
 }
 
+/// Waits until no slot of `readers` is inside a section that began before the
+/// global phase became `phase`: an idle slot, or one whose outermost section
+/// copied `phase`, needs no wait.
+fn wait_for_readers(readers: &[&'static ReaderSlot], phase: usize) {
+    for slot in readers {
+        let mut backoff = sync::Backoff::new();
+        loop {
+            let c = slot.ctr.load(Ordering::Acquire);
+            if c & NEST_MASK == 0 || c & PHASE == phase {
+                break;
+            }
+            backoff.snooze();
+        }
+    }
+}
+
 impl Domain {
     fn new() -> Domain {
         Domain {
@@ -212,21 +233,28 @@ impl Domain {
         let readers: Vec<&'static ReaderSlot> = sync::lock(&self.readers).clone();
         self.flavour.heavy();
         for _ in 0..2 {
-            let phase = (self.gp.load(Ordering::Relaxed) ^ PHASE) & PHASE;
-            self.gp.store(phase | 1, Ordering::Relaxed);
+            let phase = self.flip();
             fence(Ordering::SeqCst);
-            for slot in readers.iter() {
-                let mut backoff = sync::Backoff::new();
-                loop {
-                    let c = slot.ctr.load(Ordering::Acquire);
-                    if c & NEST_MASK == 0 || c & PHASE == phase {
-                        break;
-                    }
-                    backoff.snooze();
-                }
-            }
+            wait_for_readers(&readers, phase);
         }
         self.flavour.heavy();
+    }
+
+    /// Flips the global phase (keeping one nesting unit in the counter, which
+    /// readers copy) and returns the new phase.
+    fn flip(&self) -> usize {
+        let phase = (self.gp.load(Ordering::Relaxed) ^ PHASE) & PHASE;
+        self.gp.store(phase | 1, Ordering::Relaxed);
+        phase
+    }
+
+    /// Queues `f` with the next ticket.
+    fn call(&self, f: Deferred) {
+        let mut q = sync::lock(&self.deferred);
+        let t = q.next_ticket;
+        q.next_ticket += 1;
+        q.queue.push_back((t, f));
+        q.unfinished.insert(t);
     }
 
     fn next_ticket(&self) -> u64 {
@@ -280,28 +308,44 @@ impl std::fmt::Debug for ReadGuard {
 #[inline]
 pub fn read_lock() -> ReadGuard {
     let slot = local_slot();
-    let c = slot.ctr.load(Ordering::Relaxed);
-    if c & NEST_MASK == 0 {
-        slot.ctr
-            .store(slot.domain.gp.load(Ordering::Relaxed), Ordering::Relaxed);
-        slot.flavour.light();
-    } else {
-        slot.ctr.store(c + 1, Ordering::Relaxed);
-    }
+    slot.enter();
     ReadGuard {
         slot,
         _not_send: PhantomData,
     }
 }
 
-impl Drop for ReadGuard {
-    #[inline]
-    fn drop(&mut self) {
-        let c = self.slot.ctr.load(Ordering::Relaxed);
+impl ReaderSlot {
+    /// The read side of `read_lock`: the outermost section copies the global
+    /// counter (its phase plus one nesting unit) and runs the light fence;
+    /// nested ones add a unit.
+    #[inline(always)]
+    fn enter(&self) {
+        let c = self.ctr.load(Ordering::Relaxed);
+        if c & NEST_MASK == 0 {
+            self.ctr
+                .store(self.domain.gp.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.flavour.light();
+        } else {
+            self.ctr.store(c + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// The end of a section: removes a unit, and the phase with the last one.
+    #[inline(always)]
+    fn exit(&self) {
+        let c = self.ctr.load(Ordering::Relaxed);
         let next = if c & NEST_MASK == 1 { 0 } else { c - 1 };
         // Release: everything the section did happens-before a grace period
         // that observes the section ended.
-        self.slot.ctr.store(next, Ordering::Release);
+        self.ctr.store(next, Ordering::Release);
+    }
+}
+
+impl Drop for ReadGuard {
+    #[inline]
+    fn drop(&mut self) {
+        self.slot.exit();
     }
 }
 
@@ -350,12 +394,7 @@ pub(crate) fn synchronize_unchecked() {
 
 /// Queues `f` to run after a grace period (Linux `call_srcu`). Never blocks.
 pub fn call(f: impl FnOnce() + Send + 'static) {
-    let d = domain();
-    let mut q = sync::lock(&d.deferred);
-    let t = q.next_ticket;
-    q.next_ticket += 1;
-    q.queue.push_back((t, Box::new(f)));
-    q.unfinished.insert(t);
+    domain().call(Box::new(f));
 }
 
 /// Waits until every function queued with [`call`] before this call has run
@@ -392,10 +431,171 @@ mod tests {
         sync::lock(&domain().readers).len()
     }
 
+    use std::sync::atomic::AtomicUsize as StdAtomicUsize;
+    use std::sync::mpsc;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// Generous bound for "returns" (only reached on failure).
+    const RETURNS: Duration = Duration::from_secs(30);
+
+    /// A domain of its own, so its phase is not flipped by other tests.
+    fn private_domain() -> &'static Domain {
+        Box::leak(Box::new(Domain::new()))
+    }
+
+    fn slot(d: &'static Domain, ctr: usize) -> &'static ReaderSlot {
+        Box::leak(Box::new(ReaderSlot {
+            ctr: AtomicUsize::new(ctr),
+            domain: d,
+            flavour: d.flavour,
+            free: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+
+    /// Runs `wait_for_readers` on a thread; the receiver yields once it returns.
+    fn waiting(readers: Vec<&'static ReaderSlot>, phase: usize) -> mpsc::Receiver<()> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            wait_for_readers(&readers, phase);
+            let _ = tx.send(());
+        });
+        rx
+    }
+
+    #[test]
+    fn flip_alternates_the_phase_and_keeps_one_nesting_unit() {
+        let d = private_domain();
+        assert_eq!(d.gp.load(Ordering::Relaxed), 1);
+        assert_eq!(d.flip(), PHASE);
+        assert_eq!(d.gp.load(Ordering::Relaxed), PHASE | 1);
+        assert_eq!(d.flip(), 0);
+        assert_eq!(d.gp.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn outermost_section_records_the_current_phase_nested_ones_count() {
+        let d = private_domain();
+        d.flip(); // as if a grace period were between its flips
+        let s = slot(d, 0);
+        s.enter();
+        assert_eq!(s.ctr.load(Ordering::Relaxed), PHASE | 1);
+        s.enter();
+        assert_eq!(s.ctr.load(Ordering::Relaxed), PHASE | 2);
+        s.exit();
+        assert_eq!(s.ctr.load(Ordering::Relaxed), PHASE | 1);
+        s.exit();
+        assert_eq!(s.ctr.load(Ordering::Relaxed) & NEST_MASK, 0);
+    }
+
+    #[test]
+    fn wait_skips_idle_slots_and_sections_of_the_new_phase() {
+        let d = private_domain();
+        for phase in [PHASE, 0] {
+            let readers = vec![slot(d, 0), slot(d, phase | 1), slot(d, phase | 3)];
+            waiting(readers, phase)
+                .recv_timeout(RETURNS)
+                .expect("no slot is inside a section of the old phase");
+        }
+    }
+
+    #[test]
+    fn wait_blocks_until_a_section_of_the_old_phase_ends() {
+        let d = private_domain();
+        for (old, new) in [(0, PHASE), (PHASE, 0)] {
+            let reader = slot(d, old | 2);
+            let done = waiting(vec![slot(d, 0), reader], new);
+            assert!(
+                done.recv_timeout(Duration::from_millis(50)).is_err(),
+                "returned while a section of the old phase was running"
+            );
+            reader.exit();
+            assert!(
+                done.recv_timeout(Duration::from_millis(50)).is_err(),
+                "returned while a nested section of the old phase was running"
+            );
+            reader.exit();
+            done.recv_timeout(RETURNS)
+                .expect("returns once the section ends");
+        }
+    }
+
+    #[test]
+    fn run_due_runs_exactly_the_functions_queued_before_the_snapshot() {
+        let d = private_domain();
+        let ran = Arc::new(StdAtomicUsize::new(0));
+        for _ in 0..3 {
+            let ran = ran.clone();
+            d.call(Box::new(move || {
+                ran.fetch_add(1, Ordering::Relaxed);
+            }));
+        }
+        d.run_due(1);
+        assert_eq!(ran.load(Ordering::Relaxed), 1);
+        d.run_due(1);
+        assert_eq!(ran.load(Ordering::Relaxed), 1);
+        d.run_due(3);
+        assert_eq!(ran.load(Ordering::Relaxed), 3);
+        assert!(sync::lock(&d.deferred).unfinished.is_empty());
+    }
+
+    #[test]
+    fn nested_sections_end_with_the_outermost() {
+        let outer = read_lock();
+        let inner = read_lock();
+        assert_eq!(format!("{inner:?}"), "srcu::ReadGuard");
+        drop(inner);
+        assert!(in_read_section(), "the outer section is still running");
+        drop(outer);
+        assert!(!in_read_section());
+    }
+
+    #[test]
+    fn waiting_from_a_deferred_function_is_refused() {
+        let (tx, rx) = mpsc::channel();
+        call(move || {
+            let _ = tx.send((synchronize(), barrier()));
+        });
+        barrier().unwrap();
+        let (s, b) = rx.recv_timeout(RETURNS).expect("the function ran");
+        assert!(matches!(s, Err(Error::WouldDeadlock(_))), "{s:?}");
+        assert!(matches!(b, Err(Error::WouldDeadlock(_))), "{b:?}");
+    }
+
+    #[test]
+    fn pending_counts_queued_and_running_functions() {
+        let (release, gate) = mpsc::channel::<()>();
+        call(move || {
+            // Whichever thread runs it holds it until the assertion is done.
+            let _ = gate.recv_timeout(RETURNS);
+        });
+        assert!(pending() >= 1);
+        drop(release);
+        barrier().unwrap();
+    }
+
+    #[test]
+    fn every_thread_inside_a_section_has_its_own_slot() {
+        let main = read_lock();
+        let (entered, wait) = mpsc::channel();
+        let (release, gate) = mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let _g = read_lock();
+            entered.send(()).unwrap();
+            let _ = gate.recv_timeout(RETURNS);
+        });
+        wait.recv_timeout(RETURNS).unwrap();
+        assert!(slot_count() >= 2, "{} slots", slot_count());
+        drop(release);
+        t.join().unwrap();
+        drop(main);
+    }
+
     #[test]
     fn exited_threads_slots_are_reused() {
         drop(read_lock());
         let before = slot_count();
+        assert!(before >= 1, "this thread read, so it has a slot");
         for _ in 0..50 {
             std::thread::spawn(|| drop(read_lock())).join().unwrap();
         }

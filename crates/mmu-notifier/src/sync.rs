@@ -1,17 +1,33 @@
 //! The one place concurrency primitives come from.
 //!
 //! Normal builds use `std`; builds with `RUSTFLAGS="--cfg loom"` use
-//! [loom](https://docs.rs/loom)'s model-checked replacements, the way tokio and
-//! crossbeam structure it. Every lock, atomic, condition variable, thread and
-//! thread-local whose interleavings matter to the algorithms of this crate is
-//! taken from here, so the loom tests check the same code that ships.
+//! [loom](https://docs.rs/loom)'s model-checked replacements and builds with
+//! `RUSTFLAGS="--cfg shuttle"` use [shuttle](https://docs.rs/shuttle)'s
+//! randomly scheduled ones, the way tokio and crossbeam structure it. Every
+//! lock, atomic, condition variable, thread and thread-local whose
+//! interleavings matter to the algorithms of this crate is taken from here,
+//! so the loom and shuttle tests check the same code that ships.
+//!
+//! The facade is public so that the crates built on this one (the software
+//! MMU, the reference mirrors, your own secondary MMU) take their primitives
+//! from the same place: a shuttle test then schedules the whole system, and a
+//! `std::sync::Mutex` hidden in one of them cannot block the single OS thread
+//! shuttle runs every task on.
 //!
 //! `std::sync::Arc` is *not* routed through the facade: reference counts of
 //! user objects play no part in any of the grace-period or ordering arguments,
 //! and loom's `Arc` cannot hold unsized trait objects.
+//!
+//! ```
+//! use mmu_notifier::sync::{self, AtomicU64, Mutex, Ordering};
+//! let hits = AtomicU64::new(0);
+//! let table = Mutex::new(vec![1, 2, 3]);
+//! hits.fetch_add(1, Ordering::Relaxed);
+//! assert_eq!(sync::lock(&table).len(), 3);
+//! ```
 
 #[cfg(loom)]
-pub(crate) use loom::{
+pub use loom::{
     sync::{
         atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
         Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
@@ -19,8 +35,8 @@ pub(crate) use loom::{
     thread,
 };
 
-#[cfg(not(loom))]
-pub(crate) use std::{
+#[cfg(shuttle)]
+pub use shuttle::{
     sync::{
         atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
         Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
@@ -28,62 +44,99 @@ pub(crate) use std::{
     thread,
 };
 
-/// `thread_local!` from std, or loom's model-checked version.
+#[cfg(not(any(loom, shuttle)))]
+pub use std::{
+    sync::{
+        atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
+    },
+    thread,
+};
+
+/// The shuttle crate, for the facade's macros expanded in other crates.
+#[cfg(shuttle)]
+#[doc(hidden)]
+pub use shuttle as __shuttle;
+
+/// The loom crate, for the facade's macros expanded in other crates.
 #[cfg(loom)]
-macro_rules! facade_thread_local {
-    ($($t:tt)*) => { loom::thread_local!($($t)*); };
+#[doc(hidden)]
+pub use loom as __loom;
+
+/// `thread_local!` from std, or loom's or shuttle's version (one value per
+/// modelled thread). Use it as `mmu_notifier::sync::thread_local!`.
+#[cfg(loom)]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __facade_thread_local {
+    ($($t:tt)*) => { $crate::sync::__loom::thread_local!($($t)*); };
 }
-#[cfg(not(loom))]
-macro_rules! facade_thread_local {
+/// `thread_local!` from std, or loom's or shuttle's version (one value per
+/// modelled thread). Use it as `mmu_notifier::sync::thread_local!`.
+#[cfg(shuttle)]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __facade_thread_local {
+    ($($t:tt)*) => { $crate::sync::__shuttle::thread_local!($($t)*); };
+}
+/// `thread_local!` from std, or loom's or shuttle's version (one value per
+/// modelled thread). Use it as `mmu_notifier::sync::thread_local!`.
+#[cfg(not(any(loom, shuttle)))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __facade_thread_local {
     ($($t:tt)*) => { std::thread_local!($($t)*); };
 }
-pub(crate) use facade_thread_local as thread_local;
+pub use crate::__facade_thread_local as thread_local;
 
-/// Locks a mutex, ignoring poisoning (as do [`read`], [`write`] and [`wait`]).
+/// Locks a mutex, ignoring poisoning (as do [`read`](fn@read), [`write`](fn@write) and [`wait`]).
 ///
 /// Every critical section in this crate keeps its data consistent at every
 /// await-free step and never runs user callbacks while holding a lock it
 /// writes under (the interval tree's shared guard is held across callbacks,
 /// but only for reading, and each callback's panic is caught), so a panic
-/// cannot leave the protected state half-updated.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// cannot leave the protected state half-updated. Callers in other crates make
+/// the same argument for their own locks.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Takes a shared guard of an `RwLock`, ignoring poisoning.
-pub(crate) fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+pub fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Takes the exclusive guard of an `RwLock`, ignoring poisoning.
-pub(crate) fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+pub fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Waits on a condition variable, ignoring poisoning.
-pub(crate) fn wait<'a, T>(cv: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+pub fn wait<'a, T>(cv: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
     cv.wait(guard).unwrap_or_else(|p| p.into_inner())
 }
 
-/// Short pause used by wait loops: a yield point under loom, a spin hint or a
-/// sleep with exponential back-off otherwise.
-pub(crate) struct Backoff {
-    #[cfg_attr(loom, allow(dead_code))]
+/// Short pause used by wait loops: a yield point under loom and shuttle, a
+/// spin hint or a sleep with exponential back-off otherwise.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    #[cfg_attr(any(loom, shuttle), allow(dead_code))]
     step: u32,
 }
 
 impl Backoff {
-    pub(crate) fn new() -> Self {
+    /// A back-off at its first (shortest) step.
+    pub fn new() -> Self {
         Backoff { step: 0 }
     }
 
     /// Waits a little longer each call: spins, then yields, then sleeps up to 1 ms.
-    pub(crate) fn snooze(&mut self) {
-        #[cfg(loom)]
+    pub fn snooze(&mut self) {
+        #[cfg(any(loom, shuttle))]
         {
             thread::yield_now();
         }
-        #[cfg(not(loom))]
+        #[cfg(not(any(loom, shuttle)))]
         {
             if self.step < 6 {
                 for _ in 0..(1u32 << self.step) {

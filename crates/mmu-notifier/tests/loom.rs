@@ -338,3 +338,30 @@ fn interval_accounting_undone_when_list_start_fails() {
         sub.remove().unwrap();
     });
 }
+
+/// The SRCU handshake itself: a writer unpublishes an object, waits for a
+/// grace period and frees it; a reader that still finds the object published
+/// inside its section must find it alive. This is what the reader's light
+/// fence and the writer's heavy fence (both `fence(SeqCst)` under loom) buy:
+/// without the reader's fence loom finds the store-buffering execution in
+/// which the grace period misses the reader and the reader sees the freed
+/// object.
+#[test]
+fn grace_period_waits_for_a_reader_that_saw_the_old_object() {
+    loom::model(|| {
+        // 1: the object is alive, 0: freed.
+        let alive = Arc::new(AtomicUsize::new(1));
+        let published = Arc::new(AtomicUsize::new(1));
+        let (a, p) = (alive.clone(), published.clone());
+        let reader = thread::spawn(move || {
+            let _section = mmu_notifier::srcu::read_lock();
+            if p.load(Relaxed) == 1 {
+                assert_eq!(a.load(Relaxed), 1, "a reader used a freed object");
+            }
+        });
+        published.store(0, Relaxed);
+        mmu_notifier::srcu::synchronize().unwrap();
+        alive.store(0, Relaxed);
+        reader.join().unwrap();
+    });
+}

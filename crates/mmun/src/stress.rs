@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mirrors::{DmirrorError, MirrorError};
-use mmu_notifier::Event;
+use mirrors::{DmirrorError, MirrorError, RegCache, ShadowMmu};
+use mmu_notifier::{sync, Event};
 use softmm::{MapKind, Mm, PhysMem, Prot, PAGE_SIZE};
 
 use crate::rng::Rng;
@@ -68,6 +68,8 @@ kinds! {
     DevExclusive = "dmirror exclusive", 1, false;
     TlbAccess = "sva tlb access", 8, false;
     RegLookup = "regcache lookup+use", 8, false;
+    Attach = "mirror attach+use+detach", 1, false;
+    ChildMirror = "fork+mirror vs exit", 1, false;
 }
 
 /// Why an operation did not succeed.
@@ -111,10 +113,11 @@ fn region(rng: &mut Rng) -> (u64, u64) {
     }
 }
 
-/// A page and a page count inside one region.
-fn spot(rng: &mut Rng) -> (u64, u64, u64) {
+/// A page and a page count inside one region (inside its first `hot`
+/// pages when the space sets them).
+fn spot(rng: &mut Rng, hot: Option<u64>) -> (u64, u64, u64) {
     let (base, pages) = region(rng);
-    let i = rng.below(pages);
+    let i = rng.below(hot.map_or(pages, |h| h.clamp(1, pages)));
     let n = (1 + rng.below(4)).min(pages - i);
     (base, base + i * P, n)
 }
@@ -144,7 +147,7 @@ fn child_ops(child: &Mm, rng: &mut Rng) {
 /// Runs one operation of `kind` on `sp`.
 pub fn exec(kind: Kind, sp: &Space, rng: &mut Rng) -> Result<(), Fail> {
     let mm = &sp.mm;
-    let (base, addr, n) = spot(rng);
+    let (base, addr, n) = spot(rng, sp.hot);
     let len = n * P;
     let write = rng.below(2) == 0;
     match kind {
@@ -155,7 +158,7 @@ pub fn exec(kind: Kind, sp: &Space, rng: &mut Rng) -> Result<(), Fail> {
         Kind::Mremap => {
             // One page: VMAs fragment under mprotect and partial unmaps, and
             // mremap needs its range inside one VMA.
-            let a = PRIV + rng.below(PRIV_PAGES) * P;
+            let a = PRIV + rng.below(sp.hot.unwrap_or(PRIV_PAGES)) * P;
             let scratch = SCRATCH + (a - PRIV);
             mm.mremap_fixed(a, P, P, scratch)?;
             // Grow in place (when the next scratch page is free) and shrink
@@ -264,6 +267,33 @@ fn exec_secondary(
         Kind::RegLookup => {
             let reg = m.cache.get(addr, len, write)?;
             m.cache.check(&reg, addr + rng.below(len), write)?;
+        }
+        Kind::Attach => {
+            // Registration and unregistration (of a notifier and of an
+            // interval notifier) racing the other threads' invalidations.
+            let kvm = ShadowMmu::attach(sp.mm.grab())?;
+            kvm.fault(addr, write)?;
+            kvm.read(addr)?;
+            let cache = RegCache::new(sp.mm.grab(), 4);
+            let reg = cache.get(addr, len, write)?;
+            cache.check(&reg, addr + rng.below(len), write)?;
+        }
+        Kind::ChildMirror => {
+            // Exit racing a secondary that is still using the address space
+            // and then unregisters (751efd86, 3ad3d901/d34883d4).
+            let child = sp.mm.fork()?;
+            let kvm = ShadowMmu::attach(child.grab())?;
+            let a = PRIV + rng.below(sp.hot.unwrap_or(PRIV_PAGES)) * P;
+            kvm.fault(a, write)?;
+            let used = sync::thread::scope(|scope| {
+                scope.spawn(move || child.exit());
+                let used = kvm.read(a).map(|_| ());
+                drop(kvm);
+                used
+            });
+            if let Err(MirrorError::Violation(v)) = used {
+                return Err(Fail::Violation(v.to_string()));
+            }
         }
         _ => unreachable!("primary kinds are handled by exec"),
     }
@@ -467,23 +497,8 @@ pub fn run(s: &Settings) -> Report {
 
     // Teardown: mirrors first, then the address spaces; nothing may remain.
     drop(spaces);
+    let leaks = leaks_after_teardown(&phys);
     let st = phys.stats();
-    let mut leaks = Vec::new();
-    if st.in_use != 1 {
-        leaks.push(format!(
-            "{} frames still in use after teardown",
-            st.in_use - 1
-        ));
-    }
-    if st.swap_slots != 0 {
-        leaks.push(format!("{} swap slots still in use", st.swap_slots));
-    }
-    if st.underflows != 0 {
-        leaks.push(format!(
-            "{} reference-count underflows (double frees)",
-            st.underflows
-        ));
-    }
     let _ = writeln!(
         t,
         "{:<26} {:>10}",
@@ -496,6 +511,30 @@ pub fn run(s: &Settings) -> Report {
         leaks,
         first,
     }
+}
+
+/// What a machine still holds once every address space and mirror built by
+/// [`world::space`] is gone: frames other than the zero page, swap slots,
+/// and reference-count underflows (double frees). Empty when nothing leaked.
+pub fn leaks_after_teardown(phys: &PhysMem) -> Vec<String> {
+    let st = phys.stats();
+    let mut leaks = Vec::new();
+    if st.in_use != 1 {
+        leaks.push(format!(
+            "{} frames still in use after teardown",
+            st.in_use.saturating_sub(1)
+        ));
+    }
+    if st.swap_slots != 0 {
+        leaks.push(format!("{} swap slots still in use", st.swap_slots));
+    }
+    if st.underflows != 0 {
+        leaks.push(format!(
+            "{} reference-count underflows (double frees)",
+            st.underflows
+        ));
+    }
+    leaks
 }
 
 /// Runs only primary operations for `ops` operations on one address space

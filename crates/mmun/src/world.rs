@@ -54,6 +54,10 @@ pub struct Space {
     pub file: Arc<SharedObject>,
     /// Its mirrors (none in the bench baseline).
     pub mirrors: Option<Mirrors>,
+    /// Aim every operation at the first this many pages of each region
+    /// (`None`: anywhere). Few pages make operations collide more often,
+    /// which is what schedule exploration needs.
+    pub hot: Option<u64>,
 }
 
 /// Creates an address space with the standard layout and, if asked, the
@@ -86,5 +90,10 @@ pub fn space(phys: &Arc<PhysMem>, monitor: &Arc<Monitor>, idx: u64, with_mirrors
     .expect("fixed layout");
     let mirrors =
         with_mirrors.then(|| Mirrors::attach(&mm, Owner(idx + 1)).expect("live address space"));
-    Space { mm, file, mirrors }
+    Space {
+        mm,
+        file,
+        mirrors,
+        hot: None,
+    }
 }

@@ -11,8 +11,7 @@
 //! counts page-table entries, `pins` counts `pin` (FOLL_PIN) users. A frame is
 //! freed when `refs` drops to zero, never earlier.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use mmu_notifier::sync::{lock, AtomicU64, Mutex, MutexGuard, Ordering};
 
 use mmu_notifier::Owner;
 
@@ -128,10 +127,6 @@ impl std::fmt::Debug for PhysMem {
             .field("stats", &self.stats())
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl PhysMem {

@@ -1,7 +1,7 @@
 //! Secondary-side entry points: `range_fault` (Linux `hmm_range_fault`) and
 //! `pin` / `unpin` (Linux `pin_user_pages` / `unpin_user_pages`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use mmu_notifier::sync::{AtomicBool, Ordering};
 
 use mmu_notifier::{IntervalNotifier, Owner};
 

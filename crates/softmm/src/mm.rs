@@ -22,8 +22,12 @@
 //! Order: mmap lock → (invalidation callbacks) → PTL → secondary locks taken
 //! in PTL-held callbacks → page-table store → frame metadata.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::Arc;
+
+use mmu_notifier::sync::{
+    lock, AtomicBool, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering, RwLock, RwLockReadGuard,
+    RwLockWriteGuard,
+};
 
 use mmu_notifier::{
     ActiveInvalidation, Event, MmapReadGuard, MmapWriteGuard, Owner, Range, Subscriptions,
@@ -47,10 +51,6 @@ pub const MMAP_BASE: u64 = 0x1000_0000;
 /// `tlb_flush_mmu` between start and end; secondaries must therefore drop
 /// their mappings in `invalidate_range_start`, not in `end`).
 pub const GATHER_BATCH: usize = 32;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 pub(crate) struct MmInner {
     pub(crate) subs: Subscriptions,

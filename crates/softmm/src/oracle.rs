@@ -12,9 +12,8 @@
 //! Checking takes the page-table store lock (never the PTL), so secondaries
 //! call it while holding their own locks.
 
+use mmu_notifier::sync::{AtomicU64, Mutex, Ordering, RwLock};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use crate::frame::FrameRef;
 use crate::hmm::Pin;
@@ -101,7 +100,7 @@ pub struct Oracle {
     checks: AtomicU64,
     violations: AtomicU64,
     kept: Mutex<Vec<Violation>>,
-    observer: std::sync::RwLock<Option<std::sync::Arc<dyn OracleObserver>>>,
+    observer: RwLock<Option<std::sync::Arc<dyn OracleObserver>>>,
 }
 
 /// Sees every check as it happens (tracing tools; `mmun --trace`).

@@ -1,10 +1,9 @@
 //! A short ring of recent operations per address space, attached to oracle
 //! violations so a failure shows what led to it.
 
+use mmu_notifier::sync::{AtomicU64, Mutex, Ordering};
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use mmu_notifier::Event;
 
@@ -124,7 +123,7 @@ impl fmt::Display for TraceEntry {
     }
 }
 
-static SEQ: AtomicU64 = AtomicU64::new(0);
+static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 const CAPACITY: usize = 256;
 
 /// The ring plus per-operation counters of one address space.

@@ -1,7 +1,9 @@
 //! Virtual memory areas and the shared objects behind shared mappings.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use mmu_notifier::sync::Mutex;
 
 use crate::error::{Error, Result};
 use crate::frame::PhysMem;

@@ -1,6 +1,6 @@
 //! Mapping changes: mmap, munmap, mremap, madvise and the OOM reaper.
 
-use std::sync::atomic::Ordering;
+use mmu_notifier::sync::Ordering;
 
 use mmu_notifier::Event;
 
