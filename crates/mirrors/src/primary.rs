@@ -28,6 +28,17 @@ pub enum MirrorError {
     /// `HMM_RANGE_DEFAULT_TIMEOUT` / `-EBUSY`).
     #[error("gave up after too many collisions with invalidations")]
     Busy,
+    /// An access outside what the mirror covers (for a registration: outside
+    /// `[start, start + len)`): bad input, not a coherence problem.
+    #[error("address {addr:#x} is outside [{start:#x}, {end:#x})")]
+    OutOfRange {
+        /// The address asked for.
+        addr: u64,
+        /// First address covered.
+        start: u64,
+        /// One past the last address covered.
+        end: u64,
+    },
 }
 
 impl From<Box<Violation>> for MirrorError {

@@ -452,8 +452,18 @@ impl<P: FramePrimary> RegCache<P> {
     ///
     /// # Errors
     /// [`MirrorError::Violation`]; [`MirrorError::Released`] for an
-    /// invalidated registration (the caller must look up again).
+    /// invalidated registration (the caller must look up again);
+    /// [`MirrorError::OutOfRange`] for an address the registration does not
+    /// cover.
     pub fn check(&self, reg: &Registration<P>, addr: u64, write: bool) -> Result<()> {
+        let end = reg.start + reg.len;
+        if !(reg.start..end).contains(&addr) {
+            return Err(MirrorError::OutOfRange {
+                addr,
+                start: reg.start,
+                end,
+            });
+        }
         let _st = self.shared.lock();
         let p = &self.shared.primary;
         let pinned = reg.pinned.get().ok_or(MirrorError::Released)?;

@@ -210,6 +210,27 @@ fn regcache_hits_invalidations_and_lru() {
     assert!(cache.get(a, 0, false).is_err());
 }
 
+/// Found by cargo-fuzz (the scenario target): an access through a
+/// registration at an address it does not cover was reported as a coherence
+/// violation (the oracle found the address's frame not pinned) instead of as
+/// bad input.
+#[test]
+fn regcache_check_outside_the_registration_is_an_error() {
+    let (phys, mm) = machine();
+    let a = mm.mmap(4 * P, Prot::RW, MapKind::AnonPrivate).unwrap();
+    let cache = RegCache::new(mm.grab(), 4);
+    let r = cache.get(a, 2 * P, true).unwrap();
+    for addr in [a - 1, a + 2 * P, a + 3 * P, u64::MAX] {
+        let e = cache.check(&r, addr, true).unwrap_err();
+        assert!(
+            matches!(e, MirrorError::OutOfRange { addr: x, start, end } if x == addr && start == a && end == a + 2 * P),
+            "{e}"
+        );
+    }
+    cache.check(&r, a + 2 * P - 1, true).unwrap();
+    assert_eq!(phys.oracle().violation_count(), 0);
+}
+
 /// Threads looking up and using registrations while others unmap, remap and
 /// discard the memory under them: no lookup ever returns a registration that
 /// disagrees with the address space.

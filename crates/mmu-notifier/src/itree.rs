@@ -301,6 +301,28 @@ impl<V> ITree<V> {
         self.walk(n.right, start, last, f)
     }
 
+    /// Depth of the deepest node (0 for an empty tree), checking on the way
+    /// that every node's priority is at least its children's (the heap half
+    /// of the treap, which is what keeps the depth logarithmic).
+    #[cfg(test)]
+    fn depth_checking_heap(&self, t: u32) -> usize {
+        if t == NIL {
+            return 0;
+        }
+        let n = &self.nodes[t as usize];
+        for c in [n.left, n.right] {
+            if c != NIL {
+                assert!(
+                    self.nodes[c as usize].prio <= n.prio,
+                    "heap order broken below node {t}"
+                );
+            }
+        }
+        1 + self
+            .depth_checking_heap(n.left)
+            .max(self.depth_checking_heap(n.right))
+    }
+
     /// Every value, in key order.
     #[cfg(test)]
     pub(crate) fn values(&self) -> Vec<V>
@@ -339,6 +361,35 @@ mod tests {
         assert!(t.overlaps(11, 11));
         assert!(!t.overlaps(31, 100));
         assert_eq!(t.values(), ['c', 'b', 'd']);
+    }
+
+    /// Registration caches insert intervals in address order and evict in
+    /// LRU order: the treap must stay shallow for both (a tree that
+    /// degenerates into a list makes every invalidation linear).
+    #[test]
+    fn stays_logarithmic_under_sorted_inserts_and_churn() {
+        const N: u64 = 4096;
+        let mut t = ITree::new();
+        let mut ids: Vec<NodeId> = (0..N).map(|i| t.insert(i * 8, i * 8 + 7, i)).collect();
+        // Expected depth of a treap is about 3 ln N (25 here); the
+        // priorities are deterministic, so this bound is not a flaky one.
+        let depth = t.depth_checking_heap(t.root);
+        assert!(depth <= 48, "depth {depth} for {N} sorted inserts");
+        // Remove every other entry oldest first (merges), then insert again.
+        for id in ids.iter().step_by(2) {
+            t.remove(*id);
+        }
+        ids.clear();
+        for i in 0..N / 2 {
+            ids.push(t.insert(N * 8 + i, N * 8 + i, i));
+        }
+        let depth = t.depth_checking_heap(t.root);
+        assert!(depth <= 48, "depth {depth} after churn");
+        assert_eq!(t.len(), N as usize);
+        // Priorities are not a constant (that would make every tree a list
+        // whatever the comparisons do).
+        let first = t.next_prio();
+        assert!((0..8).any(|_| t.next_prio() != first));
     }
 
     #[test]

@@ -113,6 +113,7 @@ fn label_mirror(e: &MirrorError) -> String {
         MirrorError::Violation(_) => "Violation".into(),
         MirrorError::Released => "Released".into(),
         MirrorError::Busy => "Busy".into(),
+        MirrorError::OutOfRange { .. } => "OutOfRange".into(),
         _ => "Notifier".into(),
     }
 }

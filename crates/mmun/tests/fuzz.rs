@@ -1,9 +1,9 @@
-//! Fuzzing with proptest (cargo-fuzz needs a nightly toolchain; this machine
-//! has stable only): the scenario parser and runner on generated scenario
-//! text, and random single-threaded workloads on softmm with all four mirrors.
-//! Neither may panic, hang or produce a coherence violation; bad input must
-//! come back as an error. CI runs a few cases; for a long run:
-//! `PROPTEST_CASES=20000 cargo test --release -p mmun --test fuzz`.
+//! Fuzzing with proptest, the part that runs in CI (coverage-guided runs with
+//! cargo-fuzz are in `fuzz/`, see the README): the scenario parser and runner
+//! on generated scenario text, and random single-threaded workloads on softmm
+//! with all four mirrors. Neither may panic, hang or produce a coherence
+//! violation; bad input must come back as an error. CI runs a few cases; for
+//! a long run: `PROPTEST_CASES=20000 cargo test --release -p mmun --test fuzz`.
 
 use mmun::scenario::run_text;
 use mmun::stress::{self, Settings};
