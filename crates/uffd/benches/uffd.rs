@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use mirrors::RegCache;
-use uffd::ProcessMm;
+use uffd::{FlushScope, ProcessMm};
 
 // The tests' mapping helpers, so the benchmark maps and unmaps the same way.
 #[path = "../tests/common/mod.rs"]
@@ -107,39 +107,48 @@ impl Drop for Harness {
     }
 }
 
+/// Hits on `n` cached one-page registrations, with the given flush scope.
+fn lookup_hit_ours(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    scope: FlushScope,
+    n: u64,
+) {
+    let mm = ProcessMm::with_scope(scope).expect("userfaultfd");
+    let cache = RegCache::new(mm.clone(), n as usize + 16);
+    let base = map(n);
+    for i in 0..n {
+        drop(cache.get(base + i * P, P, true).unwrap());
+    }
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    g.bench_with_input(BenchmarkId::new(name, n), &n, |b, &n| {
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                let a = base + next_index(&mut x, n) * P;
+                std::hint::black_box(cache.get(a, P, true).unwrap());
+            }
+            t.elapsed()
+        })
+    });
+    assert_eq!(
+        cache
+            .stats()
+            .misses
+            .load(std::sync::atomic::Ordering::Relaxed),
+        n
+    );
+    drop(cache);
+    mm.shutdown();
+    unmap(base, n);
+}
+
 fn lookup_hit(c: &mut Criterion) {
     let harness = build_harness();
     let mut g = c.benchmark_group("lookup_hit");
     for n in [1_000u64, 100_000] {
-        {
-            let mm = ProcessMm::new().expect("userfaultfd");
-            let cache = RegCache::new(mm.clone(), n as usize + 16);
-            let base = map(n);
-            for i in 0..n {
-                drop(cache.get(base + i * P, P, true).unwrap());
-            }
-            let mut x = 0x9E37_79B9_7F4A_7C15u64;
-            g.bench_with_input(BenchmarkId::new("ours", n), &n, |b, &n| {
-                b.iter_custom(|iters| {
-                    let t = Instant::now();
-                    for _ in 0..iters {
-                        let a = base + next_index(&mut x, n) * P;
-                        std::hint::black_box(cache.get(a, P, true).unwrap());
-                    }
-                    t.elapsed()
-                })
-            });
-            assert_eq!(
-                cache
-                    .stats()
-                    .misses
-                    .load(std::sync::atomic::Ordering::Relaxed),
-                n
-            );
-            drop(cache);
-            mm.shutdown();
-            unmap(base, n);
-        }
+        lookup_hit_ours(&mut g, "ours", FlushScope::Returned, n);
+        lookup_hit_ours(&mut g, "ours_started_scope", FlushScope::Started, n);
         if let Some((exe, true)) = &harness {
             let n_arg = n.to_string();
             let mut h = Harness::spawn(exe, &["ucx", &n_arg]);

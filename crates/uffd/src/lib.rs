@@ -7,7 +7,10 @@
 //!
 //! * [`ProcessMm`]: the address space; [`ProcessMm::watch`] and
 //!   [`ProcessMm::interval_insert`] choose the ranges that produce events,
-//!   [`ProcessMm::flush`] makes every change that has returned visible.
+//!   [`ProcessMm::flush`] makes every change that has returned visible
+//!   (and, with [`FlushScope::Started`], every change that has taken
+//!   effect, including another thread's munmap still waiting for the
+//!   monitor while a new mapping reuses its addresses).
 //! * `mirrors::RegCache<ProcessMm>`: the registration cache on real memory
 //!   (`ProcessMm` implements [`mirrors::Primary`]).
 //!
@@ -35,5 +38,5 @@ mod process;
 mod sys;
 
 pub use error::UffdError;
-pub use monitor::MonitorStats;
+pub use monitor::{FlushScope, MonitorStats};
 pub use process::{ProcessInterval, ProcessMm, ProcessPin, Watch, USER_ADDRESS_LIMIT};

@@ -9,7 +9,7 @@ use mmu_notifier::{
 };
 
 use crate::error::UffdError;
-use crate::monitor::{lock, MonitorStats, Shared};
+use crate::monitor::{current_uffd, lock, take_uffd, FlushScope, MonitorStats, Shared};
 use crate::sys::{self, ForkSentinel, Uffd, VmaQuery};
 
 /// Highest user address on x86-64 and arm64 with 4-level page tables
@@ -98,11 +98,20 @@ impl ProcessMm {
     /// seccomp), [`UffdError::Api`] on kernels without the events,
     /// [`UffdError::Setup`] / [`UffdError::Thread`].
     pub fn new() -> Result<ProcessMm, UffdError> {
+        Self::with_scope(FlushScope::default())
+    }
+
+    /// As [`new`](Self::new), with the given [`FlushScope`]: which changes
+    /// [`flush`](Self::flush) waits for.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new).
+    pub fn with_scope(scope: FlushScope) -> Result<ProcessMm, UffdError> {
         let uffd = Uffd::open()?;
         let sentinel = ForkSentinel::new().map_err(UffdError::Setup)?;
         let vmas = VmaQuery::new().map_err(UffdError::Setup)?;
-        let shared = Arc::new(Shared::new(uffd, sentinel, vmas)?);
-        let uffd = lock(&shared.uffd).clone().expect("just opened");
+        let shared = Arc::new(Shared::new(uffd, sentinel, vmas, scope)?);
+        let uffd = current_uffd(&shared.uffd).expect("just opened");
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("uffd-monitor".into())
@@ -131,6 +140,11 @@ impl ProcessMm {
     /// The subsystem's mmap read lock.
     pub fn mmap_read(&self) -> MmapReadGuard<'_> {
         self.subscriptions().mmap_read()
+    }
+
+    /// Which changes [`flush`](Self::flush) waits for.
+    pub fn scope(&self) -> FlushScope {
+        self.handle.shared.scope
     }
 
     /// The monitor's counters.
@@ -166,9 +180,7 @@ impl ProcessMm {
         let (start, end) = check_range(start, len)?;
         s.check_live()?;
         let mut cov = lock(&s.coverage);
-        let uffd = lock(&s.uffd)
-            .clone()
-            .ok_or_else(|| UffdError::Dead("shut down".into()))?;
+        let uffd = current_uffd(&s.uffd).ok_or_else(|| UffdError::Dead("shut down".into()))?;
         // Register whole mappings (see `VmaQuery`), and always, even where
         // another watch covers the range: a mapping made after an UNMAP
         // there is a new VMA, which is not registered.
@@ -213,9 +225,11 @@ impl ProcessMm {
     }
 
     /// Waits until the invalidations of every munmap, mremap and madvise
-    /// that returned before this call have run. One atomic load when the
-    /// monitor is idle. Call it before trusting any state the callbacks
-    /// maintain (a registration cache does it on every lookup).
+    /// that returned before this call have run (and, with
+    /// [`FlushScope::Started`], of every one that had taken effect). One
+    /// atomic load when the monitor is idle, plus one `ioctl` with
+    /// `Started`. Call it before trusting any state the callbacks maintain
+    /// (a registration cache does it on every lookup).
     ///
     /// # Errors
     /// [`UffdError::Forked`] in a forked child, [`UffdError::Dead`] after
@@ -269,7 +283,7 @@ impl Handle {
         if let Some(t) = lock(&self.thread).take() {
             let _ = t.join();
         }
-        lock(&s.uffd).take();
+        take_uffd(&s.uffd);
         let _ = s.subs.release();
     }
 }
@@ -308,7 +322,7 @@ impl Drop for Watch {
         if s.sentinel.forked() {
             return;
         }
-        let Some(uffd) = lock(&s.uffd).clone() else {
+        let Some(uffd) = current_uffd(&s.uffd) else {
             return;
         };
         for (a, b) in freed {

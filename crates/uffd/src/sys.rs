@@ -199,6 +199,29 @@ impl Uffd {
         .map(|_| ())
     }
 
+    /// Whether the kernel holds layout changes of registered ranges whose
+    /// events the monitor has not read yet (the context's `mmap_changing`
+    /// count, raised when a munmap, mremap or madvise of a registered range
+    /// starts and dropped when its event is read). `UFFDIO_ZEROPAGE` tests it
+    /// before anything else and fails with `EAGAIN`; otherwise it fails on
+    /// the empty range passed here (`EINVAL`) without touching memory.
+    pub(crate) fn changes_pending(&self) -> bool {
+        let mut z = uapi::uffdio_zeropage {
+            range: uapi::uffdio_range { start: 0, len: 0 },
+            mode: 0,
+            zeropage: 0,
+        };
+        // SAFETY: UFFDIO_ZEROPAGE reads a `uffdio_zeropage` and writes its
+        // `zeropage` field; `z` is exactly that struct and outlives the call.
+        let r = unsafe {
+            ioctl(
+                &self.fd,
+                Updater::<{ linux_raw_sys::ioctl::UFFDIO_ZEROPAGE }, _>::new(&mut z),
+            )
+        };
+        r == Err(Errno::AGAIN)
+    }
+
     /// Reads the pending messages without blocking (`EAGAIN`: none).
     pub(crate) fn read<'a>(&self, buf: &'a mut MsgBuf) -> Result<&'a [Msg], Errno> {
         let size = std::mem::size_of_val(&buf.msgs);

@@ -93,8 +93,7 @@ fn mremap_move_unmaps_the_old_range_and_grow_in_place_keeps_it() {
         "grow in place changes no page"
     );
     // Move: a mapping right above forces the grow to move.
-    let b = map(2);
-    let guard = map_fixed_above(b);
+    let (b, guard) = two_pages_below_a_guard();
     let rb = cache.get(b, 2 * P, true).unwrap();
     let nb = remap(b, 2, 8, true).unwrap();
     assert_ne!(nb, b);
@@ -111,11 +110,16 @@ fn mremap_move_unmaps_the_old_range_and_grow_in_place_keeps_it() {
     unmap(guard, 1);
 }
 
-/// Maps one page right above the 2-page mapping at `b`.
-fn map_fixed_above(b: u64) -> u64 {
-    let g = b + 2 * P;
-    map_fixed(g, 1);
-    g
+/// Two read-write pages and, right above them, a read-only page (a VMA of
+/// its own): all three ours. (A `MAP_FIXED` page above a fresh mapping
+/// replaced whatever the kernel had put there, once the fork sentinel.)
+fn two_pages_below_a_guard() -> (u64, u64) {
+    let b = map(3);
+    let guard = b + 2 * P;
+    // SAFETY: the test's own page; no reference into it exists.
+    unsafe { rustix::mm::mprotect(guard as *mut _, P as usize, rustix::mm::MprotectFlags::READ) }
+        .expect("mprotect");
+    (b, guard)
 }
 
 #[test]

@@ -18,7 +18,12 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// A `ProcessMm`, or `None` (with the reason printed) where userfaultfd is
 /// unavailable: the only case in which these tests skip.
 pub fn process_mm() -> Option<ProcessMm> {
-    match ProcessMm::new() {
+    process_mm_with(uffd::FlushScope::default())
+}
+
+/// As [`process_mm`], with the given flush scope.
+pub fn process_mm_with(scope: uffd::FlushScope) -> Option<ProcessMm> {
+    match ProcessMm::with_scope(scope) {
         Ok(mm) => Some(mm),
         Err(e @ UffdError::Unavailable { .. }) => {
             eprintln!("SKIPPED: {e}");
