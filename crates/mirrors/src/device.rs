@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock, Weak};
 
-use mmu_notifier::sync::{AtomicU64, Mutex, MutexGuard, Ordering};
+use mmu_notifier::sync::{self, AtomicU64, Mutex, MutexGuard, Ordering};
 
 use mmu_notifier::{Event, IntervalNotifier, IntervalOps, Owner, Range};
 use softmm::{
@@ -214,7 +214,7 @@ fn check(addr: u64, npages: u64) -> Result<(u64, u64), DmirrorError> {
 
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, (FrameRef, Tag)>> {
-        self.pt.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.pt)
     }
 
     fn sub(&self) -> &IntervalNotifier {

@@ -5,7 +5,7 @@
 
 use std::sync::TryLockError;
 
-use mmu_notifier::sync::{Mutex, MutexGuard};
+use mmu_notifier::sync::{self, Mutex, MutexGuard};
 
 use mmu_notifier::Range;
 
@@ -13,7 +13,7 @@ use mmu_notifier::Range;
 /// blockable and the lock is taken.
 pub(crate) fn lock_for<'a, T>(m: &'a Mutex<T>, r: &Range) -> Option<MutexGuard<'a, T>> {
     if r.blockable() {
-        return Some(m.lock().unwrap_or_else(|e| e.into_inner()));
+        return Some(sync::lock(m));
     }
     match m.try_lock() {
         Ok(g) => Some(g),

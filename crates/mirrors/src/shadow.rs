@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use mmu_notifier::sync::{AtomicU64, Mutex, MutexGuard, Ordering};
+use mmu_notifier::sync::{self, AtomicU64, Mutex, MutexGuard, Ordering};
 
 use mmu_notifier::{Again, Callbacks, MmuNotifier, NotifierHandle, Pte, Range, Subscriptions};
 use softmm::{FrameRef, PAGE_SIZE};
@@ -85,7 +85,7 @@ const MAX_RETRIES: u32 = 10_000;
 
 impl<P: FramePrimary> Inner<P> {
     fn lock(&self) -> MutexGuard<'_, MmuState> {
-        self.mmu_lock.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.mmu_lock)
     }
 }
 

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use mmu_notifier::sync::{AtomicU64, Mutex, MutexGuard, Ordering};
+use mmu_notifier::sync::{self, AtomicU64, Mutex, MutexGuard, Ordering};
 
 use mmu_notifier::{Callbacks, MmuNotifier, NotifierHandle, Subscriptions};
 use softmm::{FrameRef, PAGE_SIZE};
@@ -47,7 +47,7 @@ struct Inner<P> {
 
 impl<P: FramePrimary> Inner<P> {
     fn lock(&self) -> MutexGuard<'_, Tlb> {
-        self.tlb.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.tlb)
     }
 }
 

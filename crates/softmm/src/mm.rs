@@ -25,8 +25,8 @@
 use std::sync::Arc;
 
 use mmu_notifier::sync::{
-    lock, AtomicBool, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering, RwLock, RwLockReadGuard,
-    RwLockWriteGuard,
+    self, lock, AtomicBool, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering, RwLock,
+    RwLockReadGuard, RwLockWriteGuard,
 };
 
 use mmu_notifier::{
@@ -382,11 +382,11 @@ impl Inv<'_> {
 
 impl MmInner {
     pub(crate) fn vmas_read(&self) -> RwLockReadGuard<'_, Vmas> {
-        self.vmas.read().unwrap_or_else(|e| e.into_inner())
+        sync::read(&self.vmas)
     }
 
     pub(crate) fn vmas_write(&self) -> RwLockWriteGuard<'_, Vmas> {
-        self.vmas.write().unwrap_or_else(|e| e.into_inner())
+        sync::write(&self.vmas)
     }
 
     pub(crate) fn ptl(&self) -> MutexGuard<'_, ()> {

@@ -12,7 +12,7 @@
 //! Checking takes the page-table store lock (never the PTL), so secondaries
 //! call it while holding their own locks.
 
-use mmu_notifier::sync::{AtomicU64, Mutex, Ordering, RwLock};
+use mmu_notifier::sync::{self, AtomicU64, Mutex, Ordering, RwLock};
 use std::fmt;
 
 use crate::frame::FrameRef;
@@ -152,10 +152,7 @@ impl Oracle {
         let vpn = vaddr / PAGE_SIZE;
         let verdict = {
             let pt = inner.pt();
-            let pending = inner
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+            let pending = sync::lock(&inner.pending)
                 .filter(|&(v, _)| v == vpn)
                 .map(|(_, p)| p);
             let current = pt.get(vpn);
@@ -231,7 +228,7 @@ impl Oracle {
             pte: mm.pte(vaddr),
             trace: mm.inner.trace.recent(),
         });
-        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = sync::lock(&self.kept);
         if kept.len() < KEPT {
             kept.push((*v).clone());
         }
@@ -240,11 +237,11 @@ impl Oracle {
 
     /// Installs (or with `None` removes) the observer of every check.
     pub fn set_observer(&self, observer: Option<std::sync::Arc<dyn OracleObserver>>) {
-        *self.observer.write().unwrap_or_else(|e| e.into_inner()) = observer;
+        *sync::write(&self.observer) = observer;
     }
 
     fn observe(&self, mm: u64, vaddr: u64, write: bool, violation: Option<&Violation>) {
-        let obs = self.observer.read().unwrap_or_else(|e| e.into_inner());
+        let obs = sync::read(&self.observer);
         if let Some(o) = obs.as_ref() {
             o.checked(mm, vaddr, write, violation);
         }
@@ -262,6 +259,6 @@ impl Oracle {
 
     /// The first violations (up to 16), with traces.
     pub fn violations(&self) -> Vec<Violation> {
-        self.kept.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        sync::lock(&self.kept).clone()
     }
 }

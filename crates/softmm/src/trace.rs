@@ -1,7 +1,7 @@
 //! A short ring of recent operations per address space, attached to oracle
 //! violations so a failure shows what led to it.
 
-use mmu_notifier::sync::{AtomicU64, Mutex, Ordering};
+use mmu_notifier::sync::{self, AtomicU64, Mutex, Ordering};
 use std::collections::VecDeque;
 use std::fmt;
 
@@ -143,7 +143,7 @@ impl Trace {
             start,
             end,
         };
-        let mut r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = sync::lock(&self.ring);
         if r.len() == CAPACITY {
             r.pop_front();
         }
@@ -151,7 +151,7 @@ impl Trace {
     }
 
     pub(crate) fn recent(&self) -> Vec<TraceEntry> {
-        let r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let r = sync::lock(&self.ring);
         r.iter().copied().collect()
     }
 

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use mmu_notifier::sync::Mutex;
+use mmu_notifier::sync::{self, Mutex};
 
 use crate::error::{Error, Result};
 use crate::frame::PhysMem;
@@ -112,7 +112,7 @@ impl SharedObject {
     /// The frame of page `pgoff`, allocating a zeroed one if needed (the
     /// object keeps its own reference).
     pub(crate) fn page(&self, pgoff: u64) -> Result<u64> {
-        let mut pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pages = sync::lock(&self.pages);
         if let Some(&pfn) = pages.get(&pgoff) {
             return Ok(pfn);
         }
