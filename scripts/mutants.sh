@@ -14,6 +14,13 @@
 # collision check, a TLB that ignores a flush) must each make the shuttle
 # whole-system test (crates/mmun/tests/shuttle.rs) fail. Shuttle's schedules
 # are random, so this set is seeded (SHUTTLE_RANDOM_SEED) for repeatable runs.
+#
+# `scripts/mutants.sh --devices [name...]` checks the registration cache and
+# its real devices: each bug in mutants/devices/ must fail its test: the
+# io_uring end-to-end test (crates/uring-registrar/tests/end_to_end.rs)
+# reporting bad reads, a lifecycle test of crates/regcache, or the
+# userfaultfd monitor test timing out on a deadlock. It needs io_uring and
+# userfaultfd, as those tests do.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 work="$root/target/mutants"
@@ -22,12 +29,12 @@ export CARGO_TARGET_DIR="$work/target"
 export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}"
 
 set_name=race
-if [ "${1:-}" = --whole-system ]; then
-  set_name=whole-system
+if [ "${1:-}" = --whole-system ] || [ "${1:-}" = --devices ]; then
+  set_name=${1#--}
   shift
 fi
 
-# name | kind (std, loom or shuttle) | test target | test name (empty: every
+# name | kind (std, loom, shuttle, uring, uffd or regcache) | test target | test name (empty: every
 # test of the target) | what the mutant does
 race_mutants=(
   "3ad3d901|std|seed|seed_3ad3d901_release_runs_before_removal_from_list|exit takes notifiers off the list before calling release"
@@ -46,9 +53,22 @@ whole_system_mutants=(
   "regcache-no-retry|shuttle|shuttle||the registration cache publishes a registration without read_retry"
   "tlb-partial-flush-ignored|shuttle|shuttle||the secondary TLB keeps one entry of a ranged flush"
 )
+device_mutants=(
+  "no-invalidation|uring|end_to_end|fixed_reads_through_the_cache_never_lose_data|the registration cache ignores invalidations (stale fixed buffers)"
+  "guard-drop-leaks|regcache|lifecycle|a_guard_outliving_the_cache_deregisters_when_dropped|dropping the last guard does not deregister"
+  "raced-handle-leaks|regcache|lifecycle|a_range_invalidated_at_every_attempt_gives_busy_after_a_bounded_number|a registration raced by an invalidation is never deregistered"
+  "limits-ignored|regcache|lifecycle|device_limits_count_invalidated_handles_still_held|the device's handle limit is not counted"
+  "exhausted-no-retry|regcache|lifecycle|an_exhausted_device_gets_room_and_one_retry|an exhausted device gets no room and no retry"
+  "access-subset-hits|regcache|lifecycle|a_hit_needs_a_superset_of_the_access_and_of_the_range|a registration with less access satisfies a lookup"
+  "no-reap-on-hit|regcache|lifecycle|past_the_unreleased_bound_hits_tear_down_what_left_the_cache|invalidated registrations stay registered while the cache only hits"
+  "reader-waits-for-handler|uffd|process|a_blocked_callback_does_not_stop_the_monitor_reading|the userfaultfd reader waits for the callbacks (a munmap under an allocator lock deadlocks)"
+)
 if [ "$set_name" = race ]; then
   mutants=("${race_mutants[@]}")
   patches="$root/mutants"
+elif [ "$set_name" = devices ]; then
+  mutants=("${device_mutants[@]}")
+  patches="$root/mutants/devices"
 else
   mutants=("${whole_system_mutants[@]}")
   patches="$root/mutants/whole-system"
@@ -71,6 +91,9 @@ cargo_test() { # kind target [test args...]
       cargo test -q -p mmu-notifier --release --test "$target" "$@") ;;
     shuttle) (cd "$tree" && RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR="$work/shuttle" \
       cargo test -q -p mmun --release --test "$target" "$@") ;;
+    uring) (cd "$tree" && cargo test -q -p uring-registrar --release --test "$target" "$@") ;;
+    uffd) (cd "$tree" && cargo test -q -p uffd --test "$target" "$@") ;;
+    regcache) (cd "$tree" && cargo test -q -p regcache --test "$target" "$@") ;;
     *) (cd "$tree" && cargo test -q -p mmu-notifier --test "$target" "$@") ;;
   esac
 }

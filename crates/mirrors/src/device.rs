@@ -164,7 +164,7 @@ impl IntervalOps for Ops {
         let own_migration = r.event() == Event::Migrate
             && r.owner() == Some(dev.owner)
             && MIGRATING_TO_DEVICE.with(|m| m.get()) == Some(dev.owner);
-        let Some(mut pt) = crate::lock::lock_for(&dev.pt, r) else {
+        let Some(mut pt) = mmu_notifier::sync::lock_in_callback(&dev.pt, r) else {
             return false;
         };
         sub.set_seq(seq);

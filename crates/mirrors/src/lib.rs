@@ -6,7 +6,7 @@
 //! | [`ShadowMmu`] | KVM shadow page tables (spec 8.1) | start/end with in-progress count, sequence and range; `change_pte`; young; `release` |
 //! | [`DeviceMirror`] | HMM device page table, `lib/test_hmm.c` (spec 8.2, 9.1) | one interval notifier; `range_fault` + `read_begin`/`read_retry` |
 //! | [`SecondaryTlb`] | IOMMU SVA TLB (spec 8.3) | `arch_invalidate_secondary_tlbs`, `release` |
-//! | [`RegCache`] | RDMA memory-region cache | one interval notifier per pinned registration |
+//! | [`MrCache`] | RDMA memory-region cache (a `regcache::RegCache` that pins) | one interval notifier per pinned registration |
 //!
 //! Every access a mirror makes through its own translation is checked by
 //! the primary's coherence oracle. Mirrors reach the primary through the
@@ -17,14 +17,13 @@
 #![warn(missing_docs)]
 
 pub mod device;
-mod lock;
+pub mod mr_cache;
 mod primary;
-pub mod regcache;
 pub mod shadow;
 pub mod tlb;
 
 pub use device::{Cmd, DeviceMirror, DmirrorError, Tag};
+pub use mr_cache::{MrCache, MrEntry, PinRegistrar, PrimarySpace};
 pub use primary::{FramePrimary, MirrorError, Primary, Result};
-pub use regcache::{RegCache, RegCacheStats, Registration};
 pub use shadow::{ShadowMmu, ShadowStats};
 pub use tlb::{SecondaryTlb, TlbStats};

@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use mirrors::{FramePrimary, MirrorError, Primary, RegCache, SecondaryTlb, ShadowMmu};
+use mirrors::{FramePrimary, MirrorError, MrCache, Primary, SecondaryTlb, ShadowMmu};
 use mmu_notifier::Subscriptions;
 use softmm::{FrameRef, MapKind, Mm, MmGrab, PhysMem, Pin, Prot, PAGE_SIZE};
 
@@ -179,7 +179,7 @@ fn secondary_tlb_is_flushed_by_every_primary_flush() {
 fn regcache_hits_invalidations_and_lru() {
     let (_phys, mm) = machine();
     let a = mm.mmap(8 * P, Prot::RW, MapKind::AnonPrivate).unwrap();
-    let cache = RegCache::new(mm.grab(), 2);
+    let cache = MrCache::new(mm.grab(), 2);
     let r = cache.get(a, 2 * P, true).unwrap();
     cache.check(&r, a + P, true).unwrap();
     assert_eq!(cache.get(a + 10, 100, false).unwrap().id(), r.id());
@@ -218,7 +218,7 @@ fn regcache_hits_invalidations_and_lru() {
 fn regcache_check_outside_the_registration_is_an_error() {
     let (phys, mm) = machine();
     let a = mm.mmap(4 * P, Prot::RW, MapKind::AnonPrivate).unwrap();
-    let cache = RegCache::new(mm.grab(), 4);
+    let cache = MrCache::new(mm.grab(), 4);
     let r = cache.get(a, 2 * P, true).unwrap();
     for addr in [a - 1, a + 2 * P, a + 3 * P, u64::MAX] {
         let e = cache.check(&r, addr, true).unwrap_err();
@@ -239,7 +239,7 @@ fn regcache_lookups_racing_unmaps_are_never_stale() {
     let (phys, mm) = machine();
     const PAGES: u64 = 16;
     let base = mm.mmap(PAGES * P, Prot::RW, MapKind::AnonPrivate).unwrap();
-    let cache = Arc::new(RegCache::new(mm.grab(), 8));
+    let cache = Arc::new(MrCache::new(mm.grab(), 8));
     let stop = Arc::new(AtomicBool::new(false));
     let churn = AtomicU64::new(0);
     let churn = Arc::new(churn);

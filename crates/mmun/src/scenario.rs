@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use mirrors::{DmirrorError, MirrorError, Registration};
+use mirrors::{DmirrorError, MirrorError, MrEntry};
 use mmu_notifier::Event;
 use serde::Deserialize;
 use softmm::{MapKind, Mm, MmGrab, PhysMem, Prot, SharedObject, PAGE_SIZE};
@@ -97,7 +97,7 @@ pub struct World {
     monitor: Arc<Monitor>,
     spaces: Mutex<HashMap<String, Arc<Space>>>,
     addrs: Mutex<HashMap<String, u64>>,
-    regs: Mutex<HashMap<String, Arc<Registration<MmGrab>>>>,
+    regs: Mutex<HashMap<String, MrEntry<MmGrab>>>,
     threads: Mutex<Vec<(String, Worker)>>,
     next_owner: Mutex<u64>,
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mirrors::{DmirrorError, MirrorError, RegCache, ShadowMmu};
+use mirrors::{DmirrorError, MirrorError, MrCache, ShadowMmu};
 use mmu_notifier::{sync, Event};
 use softmm::{MapKind, Mm, PhysMem, Prot, PAGE_SIZE};
 
@@ -274,7 +274,7 @@ fn exec_secondary(
             let kvm = ShadowMmu::attach(sp.mm.grab())?;
             kvm.fault(addr, write)?;
             kvm.read(addr)?;
-            let cache = RegCache::new(sp.mm.grab(), 4);
+            let cache = MrCache::new(sp.mm.grab(), 4);
             let reg = cache.get(addr, len, write)?;
             cache.check(&reg, addr + rng.below(len), write)?;
         }

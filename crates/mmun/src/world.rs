@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use mirrors::{DeviceMirror, RegCache, SecondaryTlb, ShadowMmu};
+use mirrors::{DeviceMirror, MrCache, SecondaryTlb, ShadowMmu};
 use mmu_notifier::Owner;
 use softmm::{MapKind, Mm, MmGrab, PhysMem, Prot, SharedObject, PAGE_SIZE};
 
@@ -31,7 +31,7 @@ pub struct Mirrors {
     /// SVA secondary TLB.
     pub tlb: SecondaryTlb<MmGrab>,
     /// RDMA-style registration cache.
-    pub cache: RegCache<MmGrab>,
+    pub cache: MrCache<MmGrab>,
 }
 
 impl Mirrors {
@@ -41,7 +41,7 @@ impl Mirrors {
             kvm: ShadowMmu::attach(mm.grab()).map_err(|e| e.to_string())?,
             dev: DeviceMirror::open(mm.grab(), owner).map_err(|e| e.to_string())?,
             tlb: SecondaryTlb::bind(mm.grab()).map_err(|e| e.to_string())?,
-            cache: RegCache::new(mm.grab(), 32),
+            cache: MrCache::new(mm.grab(), 32),
         })
     }
 }

@@ -19,7 +19,8 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use mirrors::RegCache;
+use regcache::{Access, Config, RegCache};
+use uffd::Populate;
 use uffd::{FlushScope, ProcessMm};
 
 // The tests' mapping helpers, so the benchmark maps and unmaps the same way.
@@ -115,10 +116,17 @@ fn lookup_hit_ours(
     n: u64,
 ) {
     let mm = ProcessMm::with_scope(scope).expect("userfaultfd");
-    let cache = RegCache::new(mm.clone(), n as usize + 16);
+    let cache = RegCache::with_config(
+        mm.clone(),
+        Populate,
+        Config {
+            max_cached: n as usize + 16,
+            ..Config::default()
+        },
+    );
     let base = map(n);
     for i in 0..n {
-        drop(cache.get(base + i * P, P, true).unwrap());
+        drop(cache.get(base + i * P, P, Access::READ_WRITE).unwrap());
     }
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     g.bench_with_input(BenchmarkId::new(name, n), &n, |b, &n| {
@@ -126,7 +134,7 @@ fn lookup_hit_ours(
             let t = Instant::now();
             for _ in 0..iters {
                 let a = base + next_index(&mut x, n) * P;
-                std::hint::black_box(cache.get(a, P, true).unwrap());
+                std::hint::black_box(cache.get(a, P, Access::READ_WRITE).unwrap());
             }
             t.elapsed()
         })
@@ -165,14 +173,21 @@ fn munmap_registered(c: &mut Criterion) {
     let mut g = c.benchmark_group("munmap_registered");
     {
         let mm = ProcessMm::new().expect("userfaultfd");
-        let cache = RegCache::new(mm.clone(), 1024);
+        let cache = RegCache::with_config(
+            mm.clone(),
+            Populate,
+            Config {
+                max_cached: 1024,
+                ..Config::default()
+            },
+        );
         g.bench_function("ours", |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let a = map(1);
                     write_word(a, 1);
-                    drop(cache.get(a, P, true).unwrap());
+                    drop(cache.get(a, P, Access::READ_WRITE).unwrap());
                     let t = Instant::now();
                     unmap(a, 1);
                     total += t.elapsed();

@@ -20,8 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use mirrors::RegCache;
+use regcache::{Access, Config, RegCache};
 use rustix::mm::{Advice, MapFlags, MremapFlags, ProtFlags};
+use uffd::Populate;
 use uffd::{FlushScope, ProcessMm};
 
 const P: u64 = 4096;
@@ -62,7 +63,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::process::exit(2);
         }
     };
-    let cache = Arc::new(RegCache::new(mm.clone(), 256));
+    let cache = Arc::new(RegCache::with_config(
+        mm.clone(),
+        Populate,
+        Config {
+            max_cached: 256,
+            ..Config::default()
+        },
+    ));
     let bufs: Arc<Vec<RwLock<Buffer>>> = Arc::new(
         (0..BUFFERS)
             .map(|i| {
@@ -138,7 +146,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let k = (i.wrapping_mul(0x9E37_79B9) % BUFFERS as u64) as usize;
                 let b = bufs[k].read().unwrap();
                 let off = (i % PAGES) * P;
-                let r = cache.get(b.addr + off, P, true).unwrap();
+                let r = cache.get(b.addr + off, P, Access::READ_WRITE).unwrap();
                 let seen = *first_seen
                     .lock()
                     .unwrap()

@@ -88,9 +88,3 @@ fn register_message(start: u64, len: u64, errno: Errno) -> String {
     };
     format!("cannot watch {start:#x}+{len:#x} with userfaultfd ({errno}): {why}")
 }
-
-impl From<UffdError> for mirrors::MirrorError {
-    fn from(e: UffdError) -> Self {
-        mirrors::MirrorError::Backend(Box::new(e))
-    }
-}

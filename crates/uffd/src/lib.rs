@@ -8,11 +8,13 @@
 //! * [`ProcessMm`]: the address space; [`ProcessMm::watch`] and
 //!   [`ProcessMm::interval_insert`] choose the ranges that produce events,
 //!   [`ProcessMm::flush`] makes every change that has returned visible
-//!   (and, with [`FlushScope::Started`], every change that has taken
+//!   (and, with the default [`FlushScope::Started`], every change that has taken
 //!   effect, including another thread's munmap still waiting for the
 //!   monitor while a new mapping reuses its addresses).
-//! * `mirrors::RegCache<ProcessMm>`: the registration cache on real memory
-//!   (`ProcessMm` implements [`mirrors::Primary`]).
+//! * `regcache::RegCache<ProcessMm, R>`: a registration cache on real
+//!   memory (`ProcessMm` implements [`regcache::AddressSpace`]) for any
+//!   device `R` (io_uring fixed buffers: the `uring-registrar` crate;
+//!   [`Populate`] for no device).
 //!
 //! Requirements: Linux 5.7 or later (write-protect registration, which
 //! never makes the application wait on a page fault; see the `sys` module),
@@ -20,10 +22,11 @@
 //! (Linux 5.11), otherwise root, CAP_SYS_PTRACE, `vm.unprivileged_userfaultfd=1`
 //! or access to `/dev/userfaultfd`. [`UffdError`] says which remedy applies.
 //!
-//! Rules for callbacks that run on the monitor thread: do not munmap,
-//! mremap or madvise watched memory from them (the kernel would wait for the
-//! monitor to read that very event), and keep them short, since every
-//! munmap of watched memory in the process waits for the monitor.
+//! Callbacks run on the monitor's handler thread, never on the thread that
+//! reads events: a callback may block (on a lock, or in the allocator)
+//! while application threads munmap watched memory, because the reader keeps
+//! reading and so keeps their munmaps returning. Keep callbacks short all
+//! the same: every lookup's flush waits for them.
 #![warn(missing_docs)]
 // Every `unsafe` block lives in `sys` (the syscall layer), each with a
 // `// SAFETY:` argument; the other modules cannot add one.
@@ -39,4 +42,4 @@ mod sys;
 
 pub use error::UffdError;
 pub use monitor::{FlushScope, MonitorStats};
-pub use process::{ProcessInterval, ProcessMm, ProcessPin, Watch, USER_ADDRESS_LIMIT};
+pub use process::{Populate, ProcessInterval, ProcessMm, ProcessPin, Watch, USER_ADDRESS_LIMIT};

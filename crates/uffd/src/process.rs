@@ -18,7 +18,8 @@ pub const USER_ADDRESS_LIMIT: u64 = 1 << 47;
 
 /// The calling process's address space as a primary MMU.
 ///
-/// A monitor thread owns a userfaultfd and turns its events into
+/// Two monitor threads (one reading events, one running the callbacks) own
+/// a userfaultfd and turn its events into
 /// invalidations on [`subscriptions`](Self::subscriptions): munmap (and
 /// `MAP_FIXED` over a range, and the old range of an mremap move) into
 /// [`Event::Unmap`](mmu_notifier::Event::Unmap), madvise
@@ -64,10 +65,11 @@ pub struct ProcessMm {
     handle: Arc<Handle>,
 }
 
-/// Owns the monitor thread; the last [`ProcessMm`] clone stops it.
+/// Owns the monitor threads (reader and handler); the last [`ProcessMm`]
+/// clone stops them.
 struct Handle {
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for ProcessMm {
@@ -91,7 +93,7 @@ fn check_range(start: u64, len: u64) -> Result<(u64, u64), UffdError> {
 }
 
 impl ProcessMm {
-    /// Opens a userfaultfd and starts the monitor thread.
+    /// Opens a userfaultfd and starts the monitor threads.
     ///
     /// # Errors
     /// [`UffdError::Unavailable`] (with the remedy: sysctl, capability,
@@ -112,16 +114,23 @@ impl ProcessMm {
         let vmas = VmaQuery::new().map_err(UffdError::Setup)?;
         let shared = Arc::new(Shared::new(uffd, sentinel, vmas, scope)?);
         let uffd = current_uffd(&shared.uffd).expect("just opened");
-        let s = shared.clone();
-        let thread = std::thread::Builder::new()
+        let (r, h) = (shared.clone(), shared.clone());
+        let handler = std::thread::Builder::new()
             .name("uffd-monitor".into())
-            .spawn(move || s.run(uffd))
+            .spawn(move || h.run_handler())
             .map_err(UffdError::Thread)?;
+        let handle = Handle {
+            shared,
+            threads: Mutex::new(vec![handler]),
+        };
+        // On an error from here on, dropping `handle` stops the handler.
+        let reader = std::thread::Builder::new()
+            .name("uffd-reader".into())
+            .spawn(move || r.run_reader(uffd))
+            .map_err(UffdError::Thread)?;
+        lock(&handle.threads).push(reader);
         Ok(ProcessMm {
-            handle: Arc::new(Handle {
-                shared,
-                thread: Mutex::new(Some(thread)),
-            }),
+            handle: Arc::new(handle),
         })
     }
 
@@ -274,13 +283,13 @@ impl Handle {
     fn shutdown(&self) {
         let s = &self.shared;
         if s.sentinel.forked() {
-            // The monitor thread does not exist in a child.
+            // The monitor threads do not exist in a child.
             s.mark_dead("forked");
             return;
         }
         s.mark_dead("shut down");
         s.stop();
-        if let Some(t) = lock(&self.thread).take() {
+        for t in std::mem::take(&mut *lock(&self.threads)) {
             let _ = t.join();
         }
         take_uffd(&s.uffd);
@@ -369,7 +378,8 @@ impl ProcessInterval {
     }
 }
 
-/// Memory faulted in for a registration: the page walk `ibv_reg_mr` makes.
+/// Memory faulted in for a registration ([`ProcessMm::pin`], [`Populate`]):
+/// the page walk `ibv_reg_mr` makes.
 /// (The long-term pin itself is the device driver's; this crate has none.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProcessPin {
@@ -381,24 +391,55 @@ pub struct ProcessPin {
     pub write: bool,
 }
 
-impl mirrors::Primary for ProcessMm {
-    type Pinned = ProcessPin;
+impl regcache::AddressSpace for ProcessMm {
     type Watch = Watch;
+    type Error = UffdError;
 
     fn subscriptions(&self) -> &Subscriptions {
         ProcessMm::subscriptions(self)
     }
 
-    fn watch(&self, start: u64, len: u64) -> mirrors::Result<Watch> {
-        Ok(ProcessMm::watch(self, start, len)?)
+    fn watch(&self, start: u64, len: u64) -> Result<Watch, UffdError> {
+        ProcessMm::watch(self, start, len)
     }
 
     #[inline]
-    fn flush(&self) -> mirrors::Result<()> {
-        Ok(ProcessMm::flush(self)?)
+    fn flush(&self) -> Result<(), UffdError> {
+        ProcessMm::flush(self)
+    }
+}
+
+/// A [`Registrar`](regcache::Registrar) without a device: registering
+/// faults the range in (the page walk of `ibv_reg_mr`, through
+/// `MADV_POPULATE_READ`/`WRITE`) and deregistering does nothing. For
+/// exercising a `RegCache<ProcessMm, _>` without a device, and as the model
+/// of a registrar whose device pins nothing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Populate;
+
+impl regcache::Registrar for Populate {
+    type Handle = ProcessPin;
+
+    fn register(
+        &self,
+        start: u64,
+        end: u64,
+        access: regcache::Access,
+    ) -> Result<ProcessPin, regcache::RegError> {
+        let (len, write) = (end - start, access.writes());
+        check_range(start, len).map_err(regcache::RegError::other)?;
+        sys::populate(start, len, write).map_err(|errno| {
+            regcache::RegError::unsupported(UffdError::Populate {
+                start,
+                len,
+                errno,
+                access: if write { "writable" } else { "readable" },
+            })
+        })?;
+        Ok(ProcessPin { start, len, write })
     }
 
-    fn pin(&self, start: u64, len: u64, write: bool) -> mirrors::Result<ProcessPin> {
-        Ok(ProcessMm::pin(self, start, len, write)?)
+    fn deregister(&self, _: ProcessPin) -> Result<(), regcache::RegError> {
+        Ok(())
     }
 }

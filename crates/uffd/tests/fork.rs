@@ -5,16 +5,24 @@
 mod common;
 
 use common::*;
-use mirrors::RegCache;
+use regcache::{Access, Config, RegCache};
+use uffd::Populate;
 use uffd::UffdError;
 
 #[test]
 fn a_forked_child_refuses_the_parents_registrations() {
     let Some(mm) = process_mm() else { return };
-    let cache = RegCache::new(mm.clone(), 16);
+    let cache = RegCache::with_config(
+        mm.clone(),
+        Populate,
+        Config {
+            max_cached: 16,
+            ..Config::default()
+        },
+    );
     let a = map(4);
     write_word(a, 42);
-    let r = cache.get(a, 4 * P, true).unwrap();
+    let r = cache.get(a, 4 * P, Access::READ_WRITE).unwrap();
     // SAFETY: the child only makes async-signal-safe calls (loads, the
     // atomic checks of `flush`, and _exit) before exiting.
     let pid = unsafe { libc::fork() };
@@ -28,7 +36,7 @@ fn a_forked_child_refuses_the_parents_registrations() {
             3
         } else if mm.is_live() {
             4
-        } else if cache.get(a, P, true).is_ok() {
+        } else if cache.get(a, P, Access::READ_WRITE).is_ok() {
             5
         } else if mm.watch(a, P).is_ok() {
             6
@@ -47,7 +55,10 @@ fn a_forked_child_refuses_the_parents_registrations() {
     // The parent is unaffected: fork changed nothing it registered.
     mm.flush().unwrap();
     assert!(r.is_valid());
-    assert_eq!(cache.get(a, 4 * P, true).unwrap().id(), r.id());
+    assert_eq!(
+        cache.get(a, 4 * P, Access::READ_WRITE).unwrap().id(),
+        r.id()
+    );
     drop(cache);
     unmap(a, 4);
 }

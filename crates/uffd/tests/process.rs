@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use mirrors::RegCache;
 use mmu_notifier::{Event, IntervalNotifier, IntervalOps, Range};
+use regcache::{Access, Config, RegCache};
 use rustix::mm::Advice;
+use uffd::Populate;
 use uffd::UffdError;
 
 /// Records every invalidation it sees.
@@ -82,26 +83,34 @@ fn madvise_dontneed_and_free_are_clear_events() {
 fn mremap_move_unmaps_the_old_range_and_grow_in_place_keeps_it() {
     let _serial = serial();
     let mm = mm_or_skip!();
-    let cache = RegCache::new(mm.clone(), 64);
+    let cache = RegCache::with_config(
+        mm.clone(),
+        Populate,
+        Config {
+            max_cached: 64,
+            ..Config::default()
+        },
+    );
     // Grow in place: reserve 4 pages, give back the top 2, grow into them.
     let a = map(4);
     unmap(a + 2 * P, 2);
-    let r = cache.get(a, 2 * P, true).unwrap();
+    let r = cache.get(a, 2 * P, Access::READ_WRITE).unwrap();
     assert_eq!(remap(a, 2, 4, false).unwrap(), a);
     assert!(
-        cache.get(a, 2 * P, true).unwrap().id() == r.id(),
+        cache.get(a, 2 * P, Access::READ_WRITE).unwrap().id() == r.id(),
         "grow in place changes no page"
     );
     // Move: a mapping right above forces the grow to move.
     let (b, guard) = two_pages_below_a_guard();
-    let rb = cache.get(b, 2 * P, true).unwrap();
+    let rb = cache.get(b, 2 * P, Access::READ_WRITE).unwrap();
     let nb = remap(b, 2, 8, true).unwrap();
     assert_ne!(nb, b);
+    mm.flush().unwrap();
     assert!(
         !rb.is_valid(),
         "a lookup after mremap returned sees the move"
     );
-    let nr = cache.get(nb, 2 * P, true).unwrap();
+    let nr = cache.get(nb, 2 * P, Access::READ_WRITE).unwrap();
     assert_ne!(nr.id(), rb.id());
     assert!(mm.stats().remaps.load(std::sync::atomic::Ordering::Relaxed) >= 1);
     drop(cache);
@@ -126,16 +135,23 @@ fn two_pages_below_a_guard() -> (u64, u64) {
 fn map_fixed_over_a_registration_invalidates_it() {
     let _serial = serial();
     let mm = mm_or_skip!();
-    let cache = RegCache::new(mm.clone(), 64);
+    let cache = RegCache::with_config(
+        mm.clone(),
+        Populate,
+        Config {
+            max_cached: 64,
+            ..Config::default()
+        },
+    );
     let a = map(4);
-    let r = cache.get(a, 4 * P, true).unwrap();
+    let r = cache.get(a, 4 * P, Access::READ_WRITE).unwrap();
     map_fixed(a + P, 1);
-    assert!(cache.get(a, P, true).unwrap().id() != r.id());
+    assert!(cache.get(a, P, Access::READ_WRITE).unwrap().id() != r.id());
     assert!(!r.is_valid());
     // The new mapping is watched again by the new registration.
-    let r2 = cache.get(a + P, P, true).unwrap();
+    let r2 = cache.get(a + P, P, Access::READ_WRITE).unwrap();
     unmap(a + P, 1);
-    assert!(cache.get(a, P, false).is_ok());
+    assert!(cache.get(a, P, Access::READ).is_ok());
     assert!(!r2.is_valid());
     drop(cache);
     unmap(a, 4);
@@ -145,9 +161,16 @@ fn map_fixed_over_a_registration_invalidates_it() {
 fn an_unmap_by_raw_syscall_is_seen() {
     let _serial = serial();
     let mm = mm_or_skip!();
-    let cache = RegCache::new(mm.clone(), 64);
+    let cache = RegCache::with_config(
+        mm.clone(),
+        Populate,
+        Config {
+            max_cached: 64,
+            ..Config::default()
+        },
+    );
     let a = map(2);
-    let r = cache.get(a, 2 * P, true).unwrap();
+    let r = cache.get(a, 2 * P, Access::READ_WRITE).unwrap();
     // SAFETY: unmapping the test's own mapping, bypassing libc's munmap
     // wrapper (what UCX's hooks miss).
     let rc = unsafe { libc::syscall(libc::SYS_munmap, a as usize, (2 * P) as usize) };
@@ -156,7 +179,7 @@ fn an_unmap_by_raw_syscall_is_seen() {
     assert!(!r.is_valid());
     // Another test's mmap may have reused the address: then the lookup
     // registers that new mapping.
-    if let Ok(again) = cache.get(a, P, false) {
+    if let Ok(again) = cache.get(a, P, Access::READ) {
         assert_ne!(again.id(), r.id());
     }
 }
@@ -165,11 +188,21 @@ fn an_unmap_by_raw_syscall_is_seen() {
 fn lookups_after_each_change_never_return_the_old_registration() {
     let _serial = serial();
     let mm = mm_or_skip!();
-    let cache = RegCache::new(mm.clone(), 64);
+    let cache = RegCache::with_config(
+        mm.clone(),
+        Populate,
+        Config {
+            max_cached: 64,
+            ..Config::default()
+        },
+    );
     let a = map(4);
     for step in 0..4 {
-        let r = cache.get(a, 4 * P, true).unwrap();
-        assert!(cache.get(a, 4 * P, true).unwrap().id() == r.id(), "a hit");
+        let r = cache.get(a, 4 * P, Access::READ_WRITE).unwrap();
+        assert!(
+            cache.get(a, 4 * P, Access::READ_WRITE).unwrap().id() == r.id(),
+            "a hit"
+        );
         match step {
             0 => advise(a + P, 1, Advice::LinuxDontNeed),
             1 => advise(a, 4, Advice::LinuxFree),
@@ -179,7 +212,7 @@ fn lookups_after_each_change_never_return_the_old_registration() {
                 map_fixed(a, 4);
             }
         }
-        let again = cache.get(a, 4 * P, true).unwrap();
+        let again = cache.get(a, 4 * P, Access::READ_WRITE).unwrap();
         assert_ne!(again.id(), r.id(), "step {step}");
         assert!(!r.is_valid());
     }
@@ -336,4 +369,62 @@ fn a_panicking_callback_does_not_stop_the_monitor() {
     );
     let _ = boom.remove();
     sub.remove().unwrap();
+}
+
+/// A callback that takes a lock an application thread holds.
+struct Blocks(Arc<Mutex<()>>);
+
+impl IntervalOps for Blocks {
+    fn invalidate(&self, sub: &IntervalNotifier, _: &Range, seq: u64) -> bool {
+        drop(self.0.lock().unwrap());
+        sub.set_seq(seq);
+        true
+    }
+}
+
+/// glibc's `free` trims an arena (madvise, or munmap) with the arena's lock
+/// held, and a callback freeing memory of that arena waits for that lock.
+/// Here a plain mutex stands for the arena lock: a callback waits for it
+/// while its holder unmaps other watched memory. The kernel makes the
+/// holder's munmap wait until its event is *read*; a monitor whose reader
+/// waits for the callback would never read it (a deadlock, seen with a
+/// registration cache under threads calling malloc/free). The reader must
+/// keep reading while the handler is blocked.
+#[test]
+fn a_blocked_callback_does_not_stop_the_monitor_reading() {
+    let _serial = serial();
+    let mm = mm_or_skip!();
+    let arena = Arc::new(Mutex::new(()));
+    let (a, b) = (map(1), map(1));
+    let sa = mm
+        .interval_insert(a, P, Arc::new(Blocks(arena.clone())))
+        .unwrap();
+    let sb = mm.interval_insert(b, P, Arc::new(Log::default())).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (mm2, arena2) = (mm.clone(), arena.clone());
+    std::thread::spawn(move || {
+        let held = arena2.lock().unwrap();
+        // The handler runs a's callback, which waits for `held`...
+        let first = std::thread::spawn(move || unmap(a, 1));
+        while mm2
+            .stats()
+            .unmaps
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // ...while the holder unmaps other watched memory.
+        unmap(b, 1);
+        drop(held);
+        first.join().unwrap();
+        tx.send(()).unwrap();
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(20)).is_ok(),
+        "deadlock: a munmap waited for the monitor while the monitor waited for a callback"
+    );
+    mm.flush().unwrap();
+    sa.remove().unwrap();
+    sb.remove().unwrap();
 }

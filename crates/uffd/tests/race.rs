@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use common::*;
-use mirrors::RegCache;
+use regcache::{Access, Config, RegCache};
 use rustix::mm::Advice;
+use uffd::Populate;
 
 const SLOTS: usize = 8;
 const PAGES: u64 = 4;
@@ -58,7 +59,14 @@ fn race(mm: uffd::ProcessMm, mutators: u64) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(25_000);
-    let cache = Arc::new(RegCache::new(mm.clone(), 1024));
+    let cache = Arc::new(RegCache::with_config(
+        mm.clone(),
+        Populate,
+        Config {
+            max_cached: 1024,
+            ..Config::default()
+        },
+    ));
     let slots: Arc<Vec<RwLock<Slot>>> = Arc::new(
         (0..SLOTS)
             .map(|i| {
@@ -139,7 +147,17 @@ fn race(mm: uffd::ProcessMm, mutators: u64) {
                     let k = ((i * 7 + t * 3) % SLOTS as u64) as usize;
                     let s = slots[k].read().unwrap();
                     let off = (i % PAGES) * P;
-                    let r = cache.get(s.addr + off, P, i % 2 == 0).unwrap();
+                    let r = cache
+                        .get(
+                            s.addr + off,
+                            P,
+                            if i % 2 == 0 {
+                                Access::READ_WRITE
+                            } else {
+                                Access::READ
+                            },
+                        )
+                        .unwrap();
                     let first = *seen
                         .lock()
                         .unwrap()

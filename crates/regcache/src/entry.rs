@@ -1,0 +1,170 @@
+//! One cached registration ([`Reg`], internal) and the guard users hold
+//! ([`Entry`]).
+
+use std::fmt;
+use std::sync::Arc;
+
+use mmu_notifier::sync::{lock, AtomicBool, AtomicU64, Mutex, Ordering};
+use mmu_notifier::IntervalNotifier;
+
+use crate::cache::Shared;
+use crate::{Access, AddressSpace, Registrar};
+
+/// One device registration of `[start, end)` and what keeps it coherent:
+/// its interval notifier and the address space's watch of the range.
+///
+/// Holders of an `Arc<Reg>`: the cache's index while it is cached, the
+/// cache's dead list between leaving the index and its teardown, and the
+/// [`Entry`] guards. Whoever drops the last one deregisters the device
+/// handle ([`Shared::put`], through `Arc::into_inner`, so exactly once).
+/// The index and the dead list hold theirs until the registration left the
+/// cache and its notifier was removed, so the last holder is always a guard
+/// being dropped or the reaper, never a notifier callback.
+pub(crate) struct Reg<S: AddressSpace, R: Registrar> {
+    pub(crate) id: u64,
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    pub(crate) access: Access,
+    pub(crate) handle: R::Handle,
+    pub(crate) sub: IntervalNotifier,
+    /// Dropped at teardown, after the notifier is removed.
+    pub(crate) watch: Mutex<Option<S::Watch>>,
+    /// In the cache and coherent with the address space.
+    pub(crate) valid: AtomicBool,
+    /// Cache tick of the last hit (written under the cache lock).
+    pub(crate) last_use: AtomicU64,
+    /// Tick under which it sits in the LRU queue (under the cache lock).
+    pub(crate) queued: AtomicU64,
+}
+
+impl<S: AddressSpace, R: Registrar> Reg<S, R> {
+    pub(crate) fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    pub(crate) fn is_valid(&self) -> bool {
+        self.valid.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn covers(&self, start: u64, end: u64, access: Access) -> bool {
+        self.start <= start && end <= self.end && self.access.contains(access)
+    }
+
+    /// Stops the invalidations: removes the interval notifier (waiting for
+    /// a callback still running on it) and drops the watch. Never called
+    /// from a callback.
+    pub(crate) fn teardown(&self) {
+        let _ = self.sub.remove();
+        drop(lock(&self.watch).take());
+    }
+}
+
+/// A registration returned by [`RegCache::get`](crate::RegCache::get): the
+/// guard that keeps its device handle registered.
+///
+/// Clones hold it too; when the last guard is dropped and the registration
+/// has left the cache (invalidated, evicted, or the cache dropped), the
+/// handle is deregistered, on the thread dropping the guard.
+/// [`is_valid`](Self::is_valid) turning false does *not* stop device
+/// access already started through the handle: I/O in flight completes into
+/// the pages that were registered (the old pages, if the memory was
+/// unmapped since). The cache only promises that no lookup made after the
+/// change returns this registration.
+///
+/// Do not drop a guard inside a notifier callback of the same address
+/// space: its deregistration would run there.
+pub struct Entry<S: AddressSpace, R: Registrar> {
+    pub(crate) shared: Arc<Shared<S, R>>,
+    /// `None` only inside `drop`.
+    pub(crate) reg: Option<Arc<Reg<S, R>>>,
+}
+
+impl<S: AddressSpace, R: Registrar> Entry<S, R> {
+    fn reg(&self) -> &Reg<S, R> {
+        self.reg.as_deref().expect("set until drop")
+    }
+
+    /// Unique id of the registration (ids are never reused by a cache).
+    pub fn id(&self) -> u64 {
+        self.reg().id
+    }
+
+    /// First registered address (the aligned start).
+    pub fn start(&self) -> u64 {
+        self.reg().start
+    }
+
+    /// One past the last registered address.
+    pub fn end(&self) -> u64 {
+        self.reg().end
+    }
+
+    /// Registered bytes.
+    pub fn len(&self) -> u64 {
+        self.reg().len()
+    }
+
+    /// Whether the registration is empty (never: lengths are nonzero).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The access it was registered with (a superset of the request).
+    pub fn access(&self) -> Access {
+        self.reg().access
+    }
+
+    /// The device handle (memory key, slot index...).
+    pub fn handle(&self) -> &R::Handle {
+        &self.reg().handle
+    }
+
+    /// Still cached and coherent with the address space: false once a
+    /// change to the memory under it (or an eviction) took it out.
+    pub fn is_valid(&self) -> bool {
+        self.reg().is_valid()
+    }
+
+    /// Runs `f` with the handle if the registration is still valid, holding
+    /// the cache lock, which every invalidation of the registration takes
+    /// before the address space changes the memory: while `f` runs, the
+    /// registration cannot become stale. `None` if it is no longer valid.
+    ///
+    /// Keep `f` short: munmaps of this memory wait for it. Do not call the
+    /// cache from `f` (it would deadlock on the cache lock).
+    pub fn while_valid<T>(&self, f: impl FnOnce(&R::Handle) -> T) -> Option<T> {
+        let _st = self.shared.lock();
+        let reg = self.reg();
+        reg.is_valid().then(|| f(&reg.handle))
+    }
+}
+
+impl<S: AddressSpace, R: Registrar> Clone for Entry<S, R> {
+    fn clone(&self) -> Self {
+        Entry {
+            shared: self.shared.clone(),
+            reg: self.reg.clone(),
+        }
+    }
+}
+
+impl<S: AddressSpace, R: Registrar> Drop for Entry<S, R> {
+    fn drop(&mut self) {
+        if let Some(reg) = self.reg.take() {
+            self.shared.put(reg);
+        }
+    }
+}
+
+impl<S: AddressSpace, R: Registrar> fmt::Debug for Entry<S, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = self.reg();
+        f.debug_struct("Entry")
+            .field("id", &r.id)
+            .field("start", &format_args!("{:#x}", r.start))
+            .field("end", &format_args!("{:#x}", r.end))
+            .field("access", &r.access)
+            .field("valid", &r.is_valid())
+            .finish()
+    }
+}

@@ -1,0 +1,184 @@
+//! [`Index`]: the cached registrations, by address and by age, and the
+//! device usage counts. Everything here is under the cache lock.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use mmu_notifier::sync::Ordering;
+use rustc_hash::FxHashMap;
+
+use crate::entry::Reg;
+use crate::{Access, AddressSpace, Limits, Registrar};
+
+/// Registrations a lookup that is not an exact-start hit examines (those
+/// starting closest below the address). Past that the lookup counts as a
+/// miss and registers: correct, only less sharing.
+const SCAN_LIMIT: usize = 16;
+
+/// Key of a cached registration: (start address, id).
+pub(crate) type Key = (u64, u64);
+
+pub(crate) struct Index<S: AddressSpace, R: Registrar> {
+    /// Valid registrations by (start address, id).
+    regs: BTreeMap<Key, Arc<Reg<S, R>>>,
+    /// The latest valid registration starting at each address: the hit
+    /// path for the common lookup of a buffer from its start.
+    by_start: FxHashMap<u64, Arc<Reg<S, R>>>,
+    /// LRU queue, lazily ordered: (tick when queued) -> key. A hit only
+    /// stamps `last_use`; eviction re-queues entries used since.
+    lru: BTreeMap<u64, Key>,
+    tick: u64,
+    /// Left the cache, waiting for teardown outside callbacks.
+    pub(crate) dead: Vec<Arc<Reg<S, R>>>,
+    /// Live device handles (cached, dead, or held only by guards) and
+    /// their bytes, counted against the device's [`Limits`].
+    pub(crate) live_handles: usize,
+    pub(crate) live_bytes: u64,
+}
+
+impl<S: AddressSpace, R: Registrar> Index<S, R> {
+    pub(crate) fn new() -> Self {
+        Index {
+            regs: BTreeMap::new(),
+            by_start: FxHashMap::default(),
+            lru: BTreeMap::new(),
+            tick: 0,
+            dead: Vec::new(),
+            live_handles: 0,
+            live_bytes: 0,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.regs.len()
+    }
+
+    fn next_tick(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
+    }
+
+    /// A valid registration covering `[start, end)` for `access`, stamped
+    /// as used.
+    pub(crate) fn lookup(
+        &mut self,
+        start: u64,
+        end: u64,
+        access: Access,
+    ) -> Option<&Arc<Reg<S, R>>> {
+        let page = start & !(mmu_notifier::PAGE_SIZE - 1);
+        let exact = self
+            .by_start
+            .get(&page)
+            .is_some_and(|r| r.covers(start, end, access) && r.is_valid());
+        let key = if exact {
+            self.by_start.get(&page).map(|r| (r.start, r.id))
+        } else {
+            self.regs
+                .range(..=(start, u64::MAX))
+                .rev()
+                .take(SCAN_LIMIT)
+                .find(|(_, r)| r.covers(start, end, access) && r.is_valid())
+                .map(|(k, _)| *k)
+        }?;
+        let t = self.next_tick();
+        let r = self.regs.get(&key)?;
+        r.last_use.store(t, Ordering::Relaxed);
+        Some(r)
+    }
+
+    /// The registration cached under `key`, if still cached.
+    pub(crate) fn get(&self, key: &Key) -> Option<&Arc<Reg<S, R>>> {
+        self.regs.get(key)
+    }
+
+    pub(crate) fn insert(&mut self, r: Arc<Reg<S, R>>) {
+        let t = self.next_tick();
+        r.last_use.store(t, Ordering::Relaxed);
+        r.queued.store(t, Ordering::Relaxed);
+        r.valid.store(true, Ordering::Release);
+        let k = (r.start, r.id);
+        self.lru.insert(t, k);
+        self.by_start.insert(r.start, r.clone());
+        self.regs.insert(k, r);
+    }
+
+    /// Takes `r` out of the cache (invalid from now on) and queues its
+    /// teardown. Returns its length if it was cached.
+    pub(crate) fn unlink(&mut self, r: &Arc<Reg<S, R>>) -> Option<u64> {
+        self.regs.remove(&(r.start, r.id))?;
+        if self
+            .by_start
+            .get(&r.start)
+            .is_some_and(|b| Arc::ptr_eq(b, r))
+        {
+            self.by_start.remove(&r.start);
+        }
+        self.lru.remove(&r.queued.load(Ordering::Relaxed));
+        r.valid.store(false, Ordering::Release);
+        self.dead.push(r.clone());
+        Some(r.len())
+    }
+
+    /// Whether nothing but the index holds `r` (no guard exists, and none
+    /// can be made without the cache lock).
+    fn unused(&self, r: &Arc<Reg<S, R>>) -> bool {
+        let indexed = 1 + usize::from(
+            self.by_start
+                .get(&r.start)
+                .is_some_and(|b| Arc::ptr_eq(b, r)),
+        );
+        Arc::strong_count(r) == indexed
+    }
+
+    /// The least recently used registration, if any.
+    pub(crate) fn lru_victim(&mut self) -> Option<Arc<Reg<S, R>>> {
+        while let Some((t, k)) = self.lru.pop_first() {
+            let Some(r) = self.regs.get(&k).cloned() else {
+                continue;
+            };
+            let used = r.last_use.load(Ordering::Relaxed);
+            if used != t {
+                r.queued.store(used, Ordering::Relaxed);
+                self.lru.insert(used, k);
+                continue;
+            }
+            return Some(r);
+        }
+        None
+    }
+
+    /// Registrations nobody holds, least recently queued first, until
+    /// `enough(handles, bytes)` says the ones chosen free enough (all of
+    /// them if `enough` never does).
+    pub(crate) fn unused_victims(
+        &self,
+        mut enough: impl FnMut(usize, u64) -> bool,
+    ) -> Vec<Arc<Reg<S, R>>> {
+        let (mut n, mut bytes) = (0, 0);
+        let mut out = Vec::new();
+        for k in self.lru.values() {
+            if enough(n, bytes) {
+                break;
+            }
+            let Some(r) = self.regs.get(k) else { continue };
+            if self.unused(r) {
+                n += 1;
+                bytes += r.len();
+                out.push(r.clone());
+            }
+        }
+        out
+    }
+
+    /// Whether one more handle of `len` bytes fits the limits.
+    pub(crate) fn fits(&self, limits: &Limits, len: u64) -> bool {
+        self.live_handles < limits.max_handles
+            && limits.max_bytes.saturating_sub(self.live_bytes) >= len
+    }
+
+    /// Every cached registration (for the cache's drop).
+    pub(crate) fn all(&self) -> Vec<Arc<Reg<S, R>>> {
+        self.regs.values().cloned().collect()
+    }
+}
