@@ -43,8 +43,8 @@ race_mutants=(
   "c2655835|std|seed|seed_c2655835_end_called_for_all_after_failed_start|a failed start skips the ends of the starts that succeeded"
   "31956166|std|seed|seed_31956166_remove_waits_while_invalidating|remove returns while an invalidation still uses the notifier"
   "99cb252f|std|seed|seed_99cb252f_invalidate_overlapping_intervals_in_tree_order|read_retry checks for a running invalidation, not the sequence"
-  "spec-10.10|std|invariants|registration_never_splits_a_start_end_pair|end calls notifiers registered after its start"
-  "spec-10.1|std|interval|list_failure_after_interval_phase_is_undone|a failed non-blockable list start leaves the interval phase open"
+  "split-pair|std|invariants|registration_never_splits_a_start_end_pair|end calls notifiers registered after its start"
+  "interval-leak|std|interval|list_failure_after_interval_phase_is_undone|a failed non-blockable list start leaves the interval phase open"
 )
 whole_system_mutants=(
   "shadow-no-in-progress|shuttle|shuttle||the KVM fault path ignores a running invalidation (checks only the sequence)"
@@ -61,6 +61,7 @@ device_mutants=(
   "exhausted-no-retry|regcache|lifecycle|an_exhausted_device_gets_room_and_one_retry|an exhausted device gets no room and no retry"
   "access-subset-hits|regcache|lifecycle|a_hit_needs_a_superset_of_the_access_and_of_the_range|a registration with less access satisfies a lookup"
   "no-reap-on-hit|regcache|lifecycle|past_the_unreleased_bound_hits_tear_down_what_left_the_cache|invalidated registrations stay registered while the cache only hits"
+  "process-interval-drop-leaks|uffd|process|dropping_a_process_interval_removes_its_notifier|dropping a ProcessInterval leaves its notifier in the tree"
   "reader-waits-for-handler|uffd|process|a_blocked_callback_does_not_stop_the_monitor_reading|the userfaultfd reader waits for the callbacks (a munmap under an allocator lock deadlocks)"
 )
 if [ "$set_name" = race ]; then

@@ -1,5 +1,4 @@
-//! `DeviceMirror`: the HMM pattern of Linux's `lib/test_hmm.c` (dmirror,
-//! spec 8.2 and 9.1). A device page table under the device lock, an
+//! `DeviceMirror`: the HMM pattern of Linux's `lib/test_hmm.c` (dmirror). A device page table under the device lock, an
 //! interval notifier over the whole address space, the
 //! `read_begin` / `range_fault` / `read_retry` loop, and the dmirror
 //! commands: read, write, migrate to and from device memory, snapshot,
@@ -19,9 +18,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock, Weak};
 
-use mmu_notifier::sync::{self, AtomicU64, Mutex, MutexGuard, Ordering};
+use mmu_notifier::sync::{AtomicU64, MutexGuard, Ordering};
 
-use mmu_notifier::{Event, IntervalNotifier, IntervalOps, Owner, Range};
+use mmu_notifier::{DriverLock, Event, IntervalNotifier, IntervalOps, Owner, Range};
 use softmm::{
     DevicePagemap, Error as MmError, FrameKind, FrameRef, HmmRange, MmGrab, PteKind, PAGE_SIZE,
     TASK_SIZE,
@@ -129,7 +128,7 @@ struct Inner {
     owner: Owner,
     /// The device page table (`dmirror->pt`) under the user lock
     /// (`dmirror->mutex`).
-    pt: Mutex<BTreeMap<u64, (FrameRef, Tag)>>,
+    pt: DriverLock<BTreeMap<u64, (FrameRef, Tag)>>,
     sub: OnceLock<IntervalNotifier>,
     counters: Counters,
 }
@@ -164,20 +163,19 @@ impl IntervalOps for Ops {
         let own_migration = r.event() == Event::Migrate
             && r.owner() == Some(dev.owner)
             && MIGRATING_TO_DEVICE.with(|m| m.get()) == Some(dev.owner);
-        let Some(mut pt) = mmu_notifier::sync::lock_in_callback(&dev.pt, r) else {
-            return false;
-        };
-        sub.set_seq(seq);
-        dev.counters.invalidations.fetch_add(1, Ordering::Relaxed);
-        let keys: Vec<u64> = pt.range(r.start()..r.end()).map(|(&k, _)| k).collect();
-        let phys = dev.mm.phys();
-        for k in keys {
-            let mine = phys.kind(pt[&k].0.pfn) == FrameKind::DevicePrivate(dev.owner);
-            if !(own_migration && mine) {
-                pt.remove(&k);
-            }
-        }
-        true
+        dev.pt
+            .invalidate(sub, r, seq, |pt| {
+                dev.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+                let keys: Vec<u64> = pt.range(r.start()..r.end()).map(|(&k, _)| k).collect();
+                let phys = dev.mm.phys();
+                for k in keys {
+                    let mine = phys.kind(pt[&k].0.pfn) == FrameKind::DevicePrivate(dev.owner);
+                    if !(own_migration && mine) {
+                        pt.remove(&k);
+                    }
+                }
+            })
+            .is_some()
     }
 }
 
@@ -214,14 +212,14 @@ fn check(addr: u64, npages: u64) -> Result<(u64, u64), DmirrorError> {
 
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, (FrameRef, Tag)>> {
-        sync::lock(&self.pt)
+        self.pt.lock()
     }
 
     fn sub(&self) -> &IntervalNotifier {
         self.sub.get().expect("set at open")
     }
 
-    /// The populate loop of spec 8.2 for `[start, end)` (one chunk).
+    /// The HMM populate loop for `[start, end)` (one chunk).
     fn range_fault(&self, start: u64, end: u64, write: bool) -> Result<(), DmirrorError> {
         let Ok(mm) = self.mm.get() else {
             return Ok(()); // mmget_not_zero failed: dmirror returns 0
@@ -245,18 +243,18 @@ impl Inner {
                 Err(e) => return Err(e.into()),
                 Ok(()) => {}
             }
-            let mut pt = self.lock();
-            if sub.read_retry(seq) {
-                self.counters.retries.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            for (i, p) in range.pfns.iter().enumerate() {
-                if let (true, Some(f)) = (p.valid, p.frame) {
-                    let tag = if p.write { Tag::Write } else { Tag::Read };
-                    pt.insert(start + i as u64 * PAGE_SIZE, (f, tag));
+            let installed = self.pt.commit(sub, seq, |pt| {
+                for (i, p) in range.pfns.iter().enumerate() {
+                    if let (true, Some(f)) = (p.valid, p.frame) {
+                        let tag = if p.write { Tag::Write } else { Tag::Read };
+                        pt.insert(start + i as u64 * PAGE_SIZE, (f, tag));
+                    }
                 }
+            });
+            if installed.is_some() {
+                return Ok(());
             }
-            return Ok(());
+            self.counters.retries.fetch_add(1, Ordering::Relaxed);
         }
         Err(DmirrorError::Busy)
     }
@@ -270,26 +268,26 @@ impl Inner {
         let sub = self.sub();
         loop {
             let Ok(seq) = sub.read_begin() else { return };
-            let mut pt = self.lock();
-            if sub.read_retry(seq) {
-                continue;
-            }
-            for &(addr, f, tag) in pages {
-                let Some(pte) = self.mm.pte(addr) else {
-                    continue;
-                };
-                if !expect(&pte.kind, f.pfn) || !self.mm.phys().is_current(f) {
-                    continue;
+            let installed = self.pt.commit(sub, seq, |pt| {
+                for &(addr, f, tag) in pages {
+                    let Some(pte) = self.mm.pte(addr) else {
+                        continue;
+                    };
+                    if !expect(&pte.kind, f.pfn) || !self.mm.phys().is_current(f) {
+                        continue;
+                    }
+                    // The PTE may have lost write permission since (fork, mprotect).
+                    let tag = if tag == Tag::Write && !pte.write {
+                        Tag::Read
+                    } else {
+                        tag
+                    };
+                    pt.insert(addr, (f, tag));
                 }
-                // The PTE may have lost write permission since (fork, mprotect).
-                let tag = if tag == Tag::Write && !pte.write {
-                    Tag::Read
-                } else {
-                    tag
-                };
-                pt.insert(addr, (f, tag));
+            });
+            if installed.is_some() {
+                return;
             }
-            return;
         }
     }
 
@@ -339,7 +337,7 @@ impl DeviceMirror {
         let inner = Arc::new(Inner {
             mm,
             owner,
-            pt: Mutex::new(BTreeMap::new()),
+            pt: DriverLock::new(BTreeMap::new()),
             sub: OnceLock::new(),
             counters: Counters::default(),
         });
@@ -552,11 +550,16 @@ impl DeviceMirror {
         let Ok(mm) = self.inner.mm.get() else {
             return Err(DmirrorError::Inval);
         };
-        struct SeqOnly;
+        /// dmirror's snapshot notifier: records the sequence under the
+        /// device lock, drops nothing.
+        struct SeqOnly(Weak<Inner>);
         impl IntervalOps for SeqOnly {
-            fn invalidate(&self, sub: &IntervalNotifier, _r: &Range, seq: u64) -> bool {
-                sub.set_seq(seq);
-                true
+            fn invalidate(&self, sub: &IntervalNotifier, r: &Range, seq: u64) -> bool {
+                let Some(dev) = self.0.upgrade() else {
+                    sub.set_seq(seq);
+                    return true;
+                };
+                dev.pt.invalidate(sub, r, seq, |_| ()).is_some()
             }
         }
         let mut a = start;
@@ -564,7 +567,7 @@ impl DeviceMirror {
             let next = (a + CHUNK_PAGES * PAGE_SIZE).min(end);
             let tmp = mm
                 .subscriptions()
-                .interval_insert(a, next - a, Arc::new(SeqOnly))
+                .interval_insert(a, next - a, Arc::new(SeqOnly(Arc::downgrade(&self.inner))))
                 .map_err(|_| DmirrorError::Inval)?;
             let mut done = false;
             for _ in 0..MAX_COLLISIONS {
@@ -583,29 +586,33 @@ impl DeviceMirror {
                     }
                     Ok(()) => {}
                 }
-                let _pt = self.inner.lock();
-                if tmp.read_retry(seq) {
-                    continue;
-                }
                 let phys = mm.phys();
-                out.extend(range.pfns.iter().map(|p| {
-                    if p.error {
-                        return prot::ERROR;
-                    }
-                    if !p.valid {
-                        return prot::NONE;
-                    }
-                    let rw = if p.write { prot::WRITE } else { prot::READ };
-                    let base = match (p.zero, p.frame.map(|f| phys.kind(f.pfn))) {
-                        (true, _) => prot::ZERO,
-                        (_, Some(FrameKind::DevicePrivate(o))) if o == self.inner.owner => {
-                            prot::DEV_PRIVATE_LOCAL
-                        }
-                        (_, Some(FrameKind::DevicePrivate(_))) => prot::DEV_PRIVATE_REMOTE,
-                        _ => 0,
-                    };
-                    base | rw
-                }));
+                let read = self.inner.pt.commit(&tmp, seq, |_| {
+                    range
+                        .pfns
+                        .iter()
+                        .map(|p| {
+                            if p.error {
+                                return prot::ERROR;
+                            }
+                            if !p.valid {
+                                return prot::NONE;
+                            }
+                            let rw = if p.write { prot::WRITE } else { prot::READ };
+                            let base = match (p.zero, p.frame.map(|f| phys.kind(f.pfn))) {
+                                (true, _) => prot::ZERO,
+                                (_, Some(FrameKind::DevicePrivate(o))) if o == self.inner.owner => {
+                                    prot::DEV_PRIVATE_LOCAL
+                                }
+                                (_, Some(FrameKind::DevicePrivate(_))) => prot::DEV_PRIVATE_REMOTE,
+                                _ => 0,
+                            };
+                            base | rw
+                        })
+                        .collect::<Vec<u8>>()
+                });
+                let Some(read) = read else { continue };
+                out.extend(read);
                 done = true;
                 break;
             }

@@ -3,9 +3,9 @@
 //!
 //! | type | pattern | hooks used |
 //! | --- | --- | --- |
-//! | [`ShadowMmu`] | KVM shadow page tables (spec 8.1) | start/end with in-progress count, sequence and range; `change_pte`; young; `release` |
-//! | [`DeviceMirror`] | HMM device page table, `lib/test_hmm.c` (spec 8.2, 9.1) | one interval notifier; `range_fault` + `read_begin`/`read_retry` |
-//! | [`SecondaryTlb`] | IOMMU SVA TLB (spec 8.3) | `arch_invalidate_secondary_tlbs`, `release` |
+//! | [`ShadowMmu`] | KVM shadow page tables | start/end with in-progress count, sequence and range; `change_pte`; young; `release` |
+//! | [`DeviceMirror`] | HMM device page table, `lib/test_hmm.c` | one interval notifier; `range_fault` + `read_begin`/`read_retry` |
+//! | [`SecondaryTlb`] | IOMMU SVA TLB | `arch_invalidate_secondary_tlbs`, `release` |
 //! | [`MrCache`] | RDMA memory-region cache (a `regcache::RegCache` that pins) | one interval notifier per pinned registration |
 //!
 //! Every access a mirror makes through its own translation is checked by

@@ -1,4 +1,4 @@
-//! `ShadowMmu`: the KVM pattern (spec 8.1). Shadow PTEs are installed by a
+//! `ShadowMmu`: the KVM pattern. Shadow PTEs are installed by a
 //! fault path that samples a sequence number, resolves the page through the
 //! primary (which may sleep), then takes the MMU lock and retries if an
 //! invalidation is in progress over the address or has completed since.

@@ -1,4 +1,4 @@
-//! `SecondaryTlb`: the IOMMU SVA pattern (spec 8.3). The device shares the
+//! `SecondaryTlb`: the IOMMU SVA pattern. The device shares the
 //! CPU page table: its TLB is filled by walking it (page requests fault the
 //! primary), and flushed only by `arch_invalidate_secondary_tlbs`, which the
 //! primary calls from every TLB flush. No start/end callbacks at all.

@@ -1,4 +1,4 @@
-//! A peer of Linux's `tools/testing/selftests/mm/hmm-tests.c` (spec 9.2):
+//! A peer of Linux's `tools/testing/selftests/mm/hmm-tests.c`:
 //! the same scenarios with the same expected counts, against
 //! `DeviceMirror` on softmm. Device 0 and 1 are DEVICE_PRIVATE; the
 //! DEVICE_COHERENT variants (skipped by Linux without module parameters),

@@ -1,7 +1,7 @@
 //! A KVM-style shadow MMU kept coherent with a toy primary MMU through the
 //! subsystem, under concurrent unmaps and faults.
 //!
-//! The secondary follows the KVM pattern (spec 8.1): `invalidate_range_start`
+//! The secondary follows the KVM pattern: `invalidate_range_start`
 //! zaps shadow entries and bumps an in-progress counter; `end` bumps the
 //! sequence and drops the counter; the fault path samples the sequence, reads
 //! the primary, and installs the shadow entry only if no invalidation

@@ -2,7 +2,7 @@
 //! per virtual-address range, plus a sequence count that tells a concurrent
 //! "fault" path its result went stale (collision-retry).
 //!
-//! # The scheme, in a few lines (spec section 4)
+//! # The scheme, in a few lines
 //!
 //! * The address space has `invalidate_seq` (starts at 2) and a count of
 //!   in-flight invalidations. Even: no invalidation touches an interval
@@ -23,8 +23,8 @@
 //! every tree change; it is never held across a callback. The tree sits in its
 //! own `RwLock`: invalidations walk it with a shared guard *after* dropping
 //! `state`, which is safe because the tree only changes while the seq is even
-//! and a walk only happens while the seq is odd (the "frozen" rule of spec
-//! 10.9, enforced by the lock rather than by convention).
+//! and a walk only happens while the seq is odd (the "frozen tree"
+//! rule, enforced by the lock rather than by convention).
 //!
 //! # Better than Linux
 //!
@@ -32,7 +32,7 @@
 //!   compare when the notifier is not being invalidated (Linux takes the
 //!   spinlock), and `read_retry` one load. It only takes `state` to sleep.
 //! * A non-blockable start whose list phase fails undoes the interval phase
-//!   (spec 10.1: Linux leaks `active_invalidate_ranges`, after which readers
+//!   (Linux leaks `active_invalidate_ranges`, after which readers
 //!   and removers of overlapping notifiers wait forever).
 //! * `read_begin` or `remove` from inside an invalidation callback of the same
 //!   address space, which would wait for itself forever, returns
@@ -235,7 +235,7 @@ impl IntervalState {
         sync::lock(&self.state).active
     }
 
-    /// Begins one range (spec 4.2 + 4.3): counts it in, and invalidates
+    /// Begins one range (Linux `mn_itree_invalidate`): counts it in, and invalidates
     /// every overlapping notifier. On `Err` the range has already been
     /// ended again (the caller must not call [`end`](Self::end)).
     pub(crate) fn start(&self, mm: &Subscriptions, range: &Range) -> Result<(), ()> {
@@ -294,7 +294,7 @@ impl IntervalState {
         Ok(())
     }
 
-    /// Ends one range (spec 4.4).
+    /// Ends one range (Linux `mn_itree_inv_end`).
     pub(crate) fn end(&self) {
         let mut st = sync::lock(&self.state);
         st.active -= 1;

@@ -19,6 +19,8 @@
 //! * [`IntervalNotifier`]: per-range callbacks with the collision-retry
 //!   sequence (Linux `mmu_interval_notifier`), inserted with
 //!   [`Subscriptions::interval_insert`]; see the `interval` module docs.
+//!   [`DriverLock`] is the user lock of its collision-retry protocol, with
+//!   the protocol in its methods.
 //! * [`srcu`]: the sleepable grace-period domain callbacks run under.
 //! * [`debug`]: lockdep-style checks and the diagnostic counters.
 //!
@@ -30,6 +32,7 @@
 
 mod barrier;
 pub mod debug;
+mod driver_lock;
 mod error;
 mod interval;
 mod itree;
@@ -43,6 +46,7 @@ mod subscriptions;
 pub mod sync;
 
 pub use debug::{might_sleep, Diagnostics, Warning};
+pub use driver_lock::DriverLock;
 pub use error::Error;
 pub use interval::{IntervalNotifier, IntervalOps};
 pub use mutex::{Mutex, MutexGuard};

@@ -12,7 +12,7 @@
 //!
 //! Each entry remembers the version that first contained it. An
 //! `invalidate_range_end` skips entries newer than the snapshot its start
-//! used, so a registration can never split a start/end pair (spec 10.10)
+//! used, so a registration can never split a start/end pair
 //! without any lock shared between invalidations and registration.
 //!
 //! Cost of the cache: a thread keeps the snapshot it last used for an address

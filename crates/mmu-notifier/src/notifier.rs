@@ -145,15 +145,24 @@ pub trait MmuNotifier: Send + Sync + 'static {
     fn change_pte(&self, _mm: &Subscriptions, _address: u64, _pte: Pte) {}
 
     /// PTEs in `range` are about to change: stop creating secondary mappings
-    /// there and drop the existing ones (now, or at the latest before `end`
-    /// returns). May sleep only if `range.blockable()`; otherwise return
+    /// there and drop the existing ones **before returning**. Dropping them
+    /// in [`invalidate_range_end`](Self::invalidate_range_end) is too late:
+    /// between the two the primary may already have freed pages (a munmap
+    /// frees full mmu_gather batches before `end`) or replaced them (a COW
+    /// fault, swap-out, migration), and a secondary still using its mapping
+    /// would read or write a page the process no longer maps. (A secondary
+    /// whose TLB shares the CPU page tables uses
+    /// [`arch_invalidate_secondary_tlbs`](Self::arch_invalidate_secondary_tlbs)
+    /// instead.) May sleep only if `range.blockable()`; otherwise return
     /// [`Again`] instead of sleeping (declare [`Callbacks::START_MAY_FAIL`]).
     fn invalidate_range_start(&self, _range: &Range) -> Result<(), Again> {
         Ok(())
     }
 
     /// The PTE changes announced by the matching start are done; the pages may
-    /// already be freed. Called only for a start this notifier received.
+    /// already be freed. Secondary mappings of the range may be created again
+    /// from now on (a KVM-style in-progress count drops here). Called only
+    /// for a start this notifier received.
     fn invalidate_range_end(&self, _range: &Range) {}
 
     /// For TLBs that share the CPU page tables (IOMMU SVA, ATS): invalidate

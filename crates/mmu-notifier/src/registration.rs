@@ -4,9 +4,9 @@
 //! Where this differs from Linux, on purpose:
 //! * `release` runs **exactly once** per notifier: exit and unregister race
 //!   for a per-notifier claim, and the loser waits for the winner's call
-//!   through the grace period (Linux may call it twice; spec 5.2).
+//!   through the grace period (Linux may call it twice).
 //! * [`crate::synchronize`] is a real barrier: it returns only after every
-//!   deferred free queued by earlier puts has run (spec 3.6).
+//!   deferred free queued by earlier puts has run.
 //! * Misuse that Linux BUGs or WARNs on returns an [`Error`].
 
 use std::sync::Arc;

@@ -136,7 +136,7 @@ pub struct ActiveInvalidation<'a> {
     version: u64,
     /// The start ran the interval phase, so end must run the interval end.
     /// Recorded rather than re-read, so interval mode being enabled between
-    /// start and end cannot unbalance the count (spec 10.10).
+    /// start and end cannot unbalance the count.
     interval: bool,
     _not_send: std::marker::PhantomData<*const ()>,
 }
@@ -306,7 +306,7 @@ impl Subscriptions {
     /// ended itself and no list notifier was called; a failed list phase has
     /// called every end, and the interval phase is ended here too.
     ///
-    /// Divergence from Linux (spec 10.1): Linux returns without undoing the
+    /// Divergence from Linux: Linux returns without undoing the
     /// interval phase when the list phase fails, leaking
     /// `active_invalidate_ranges` (readers and removers of overlapping
     /// interval notifiers then wait forever). We end it.

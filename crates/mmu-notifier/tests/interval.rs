@@ -1,4 +1,4 @@
-//! Interval notifiers: bad input, the spec 10.1 fix, deadlock refusal,
+//! Interval notifiers: bad input, the fix of Linux's leak after a failed start, deadlock refusal,
 //! panicking callbacks and exit.
 
 mod common;
@@ -39,7 +39,7 @@ fn remove_twice_and_read_begin_after_remove_are_errors() {
     assert!(matches!(s.read_begin(), Err(Error::NotRegistered)));
 }
 
-/// Spec 10.1 fix: Linux leaves `active_invalidate_ranges` raised (and the
+/// The fix of a Linux leak: Linux leaves `active_invalidate_ranges` raised (and the
 /// seq odd) when the list phase fails after the interval phase; then this
 /// read_begin would sleep forever and this remove too. We undo it.
 #[test]
@@ -51,7 +51,11 @@ fn list_failure_after_interval_phase_is_undone() {
     let r = mm.invalidate_range_start_nonblock(range(0x1000, 0x2000));
     assert_eq!(r.err(), Some(Again));
     assert_eq!(m.calls().len(), 1, "the interval phase ran");
-    assert_eq!(mm.interval_active_ranges(), 0, "spec 10.1 leak");
+    assert_eq!(
+        mm.interval_active_ranges(),
+        0,
+        "the leak Linux has after a failed start"
+    );
     assert_eq!(mm.interval_seq() & 1, 0);
     assert!(!s.is_invalidating());
     let seq = s.read_begin().unwrap();
@@ -129,7 +133,7 @@ fn false_in_a_blockable_range_is_reported_and_ignored() {
 }
 
 /// Exit sends one blockable RELEASE invalidation of everything; notifiers
-/// stay in the tree until their owners remove them (spec 5.1).
+/// stay in the tree until their owners remove them.
 #[test]
 fn exit_invalidates_everything_with_release_and_keeps_the_tree() {
     let mm = Subscriptions::new();
@@ -164,7 +168,7 @@ fn users_without_the_read_protocol_need_no_set_seq() {
 }
 
 /// Interval mode enabled between a start and its end does not unbalance the
-/// in-flight count (spec 10.10): the end matches what the start did.
+/// in-flight count: the end matches what the start did.
 #[test]
 fn interval_mode_enabled_mid_pair_does_not_underflow() {
     let mm = Subscriptions::new();

@@ -1,4 +1,5 @@
-//! The core's invariants (ARCHITECTURE.md 1-3) and the places we
+//! The core's invariants (every registered notifier sees every start and
+//! its end; release once; no callback after unregister) and the places we
 //! deliberately do better than Linux.
 
 mod common;
@@ -10,7 +11,7 @@ use std::thread;
 use common::*;
 use mmu_notifier::{srcu, Again, Callbacks, MmuNotifier, NotifierAlloc, Range, Subscriptions};
 
-/// Spec 10.10: a notifier registered between a start and its end gets
+/// No split pair: a notifier registered between a start and its end gets
 /// neither (never an end without its start), and sees the next pair whole.
 #[test]
 fn registration_never_splits_a_start_end_pair() {
@@ -46,7 +47,7 @@ fn first_registration_mid_pair_gets_no_end() {
 }
 
 /// A notifier removed between start and end gets the start but not the end
-/// (Linux spec 5.4), and unregister returns normally.
+/// (as in Linux), and unregister returns normally.
 #[test]
 fn unregister_mid_pair_skips_end() {
     let mm = Subscriptions::new();

@@ -161,7 +161,7 @@ fn put_racing_invalidation_frees_after_grace_period() {
     });
 }
 
-/// Spec 10.10: a registration racing an in-flight start/end pair never gives
+/// No split pair: a registration racing an in-flight start/end pair never gives
 /// the new notifier an end without its start (and 543bdb2d: the callbacks it
 /// does get see it fully initialised).
 #[test]
@@ -230,7 +230,7 @@ impl IntervalOps for DevicePage {
 
 /// read_begin / read_retry against a concurrent invalidation: a reader that
 /// took its sequence before an overlapping invalidation ended never commits
-/// a stale copy (the lock-free read side, spec 4.5-4.6).
+/// a stale copy (the lock-free read side).
 #[test]
 fn interval_read_side_never_commits_stale() {
     loom::model(|| {
@@ -318,7 +318,7 @@ fn interval_remove_racing_end() {
     });
 }
 
-/// Spec 10.1 fix: when the list phase of a non-blockable start fails after
+/// The fix of a Linux leak: when the list phase of a non-blockable start fails after
 /// the interval phase succeeded, the interval phase is undone. With Linux's
 /// behaviour the reader below would wait forever (loom reports a deadlock).
 #[test]

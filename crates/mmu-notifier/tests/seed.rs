@@ -1,5 +1,5 @@
 //! Conformance suite: one test per behaviour-defining commit of the seed
-//! history (`../shared/seed/mmu_notifier-history.txt`), named
+//! history of Linux's `mm/mmu_notifier.c` (the commit named), named
 //! `seed_<commit>_<behaviour>`. Each fails if the behaviour it names breaks.
 
 mod common;
@@ -707,7 +707,7 @@ fn seed_ec8832d0_end_does_not_flush_secondary_tlbs() {
 }
 
 // ---------------------------------------------------------------------------
-// Interval notifiers (99cb252f, 31956166, c9682d10; spec section 4)
+// Interval notifiers (99cb252f, 31956166, c9682d10)
 // ---------------------------------------------------------------------------
 
 /// Runs `f` on a thread and returns a receiver for its result, so a test can
@@ -940,7 +940,8 @@ fn seed_c9682d10_insert_refused_once_the_address_space_exited() {
     before.remove().unwrap();
 }
 
-/// The worked sequence of spec 4.11, step by step.
+/// A worked sequence of the interval scheme (two overlapping invalidations,
+/// a reader, deferred insert and remove), step by step.
 #[test]
 fn spec_4_11_worked_sequence() {
     let mm = Subscriptions::new();

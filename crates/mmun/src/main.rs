@@ -40,16 +40,16 @@ struct StressArgs {
     /// Run this many operations (default 100000 when --seconds is not given).
     #[arg(long)]
     ops: Option<u64>,
-    /// Worker threads.
-    #[arg(long, default_value_t = 4)]
+    /// Worker threads (1 to 1024).
+    #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     threads: usize,
     /// Seed of the workload generators.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Address spaces.
-    #[arg(long, default_value_t = 2)]
+    /// Address spaces (1 to 64).
+    #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     spaces: usize,
-    /// Physical frames of the machine.
+    /// Physical frames of the machine (at least 64 per address space).
     #[arg(long, default_value_t = 16384)]
     frames: usize,
     /// Write a Chrome trace-event JSON file (open it in Perfetto).
@@ -120,6 +120,16 @@ fn main() -> ExitCode {
             }
             if a.trace.is_some() {
                 trace::Tracer::enable();
+            }
+            let min_frames = stress::MIN_FRAMES_PER_SPACE * a.spaces;
+            if a.frames < min_frames {
+                eprintln!(
+                    "--frames {}: {} address spaces need at least {min_frames} frames ({} each: the zero page, each space's shared file and room to fault)",
+                    a.frames,
+                    a.spaces,
+                    stress::MIN_FRAMES_PER_SPACE
+                );
+                return ExitCode::FAILURE;
             }
             let settings = stress::Settings {
                 seconds: a.seconds,

@@ -317,6 +317,10 @@ pub fn pick(rng: &mut Rng, primary_only: bool, skip: &[Kind]) -> Kind {
     unreachable!("weights sum to total")
 }
 
+/// Frames `mmun stress` needs per address space: the zero page, the shared
+/// file each space maps, and room for faults.
+pub const MIN_FRAMES_PER_SPACE: usize = 64;
+
 /// Settings of one stress run.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -324,7 +328,7 @@ pub struct Settings {
     pub seconds: Option<u64>,
     /// Stop after this many operations (if set).
     pub ops: Option<u64>,
-    /// Worker threads.
+    /// Worker threads (at least 1).
     pub threads: usize,
     /// Seed of every thread's generator.
     pub seed: u64,

@@ -160,6 +160,47 @@ fn stress_rejects_unknown_kinds_and_lists_them() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("devmigrate"));
 }
 
+/// Out-of-range options are errors that say what is allowed, never a panic
+/// or a run that silently does something else.
+#[test]
+fn stress_rejects_bad_sizes_with_a_clear_error() {
+    for (args, says) in [
+        (&["--frames", "1"][..], "need at least 128 frames"),
+        (
+            &["--frames", "100", "--spaces", "2"][..],
+            "need at least 128 frames",
+        ),
+        (&["--threads", "0"][..], "--threads"),
+        (&["--spaces", "0"][..], "--spaces"),
+        (&["--spaces", "65"][..], "--spaces"),
+        (&["--threads=-1"][..], "-1"),
+    ] {
+        let out = mmun()
+            .arg("stress")
+            .args(["--ops", "10"])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(if args[0] == "--frames" { 1 } else { 2 }),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    let ok = mmun()
+        .args(["stress", "--ops", "200", "--frames", "64", "--spaces", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}
+
 #[test]
 fn trace_is_chrome_trace_event_json() {
     let p = tmp("trace.json");

@@ -3,10 +3,8 @@
 use std::fmt;
 use std::sync::{Arc, Weak};
 
-use mmu_notifier::sync::{
-    lock, lock_in_callback, AtomicBool, AtomicU64, Mutex, MutexGuard, Ordering,
-};
-use mmu_notifier::{IntervalNotifier, IntervalOps, Range, PAGE_SIZE};
+use mmu_notifier::sync::{AtomicBool, AtomicU64, Mutex, MutexGuard, Ordering};
+use mmu_notifier::{DriverLock, IntervalNotifier, IntervalOps, Range, PAGE_SIZE};
 
 use crate::entry::{Entry, Reg};
 use crate::index::{Index, Key};
@@ -86,7 +84,9 @@ pub(crate) struct Shared<S: AddressSpace, R: Registrar> {
     registrar: R,
     limits: Limits,
     config: Config,
-    index: Mutex<Index<S, R>>,
+    /// The index, under the user lock of the interval protocol: callbacks
+    /// take it to unlink, the registration path to commit.
+    index: DriverLock<Index<S, R>>,
     /// `index.dead` is not empty (read without the lock on every lookup).
     dead_pending: AtomicBool,
     /// Bytes of registrations unlinked and not yet deregistered.
@@ -97,7 +97,7 @@ pub(crate) struct Shared<S: AddressSpace, R: Registrar> {
 
 impl<S: AddressSpace, R: Registrar> Shared<S, R> {
     pub(crate) fn lock(&self) -> MutexGuard<'_, Index<S, R>> {
-        lock(&self.index)
+        self.index.lock()
     }
 
     /// Unlinks `r` (under the lock `ix`) and accounts for it.
@@ -240,16 +240,15 @@ impl<S: AddressSpace, R: Registrar> IntervalOps for RegOps<S, R> {
             sub.set_seq(seq);
             return true;
         };
-        let Some(mut ix) = lock_in_callback(&cache.index, range) else {
-            return false;
-        };
-        // Under the lock the registration path holds around read_retry.
-        sub.set_seq(seq);
-        if let Some(reg) = ix.get(&self.key).cloned() {
-            cache.stats.invalidated.fetch_add(1, Ordering::Relaxed);
-            cache.unlink(&mut ix, &reg);
-        }
-        true
+        cache
+            .index
+            .invalidate(sub, range, seq, |ix| {
+                if let Some(reg) = ix.get(&self.key).cloned() {
+                    cache.stats.invalidated.fetch_add(1, Ordering::Relaxed);
+                    cache.unlink(ix, &reg);
+                }
+            })
+            .is_some()
     }
 }
 
@@ -302,7 +301,7 @@ impl<S: AddressSpace, R: Registrar> RegCache<S, R> {
                 registrar,
                 limits,
                 config,
-                index: Mutex::new(Index::new()),
+                index: DriverLock::new(Index::new()),
                 dead_pending: AtomicBool::new(false),
                 unreleased_bytes: AtomicU64::new(0),
                 next_id: AtomicU64::new(1),
@@ -491,33 +490,35 @@ impl<S: AddressSpace, R: Registrar> RegCache<S, R> {
                 sh.release_handle(handle, len);
                 return Err(CacheError::AddressSpace(Box::new(e) as BoxError));
             }
-            let mut ix = sh.lock();
-            if sub.read_retry(seq) {
-                drop(ix);
-                sh.stats.retries.fetch_add(1, Ordering::Relaxed);
-                sh.release_handle(handle, len);
-                continue;
-            }
-            let reg = Arc::new(Reg {
-                id,
-                start,
-                end,
-                access,
-                handle,
-                sub: sub.clone(),
-                watch: Mutex::new(watch.take()),
-                valid: AtomicBool::new(false),
-                last_use: AtomicU64::new(0),
-                queued: AtomicU64::new(0),
+            // Under the index lock, unless an invalidation collided.
+            let mut handle = Some(handle);
+            let committed = sh.index.commit(sub, seq, |ix| {
+                let reg = Arc::new(Reg {
+                    id,
+                    start,
+                    end,
+                    access,
+                    handle: handle.take().expect("taken once"),
+                    sub: sub.clone(),
+                    watch: Mutex::new(watch.take()),
+                    valid: AtomicBool::new(false),
+                    last_use: AtomicU64::new(0),
+                    queued: AtomicU64::new(0),
+                });
+                ix.insert(reg.clone());
+                let mut evicted = 0;
+                while ix.len() > sh.config.max_cached {
+                    let Some(victim) = ix.lru_victim() else { break };
+                    sh.unlink(ix, &victim);
+                    evicted += 1;
+                }
+                (reg, evicted)
             });
-            ix.insert(reg.clone());
-            let mut evicted = 0;
-            while ix.len() > sh.config.max_cached {
-                let Some(victim) = ix.lru_victim() else { break };
-                sh.unlink(&mut ix, &victim);
-                evicted += 1;
-            }
-            drop(ix);
+            let Some((reg, evicted)) = committed else {
+                sh.stats.retries.fetch_add(1, Ordering::Relaxed);
+                sh.release_handle(handle.take().expect("not committed"), len);
+                continue;
+            };
             sh.stats.evicted.fetch_add(evicted, Ordering::Relaxed);
             return Ok(Entry {
                 shared: sh.clone(),

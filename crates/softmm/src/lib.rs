@@ -3,7 +3,7 @@
 //! An [`Mm`] is an address space with VMAs, a page table and frames from a
 //! shared [`PhysMem`]. Every operation calls the MMU-notifier hooks of its
 //! [`Subscriptions`](mmu_notifier::Subscriptions) where Linux's core mm does
-//! (spec section 7), in the same order relative to PTE changes and frame
+//! (the README's call-site table), in the same order relative to PTE changes and frame
 //! frees: munmap, mremap, mprotect, madvise, faults with COW, fork, KSM,
 //! migration (system and device), device-exclusive entries, reclaim (aging
 //! and swap-out), soft-dirty, writeback, exit and the OOM reaper. Secondary
@@ -30,7 +30,7 @@
 //! let sub = mm.subscriptions().interval_insert(a, 4 * 4096, Arc::new(Dev)).unwrap();
 //! mm.write(a, &[7]).unwrap();
 //!
-//! // The device's fault path (spec 8.2).
+//! // The device's fault path (the HMM pattern).
 //! let seq = sub.read_begin().unwrap();
 //! let mut range = softmm::HmmRange::new(&sub, seq, a, a + 4096);
 //! range.fault = true;

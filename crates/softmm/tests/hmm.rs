@@ -1,4 +1,4 @@
-//! The secondary-side entry points: range_fault (spec 8.2) and pin.
+//! The secondary-side entry points: range_fault (the HMM fault path) and pin.
 
 mod common;
 

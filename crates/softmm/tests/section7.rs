@@ -1,4 +1,5 @@
-//! One test per row of spec section 7 ("where core mm fires the hooks"):
+//! One test per row of the call-site table ("where core mm fires the hooks",
+//! in the README):
 //! hook, event, owner, range, and order relative to PTE changes and frees.
 
 mod common;

@@ -230,7 +230,7 @@ impl ProcessMm {
             .subscriptions()
             .interval_insert(start, len, ops)
             .map_err(UffdError::Notifier)?;
-        Ok(ProcessInterval { sub, watch })
+        Ok(ProcessInterval { sub, _watch: watch })
     }
 
     /// Waits until the invalidations of every munmap, mremap and madvise
@@ -352,10 +352,15 @@ impl Drop for Watch {
 
 /// An interval notifier on a [`ProcessMm`] together with the watch of its
 /// range. Derefs to the [`IntervalNotifier`] (read_begin / read_retry).
+///
+/// Dropping it removes the notifier (as [`remove`](Self::remove), which
+/// also reports errors) and then stops watching: a dropped handle never
+/// leaves a notifier behind in the tree.
 #[derive(Debug)]
 pub struct ProcessInterval {
     sub: IntervalNotifier,
-    watch: Watch,
+    /// Dropped after the notifier is removed (see `Drop`).
+    _watch: Watch,
 }
 
 impl std::ops::Deref for ProcessInterval {
@@ -372,9 +377,20 @@ impl ProcessInterval {
     /// # Errors
     /// The subsystem's remove errors (as [`UffdError::Notifier`]).
     pub fn remove(self) -> Result<(), UffdError> {
-        let r = self.sub.remove().map_err(UffdError::Notifier);
-        drop(self.watch);
-        r
+        // The watch goes when `self` is dropped, after the notifier.
+        self.sub.remove().map_err(UffdError::Notifier)
+    }
+}
+
+impl Drop for ProcessInterval {
+    fn drop(&mut self) {
+        if !self.sub.is_removed() {
+            if let Err(e) = self.sub.remove() {
+                tracing::warn!(
+                    "uffd: dropping a ProcessInterval could not remove its notifier: {e}"
+                );
+            }
+        }
     }
 }
 

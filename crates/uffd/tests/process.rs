@@ -428,3 +428,25 @@ fn a_blocked_callback_does_not_stop_the_monitor_reading() {
     sa.remove().unwrap();
     sb.remove().unwrap();
 }
+
+/// Dropping the handle of an interval notifier takes the notifier out of
+/// the tree (it used to stop the events but stay in the tree).
+#[test]
+fn dropping_a_process_interval_removes_its_notifier() {
+    let _serial = serial();
+    let mm = mm_or_skip!();
+    let a = map(1);
+    let log = Arc::new(Log::default());
+    let sub = mm.interval_insert(a, P, log.clone()).unwrap();
+    let probe = || {
+        mm.subscriptions()
+            .invalidate_range_start(Range::new(a, a + P, Event::Clear).unwrap())
+            .end();
+        log.take().len()
+    };
+    assert_eq!(probe(), 1, "inserted");
+    drop(sub);
+    assert_eq!(probe(), 0, "dropped, so removed");
+    assert_eq!(mm.watched_segments(), 0, "and no longer watched");
+    unmap(a, 1);
+}

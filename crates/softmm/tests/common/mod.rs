@@ -262,7 +262,7 @@ pub fn assert_pairs_nested(calls: &[Call]) {
     assert!(open.is_empty(), "starts without end: {open:?}");
 }
 
-/// A minimal HMM-style device mirror (spec 8.2) used to exercise the oracle:
+/// A minimal HMM-style device mirror used to exercise the oracle:
 /// a whole-address-space interval notifier, a device page table under the
 /// device lock, and the read_begin / range_fault / read_retry loop. The
 /// `broken_*` switches make it deliberately wrong.
