@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use mmu_notifier::sync::{self, AtomicU64, Mutex, MutexGuard, Ordering};
+use mmu_notifier::sync::{AtomicU64, CheckedMutex, MutexGuard, Ordering};
 
 use mmu_notifier::{Again, Callbacks, MmuNotifier, NotifierHandle, Pte, Range, Subscriptions};
 use softmm::{FrameRef, PAGE_SIZE};
@@ -62,7 +62,7 @@ pub struct ShadowStats {
 
 struct Inner<P> {
     primary: P,
-    mmu_lock: Mutex<MmuState>,
+    mmu_lock: CheckedMutex<MmuState>,
     stats: ShadowStats,
 }
 
@@ -85,7 +85,8 @@ const MAX_RETRIES: u32 = 10_000;
 
 impl<P: FramePrimary> Inner<P> {
     fn lock(&self) -> MutexGuard<'_, MmuState> {
-        sync::lock(&self.mmu_lock)
+        // A spinlock, as in Linux: taken in callbacks that must not sleep.
+        self.mmu_lock.spin_lock()
     }
 }
 
@@ -98,7 +99,7 @@ impl<P: FramePrimary> ShadowMmu<P> {
     pub fn attach(primary: P) -> Result<Self> {
         let inner = Arc::new(Inner {
             primary,
-            mmu_lock: Mutex::new(MmuState::default()),
+            mmu_lock: CheckedMutex::new(MmuState::default()),
             stats: ShadowStats::default(),
         });
         let handle = inner.primary.subscriptions().register(inner.clone())?;

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use mmu_notifier::sync::{self, AtomicU64, Mutex, MutexGuard, Ordering};
+use mmu_notifier::sync::{AtomicU64, CheckedMutex, MutexGuard, Ordering};
 
 use mmu_notifier::{Callbacks, MmuNotifier, NotifierHandle, Subscriptions};
 use softmm::{FrameRef, PAGE_SIZE};
@@ -41,13 +41,14 @@ pub struct TlbStats {
 
 struct Inner<P> {
     primary: P,
-    tlb: Mutex<Tlb>,
+    tlb: CheckedMutex<Tlb>,
     stats: TlbStats,
 }
 
 impl<P: FramePrimary> Inner<P> {
     fn lock(&self) -> MutexGuard<'_, Tlb> {
-        sync::lock(&self.tlb)
+        // A spinlock, as in Linux: taken in callbacks that must not sleep.
+        self.tlb.spin_lock()
     }
 }
 
@@ -73,7 +74,7 @@ impl<P: FramePrimary> SecondaryTlb<P> {
     pub fn bind(primary: P) -> Result<Self> {
         let inner = Arc::new(Inner {
             primary,
-            tlb: Mutex::new(Tlb::default()),
+            tlb: CheckedMutex::new(Tlb::default()),
             stats: TlbStats::default(),
         });
         let handle = inner.primary.subscriptions().register(inner.clone())?;

@@ -283,3 +283,65 @@ fn regcache_lookups_racing_unmaps_are_never_stale() {
     assert!(checked > 0);
     assert_eq!(phys.oracle().violation_count(), 0);
 }
+
+/// An interval mirror that takes a sleeping lock in every callback.
+struct Sleepy(mmu_notifier::CheckedMutex<()>);
+
+impl mmu_notifier::IntervalOps for Sleepy {
+    fn invalidate(
+        &self,
+        sub: &mmu_notifier::IntervalNotifier,
+        _: &mmu_notifier::Range,
+        seq: u64,
+    ) -> bool {
+        let _g = self.0.lock(); // wrong in a non-blockable range: may sleep
+        sub.set_seq(seq);
+        true
+    }
+}
+
+/// The sleep check runs for the mirrors: an OOM reap (non-blockable
+/// invalidations) with the four reference mirrors attached and using their
+/// translations reports nothing, while a mirror that takes a sleeping lock
+/// in its callback is reported (debug builds, where the check is on).
+#[test]
+fn sleeping_in_a_non_blockable_callback_is_reported_and_the_mirrors_do_not() {
+    use mmu_notifier::Warning::SleepInNonBlockable;
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    for bad in [false, true] {
+        let (phys, mm) = machine();
+        let a = mm.mmap(8 * P, Prot::RW, MapKind::AnonPrivate).unwrap();
+        mm.write(a, &[1; 8 * P as usize]).unwrap();
+        let kvm = ShadowMmu::attach(mm.grab()).unwrap();
+        let tlb = SecondaryTlb::bind(mm.grab()).unwrap();
+        let dev = mirrors::DeviceMirror::open(mm.grab(), mmu_notifier::Owner(77)).unwrap();
+        let cache = MrCache::new(mm.grab(), 8);
+        kvm.fault(a, true).unwrap();
+        tlb.access(a, None).unwrap();
+        dev.read(a, 2).unwrap();
+        let reg = cache.get(a + 2 * P, P, true).unwrap();
+        let sleepy = bad.then(|| {
+            mm.subscriptions()
+                .interval_insert(
+                    a,
+                    8 * P,
+                    Arc::new(Sleepy(mmu_notifier::CheckedMutex::new(()))),
+                )
+                .unwrap()
+        });
+        let report = mm.oom_reap();
+        let sleeps = mm.subscriptions().diagnostics().count(SleepInNonBlockable);
+        if bad {
+            assert!(sleeps >= 1, "the sleeping mirror is reported ({report:?})");
+        } else {
+            assert_eq!(
+                sleeps, 0,
+                "the reference mirrors never sleep there ({report:?})"
+            );
+        }
+        drop((reg, sleepy));
+        assert_eq!(phys.oracle().violation_count(), 0);
+    }
+}

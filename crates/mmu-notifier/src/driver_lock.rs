@@ -2,8 +2,9 @@
 //! type.
 
 use crate::interval::IntervalNotifier;
+use crate::mutex::CheckedMutex;
 use crate::range::Range;
-use crate::sync::{self, Mutex, MutexGuard};
+use crate::sync::MutexGuard;
 
 /// The lock an interval-notifier user ("driver") holds around both halves
 /// of the collision-retry protocol, with the protocol in its methods, so a
@@ -55,7 +56,7 @@ use crate::sync::{self, Mutex, MutexGuard};
 /// sub.remove().unwrap();
 /// ```
 pub struct DriverLock<T> {
-    data: Mutex<T>,
+    data: CheckedMutex<T>,
 }
 
 impl<T> std::fmt::Debug for DriverLock<T> {
@@ -68,7 +69,7 @@ impl<T> DriverLock<T> {
     /// The lock around the mirror's state `data`.
     pub fn new(data: T) -> Self {
         DriverLock {
-            data: Mutex::new(data),
+            data: CheckedMutex::new(data),
         }
     }
 
@@ -85,7 +86,7 @@ impl<T> DriverLock<T> {
         cur_seq: u64,
         drop_mappings: impl FnOnce(&mut T) -> R,
     ) -> Option<R> {
-        let mut g = sync::lock_in_callback(&self.data, range)?;
+        let mut g = self.data.lock_in_callback(range)?;
         sub.set_seq(cur_seq);
         Some(drop_mappings(&mut g))
     }
@@ -108,9 +109,9 @@ impl<T> DriverLock<T> {
     }
 
     /// The lock itself, for everything outside the protocol (reads of the
-    /// mirror's state, teardown). Poisoning is ignored, as by
-    /// [`sync::lock`].
+    /// mirror's state, teardown). It may sleep: inside a non-blockable
+    /// callback that is reported, as by [`CheckedMutex::lock`].
     pub fn lock(&self) -> MutexGuard<'_, T> {
-        sync::lock(&self.data)
+        self.data.lock()
     }
 }

@@ -107,31 +107,29 @@ struct SubInner {
 ///
 /// ```
 /// use std::sync::Arc;
-/// use mmu_notifier::{Event, IntervalNotifier, IntervalOps, Mutex, Range, Subscriptions};
+/// use mmu_notifier::{DriverLock, Event, IntervalNotifier, IntervalOps, Range, Subscriptions};
 ///
-/// /// A device page table mirroring one interval.
-/// struct Mirror { pt: Mutex<Vec<u64>> }
+/// /// A device page table mirroring one interval, under the user lock.
+/// struct Mirror { pt: DriverLock<Vec<u64>> }
 /// impl IntervalOps for Mirror {
-///     fn invalidate(&self, sub: &IntervalNotifier, _r: &Range, cur_seq: u64) -> bool {
-///         let mut pt = self.pt.lock();
-///         sub.set_seq(cur_seq);
-///         pt.clear();
-///         true
+///     fn invalidate(&self, sub: &IntervalNotifier, r: &Range, cur_seq: u64) -> bool {
+///         // Takes the lock, set_seq(cur_seq), drops the mappings.
+///         self.pt.invalidate(sub, r, cur_seq, |pt| pt.clear()).is_some()
 ///     }
 /// }
 ///
 /// let mm = Subscriptions::new();
-/// let mirror = Arc::new(Mirror { pt: Mutex::new(vec![]) });
+/// let mirror = Arc::new(Mirror { pt: DriverLock::new(vec![]) });
 /// let sub = mm.interval_insert(0x10000, 0x4000, mirror.clone()).unwrap();
 ///
-/// // Device fault: snapshot the sequence, read the primary, commit under the lock.
+/// // Device fault: snapshot the sequence, read the primary, commit under the
+/// // lock unless an invalidation collided.
 /// loop {
 ///     let seq = sub.read_begin().unwrap();
 ///     let pfns = vec![42u64]; // ... walk the primary page tables ...
-///     let mut pt = mirror.pt.lock();
-///     if sub.read_retry(seq) { continue; }
-///     *pt = pfns;
-///     break;
+///     if mirror.pt.commit(&sub, seq, |pt| *pt = pfns).is_some() {
+///         break;
+///     }
 /// }
 ///
 /// mm.invalidate_range_start(Range::new(0x11000, 0x12000, Event::Unmap).unwrap()).end();

@@ -49,7 +49,7 @@ pub use debug::{might_sleep, Diagnostics, Warning};
 pub use driver_lock::DriverLock;
 pub use error::Error;
 pub use interval::{IntervalNotifier, IntervalOps};
-pub use mutex::{Mutex, MutexGuard};
+pub use mutex::CheckedMutex;
 pub use notifier::{Again, Callbacks, MmuNotifier, NotifierAlloc, Pte};
 pub use range::{Event, Owner, Range, RangeError, END_OF_ADDRESS_SPACE, PAGE_SIZE};
 pub use registration::{synchronize, NotifierHandle};

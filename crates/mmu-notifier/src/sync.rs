@@ -89,6 +89,9 @@ macro_rules! __facade_thread_local {
 }
 pub use crate::__facade_thread_local as thread_local;
 
+/// The checked mutex of secondary MMUs (also at the crate root).
+pub use crate::mutex::CheckedMutex;
+
 /// Locks a mutex, ignoring poisoning (as do [`read`](fn@read), [`write`](fn@write) and [`wait`]).
 ///
 /// Every critical section in this crate keeps its data consistent at every
@@ -99,23 +102,6 @@ pub use crate::__facade_thread_local as thread_local;
 /// the same argument for their own locks.
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The lock rule for invalidation callbacks (Linux drivers follow it by
-/// hand): in a blockable invalidation take `m` as [`lock`] does; in a
-/// non-blockable one (`!range.blockable()`) only try, and get `None` when
-/// `m` is taken, so the callback can return false (the invalidation then
-/// fails with [`Again`](crate::Again) instead of sleeping). Poisoning is
-/// ignored either way.
-pub fn lock_in_callback<'a, T>(m: &'a Mutex<T>, range: &crate::Range) -> Option<MutexGuard<'a, T>> {
-    if range.blockable() {
-        return Some(lock(m));
-    }
-    match m.try_lock() {
-        Ok(g) => Some(g),
-        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
-        Err(std::sync::TryLockError::WouldBlock) => None,
-    }
 }
 
 /// Takes a shared guard of an `RwLock`, ignoring poisoning.

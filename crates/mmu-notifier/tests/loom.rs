@@ -193,7 +193,7 @@ use mmu_notifier::{IntervalNotifier, IntervalOps};
 /// A device mirror of one page: `device` holds the primary value it copied,
 /// or 0 when unmapped. `invalidate` clears it under the device lock.
 struct DevicePage {
-    lock: mmu_notifier::Mutex<usize>,
+    lock: mmu_notifier::CheckedMutex<usize>,
     /// Invalidate calls seen after the test declared the notifier removed.
     after_remove: AtomicUsize,
     removed: AtomicUsize,
@@ -202,7 +202,7 @@ struct DevicePage {
 impl DevicePage {
     fn new() -> Arc<DevicePage> {
         Arc::new(DevicePage {
-            lock: mmu_notifier::Mutex::new(0),
+            lock: mmu_notifier::CheckedMutex::new(0),
             after_remove: AtomicUsize::new(0),
             removed: AtomicUsize::new(0),
         })

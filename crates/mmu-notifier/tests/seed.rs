@@ -479,7 +479,7 @@ fn seed_8402ce61_blockable_start_failure_is_reported() {
 #[cfg(debug_assertions)]
 #[test]
 fn seed_ba170f76_sleeping_in_nonblockable_callback_is_reported() {
-    struct Locks(mmu_notifier::Mutex<u32>);
+    struct Locks(mmu_notifier::CheckedMutex<u32>);
     impl MmuNotifier for Locks {
         fn callbacks(&self) -> Callbacks {
             START_END
@@ -493,7 +493,7 @@ fn seed_ba170f76_sleeping_in_nonblockable_callback_is_reported() {
         }
     }
     let mm = Subscriptions::new();
-    mm.register(Arc::new(Locks(mmu_notifier::Mutex::new(0))))
+    mm.register(Arc::new(Locks(mmu_notifier::CheckedMutex::new(0))))
         .unwrap();
     mm.invalidate_range_start(range(0, 0x1000)).end();
     assert_eq!(mm.diagnostics().count(Warning::SleepInNonBlockable), 0);

@@ -153,7 +153,16 @@ fn main() -> ExitCode {
             for l in &report.leaks {
                 eprintln!("LEAK {l}");
             }
-            if report.violations > 0 || !report.leaks.is_empty() {
+            if report.sleeps_in_non_blockable > 0 {
+                eprintln!(
+                    "SLEEP: {} sleeping locks taken in non-blockable callbacks",
+                    report.sleeps_in_non_blockable
+                );
+            }
+            if report.violations > 0
+                || !report.leaks.is_empty()
+                || report.sleeps_in_non_blockable > 0
+            {
                 eprintln!(
                     "FAILED (reproduce with --seed {} --threads 1 for a deterministic run)",
                     a.seed

@@ -353,6 +353,9 @@ pub struct Report {
     pub leaks: Vec<String>,
     /// First violation messages.
     pub first: Vec<String>,
+    /// Sleeping locks taken in non-blockable callbacks (checked in debug
+    /// builds only).
+    pub sleeps_in_non_blockable: u64,
 }
 
 #[derive(Default)]
@@ -495,6 +498,19 @@ pub fn run(s: &Settings) -> Report {
     let _ = writeln!(t, "{:<26} {:>10}", "secondary fault retries", retries);
     let _ = writeln!(t, "{:<26} {:>10}", "oracle checks", oracle.checks());
     let _ = writeln!(t, "{:<26} {:>10}", "violations", violations);
+    // The sleep check of the debug builds (always 0 in release builds).
+    let sleeps: u64 = spaces
+        .iter()
+        .map(|sp| {
+            sp.mm
+                .subscriptions()
+                .diagnostics()
+                .count(mmu_notifier::Warning::SleepInNonBlockable)
+        })
+        .sum();
+    if cfg!(debug_assertions) {
+        let _ = writeln!(t, "{:<26} {:>10}", "sleeps in non-blockable", sleeps);
+    }
     let _ = write!(t, "\n{sec}");
     let mut first: Vec<String> = oracle.violations().iter().map(|v| v.to_string()).collect();
     first.extend(counters.first.into_inner().unwrap_or_default());
@@ -514,6 +530,7 @@ pub fn run(s: &Settings) -> Report {
         violations,
         leaks,
         first,
+        sleeps_in_non_blockable: sleeps,
     }
 }
 

@@ -164,6 +164,7 @@ proptest! {
         });
         prop_assert_eq!(report.violations, 0, "{:?}", report.first);
         prop_assert!(report.leaks.is_empty(), "{:?}", report.leaks);
+        prop_assert_eq!(report.sleeps_in_non_blockable, 0);
     }
 }
 

@@ -122,7 +122,7 @@ pub fn range(start: u64, end: u64) -> Range {
 /// under its lock (the HMM pattern), and can be told to fail non-blockable
 /// invalidations.
 pub struct Mirror {
-    pub lock: mmu_notifier::Mutex<()>,
+    pub lock: mmu_notifier::CheckedMutex<()>,
     /// (range, cur_seq) of every invalidate.
     pub calls: Mutex<Vec<(Range, u64)>>,
     /// Non-blockable invalidations return false while set.
@@ -134,7 +134,7 @@ pub struct Mirror {
 impl Mirror {
     pub fn new() -> Arc<Mirror> {
         Arc::new(Mirror {
-            lock: mmu_notifier::Mutex::new(()),
+            lock: mmu_notifier::CheckedMutex::new(()),
             calls: Mutex::new(Vec::new()),
             fail_nonblock: AtomicBool::new(false),
             no_set_seq: AtomicBool::new(false),
