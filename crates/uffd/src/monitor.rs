@@ -163,7 +163,13 @@ impl Queue {
     }
 }
 
+/// Locks one of the monitor's mutexes (poisoning ignored). They may sleep,
+/// so reaching one from a non-blockable callback (dropping a `Watch` there)
+/// is reported by the subsystem's debug check. (These are std mutexes, not
+/// the facade's: the monitor's threads block in real syscalls, which shuttle
+/// cannot schedule.)
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    mmu_notifier::might_sleep();
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
