@@ -1,14 +1,23 @@
 //! Cost of the primary-MMU hooks, with every baseline in the same run:
 //! a loop calling nothing, the SRCU read pair alone, start+end with 0, 1 and 8
-//! trivial notifiers, and the naive design (a `Mutex<Vec<Arc<dyn ...>>>` walk
-//! for start and again for end).
+//! trivial notifiers, the naive design (a `Mutex<Vec<Arc<dyn ...>>>` walk
+//! for start and again for end), and the anchor: Linux v6.6's own walk
+//! re-created in C (`benches/c/linux_walk.c`: the `mm_has_notifiers` test,
+//! one read-side section per walk with liburcu's membarrier flavour, an RCU
+//! list walk with one indirect call per notifier), built here with gcc and
+//! Debian's `liburcu-dev` (skipped with a message when missing). The summary
+//! at the end gives ours / C.
 //!
 //! `cargo bench -p mmu-notifier --bench hooks`
 
 use std::hint::black_box;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::Criterion;
 use mmu_notifier::{srcu, Again, Callbacks, Event, MmuNotifier, Range, Subscriptions};
 
 /// A trivial notifier: start and end do nothing observable.
@@ -26,7 +35,82 @@ impl MmuNotifier for Trivial {
     }
 }
 
-fn hooks(c: &mut Criterion) {
+/// Compiles the C anchor; `None` (with the reason printed) without gcc or
+/// liburcu.
+fn build_anchor() -> Option<PathBuf> {
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/c/linux_walk.c");
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("hooks-linux-walk");
+    let flags = Command::new("pkg-config")
+        .args(["--cflags", "--libs", "liburcu-memb"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success());
+    let Some(flags) = flags else {
+        eprintln!("SKIPPED hooks/c_linux_*: liburcu is not installed (Debian: apt-get install liburcu-dev)");
+        return None;
+    };
+    let flags = String::from_utf8_lossy(&flags.stdout).into_owned();
+    let ok = Command::new("gcc")
+        .args(["-O2", src, "-o"])
+        .arg(&out)
+        .args(flags.split_whitespace())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIPPED hooks/c_linux_*: gcc could not build {src}");
+        return None;
+    }
+    Some(out)
+}
+
+/// The C anchor for `n` notifiers, running in its own process: it reads an
+/// iteration count and answers the nanoseconds they took.
+struct Anchor {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Anchor {
+    fn spawn(exe: &Path, n: usize) -> Anchor {
+        let mut child = Command::new(exe)
+            .arg(n.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn the C anchor");
+        let (stdin, stdout) = (child.stdin.take().unwrap(), child.stdout.take().unwrap());
+        let mut a = Anchor {
+            child,
+            stdin,
+            stdout: BufReader::new(stdout),
+        };
+        assert_eq!(a.answer(), "ready");
+        a
+    }
+
+    fn answer(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("anchor output");
+        line.trim().to_string()
+    }
+
+    fn run(&mut self, iters: u64) -> Duration {
+        writeln!(self.stdin, "{iters}").expect("anchor input");
+        Duration::from_nanos(self.answer().parse().expect("anchor answer"))
+    }
+}
+
+impl Drop for Anchor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const COUNTS: [usize; 3] = [0, 1, 8];
+
+fn hooks(c: &mut Criterion, anchor: Option<&Path>) {
     let range = Range::new(0x1000, 0x2000, Event::Clear).unwrap();
     let mut g = c.benchmark_group("hooks");
 
@@ -39,7 +123,13 @@ fn hooks(c: &mut Criterion) {
     // lock and of the unlock cannot be optimised away.
     g.bench_function("srcu_read_pair", |b| b.iter(|| drop(srcu::read_lock())));
 
-    for n in [0usize, 1, 8] {
+    for n in COUNTS {
+        if let Some(exe) = anchor {
+            let mut a = Anchor::spawn(exe, n);
+            g.bench_function(format!("c_linux_{n}_notifiers"), |b| {
+                b.iter_custom(|iters| a.run(iters))
+            });
+        }
         let mm = Subscriptions::new();
         let handles: Vec<_> = (0..n)
             .map(|_| mm.register(Arc::new(Trivial)).unwrap())
@@ -71,5 +161,38 @@ fn hooks(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, hooks);
-criterion_main!(benches);
+/// The time per iteration criterion reports for `hooks/<id>` (its slope
+/// estimate, else the mean), in ns.
+fn estimate_ns(id: &str) -> Option<f64> {
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()?
+        .join("criterion/hooks")
+        .join(id)
+        .join("new/estimates.json");
+    let json = std::fs::read_to_string(path).ok()?;
+    let estimate = |key: &str| -> Option<f64> {
+        let at = &json[json.find(&format!("\"{key}\":{{"))?..];
+        let v = &at[at.find("\"point_estimate\":")? + 17..];
+        v[..v.find([',', '}'])?].trim().parse().ok()
+    };
+    estimate("slope").or_else(|| estimate("mean"))
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    let anchor = build_anchor();
+    hooks(&mut c, anchor.as_deref());
+    c.final_summary();
+    println!("\nsummary: start+end pair, ours against Linux's walk in C (same run)");
+    println!(
+        "{:<12} {:>10} {:>10} {:>8}",
+        "notifiers", "ours", "C", "ours/C"
+    );
+    for n in COUNTS {
+        let ours = estimate_ns(&format!("start_end_{n}_notifiers"));
+        let linux = estimate_ns(&format!("c_linux_{n}_notifiers"));
+        if let (Some(o), Some(l)) = (ours, linux) {
+            println!("{n:<12} {:>8.2}ns {:>8.2}ns {:>7.2}x", o, l, o / l);
+        }
+    }
+}

@@ -19,8 +19,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use regcache::{Access, Config, RegCache};
-use uffd::Populate;
+use regcache::Access;
 use uffd::{FlushScope, ProcessMm};
 
 // The tests' mapping helpers, so the benchmark maps and unmaps the same way.
@@ -116,14 +115,7 @@ fn lookup_hit_ours(
     n: u64,
 ) {
     let mm = ProcessMm::with_scope(scope).expect("userfaultfd");
-    let cache = RegCache::with_config(
-        mm.clone(),
-        Populate,
-        Config {
-            max_cached: n as usize + 16,
-            ..Config::default()
-        },
-    );
+    let cache = common::cache(&mm, n as usize + 16);
     let base = map(n);
     for i in 0..n {
         drop(cache.get(base + i * P, P, Access::READ_WRITE).unwrap());
@@ -173,14 +165,7 @@ fn munmap_registered(c: &mut Criterion) {
     let mut g = c.benchmark_group("munmap_registered");
     {
         let mm = ProcessMm::new().expect("userfaultfd");
-        let cache = RegCache::with_config(
-            mm.clone(),
-            Populate,
-            Config {
-                max_cached: 1024,
-                ..Config::default()
-            },
-        );
+        let cache = common::cache(&mm, 1024);
         g.bench_function("ours", |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;

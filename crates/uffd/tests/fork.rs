@@ -5,21 +5,13 @@
 mod common;
 
 use common::*;
-use regcache::{Access, Config, RegCache};
-use uffd::Populate;
+use regcache::Access;
 use uffd::UffdError;
 
 #[test]
 fn a_forked_child_refuses_the_parents_registrations() {
     let Some(mm) = process_mm() else { return };
-    let cache = RegCache::with_config(
-        mm.clone(),
-        Populate,
-        Config {
-            max_cached: 16,
-            ..Config::default()
-        },
-    );
+    let cache = common::cache(&mm, 16);
     let a = map(4);
     write_word(a, 42);
     let r = cache.get(a, 4 * P, Access::READ_WRITE).unwrap();

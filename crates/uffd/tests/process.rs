@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use common::*;
 use mmu_notifier::{Event, IntervalNotifier, IntervalOps, Range};
-use regcache::{Access, Config, RegCache};
+use regcache::Access;
 use rustix::mm::Advice;
-use uffd::Populate;
 use uffd::UffdError;
 
 /// Records every invalidation it sees.
@@ -83,14 +82,7 @@ fn madvise_dontneed_and_free_are_clear_events() {
 fn mremap_move_unmaps_the_old_range_and_grow_in_place_keeps_it() {
     let _serial = serial();
     let mm = mm_or_skip!();
-    let cache = RegCache::with_config(
-        mm.clone(),
-        Populate,
-        Config {
-            max_cached: 64,
-            ..Config::default()
-        },
-    );
+    let cache = common::cache(&mm, 64);
     // Grow in place: reserve 4 pages, give back the top 2, grow into them.
     let a = map(4);
     unmap(a + 2 * P, 2);
@@ -135,14 +127,7 @@ fn two_pages_below_a_guard() -> (u64, u64) {
 fn map_fixed_over_a_registration_invalidates_it() {
     let _serial = serial();
     let mm = mm_or_skip!();
-    let cache = RegCache::with_config(
-        mm.clone(),
-        Populate,
-        Config {
-            max_cached: 64,
-            ..Config::default()
-        },
-    );
+    let cache = common::cache(&mm, 64);
     let a = map(4);
     let r = cache.get(a, 4 * P, Access::READ_WRITE).unwrap();
     map_fixed(a + P, 1);
@@ -161,14 +146,7 @@ fn map_fixed_over_a_registration_invalidates_it() {
 fn an_unmap_by_raw_syscall_is_seen() {
     let _serial = serial();
     let mm = mm_or_skip!();
-    let cache = RegCache::with_config(
-        mm.clone(),
-        Populate,
-        Config {
-            max_cached: 64,
-            ..Config::default()
-        },
-    );
+    let cache = common::cache(&mm, 64);
     let a = map(2);
     let r = cache.get(a, 2 * P, Access::READ_WRITE).unwrap();
     // SAFETY: unmapping the test's own mapping, bypassing libc's munmap
@@ -188,14 +166,7 @@ fn an_unmap_by_raw_syscall_is_seen() {
 fn lookups_after_each_change_never_return_the_old_registration() {
     let _serial = serial();
     let mm = mm_or_skip!();
-    let cache = RegCache::with_config(
-        mm.clone(),
-        Populate,
-        Config {
-            max_cached: 64,
-            ..Config::default()
-        },
-    );
+    let cache = common::cache(&mm, 64);
     let a = map(4);
     for step in 0..4 {
         let r = cache.get(a, 4 * P, Access::READ_WRITE).unwrap();

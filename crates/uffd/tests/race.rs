@@ -11,9 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use common::*;
-use regcache::{Access, Config, RegCache};
+use regcache::Access;
 use rustix::mm::Advice;
-use uffd::Populate;
 
 const SLOTS: usize = 8;
 const PAGES: u64 = 4;
@@ -59,14 +58,7 @@ fn race(mm: uffd::ProcessMm, mutators: u64) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(25_000);
-    let cache = Arc::new(RegCache::with_config(
-        mm.clone(),
-        Populate,
-        Config {
-            max_cached: 1024,
-            ..Config::default()
-        },
-    ));
+    let cache = Arc::new(common::cache(&mm, 1024));
     let slots: Arc<Vec<RwLock<Slot>>> = Arc::new(
         (0..SLOTS)
             .map(|i| {

@@ -124,3 +124,17 @@ pub fn xorshift(x: &mut u64) -> u64 {
     *x ^= *x << 17;
     *x
 }
+
+/// A registration cache on `mm` holding at most `max_cached` registrations,
+/// with no device ([`uffd::Populate`] faults the pages in).
+#[allow(dead_code)]
+pub fn cache(mm: &ProcessMm, max_cached: usize) -> regcache::RegCache<ProcessMm, uffd::Populate> {
+    regcache::RegCache::with_config(
+        mm.clone(),
+        uffd::Populate,
+        regcache::Config {
+            max_cached,
+            ..regcache::Config::default()
+        },
+    )
+}
