@@ -79,21 +79,29 @@ impl<T> CheckedMutex<T> {
         }
     }
 
-    /// Locks without ever sleeping: spins (a yield point under loom and
-    /// shuttle) until the lock is free. Allowed in non-blockable callbacks.
+    /// Locks without ever sleeping: spins until the lock is free (yielding
+    /// the CPU now and then; the thread stays runnable). Allowed in
+    /// non-blockable callbacks. Under loom and shuttle it is the model's
+    /// blocking lock, which schedules exactly the same waits without a busy
+    /// loop for the model checker to explore.
     pub fn spin_lock(&self) -> sync::MutexGuard<'_, T> {
-        let mut spins = 0u32;
-        loop {
-            if let Some(g) = self.try_lock() {
-                return g;
-            }
-            // Spin a little, then give the CPU to the holder (a yield, not a
-            // sleep: the thread stays runnable).
-            spins = spins.wrapping_add(1);
-            if cfg!(any(loom, shuttle)) || spins % 64 == 0 {
-                sync::thread::yield_now();
-            } else {
-                std::hint::spin_loop();
+        #[cfg(any(loom, shuttle))]
+        {
+            sync::lock(&self.inner)
+        }
+        #[cfg(not(any(loom, shuttle)))]
+        {
+            let mut spins = 0u32;
+            loop {
+                if let Some(g) = self.try_lock() {
+                    return g;
+                }
+                spins = spins.wrapping_add(1);
+                if spins % 64 == 0 {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
             }
         }
     }
