@@ -92,7 +92,7 @@ cargo_test() { # kind target [test args...]
       cargo test -q -p mmu-notifier --release --test "$target" "$@") ;;
     shuttle) (cd "$tree" && RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR="$work/shuttle" \
       cargo test -q -p mmun --release --test "$target" "$@") ;;
-    uring) (cd "$tree" && cargo test -q -p uring-registrar --release --test "$target" "$@") ;;
+    uring) (cd "$tree" && cargo test -q -p uring-registrar --test "$target" "$@") ;;
     uffd) (cd "$tree" && cargo test -q -p uffd --test "$target" "$@") ;;
     regcache) (cd "$tree" && cargo test -q -p regcache --test "$target" "$@") ;;
     *) (cd "$tree" && cargo test -q -p mmu-notifier --test "$target" "$@") ;;
