@@ -79,7 +79,7 @@ pub struct Usage {
     pub unreleased_bytes: u64,
 }
 
-pub(crate) struct Shared<S: AddressSpace, R: Registrar> {
+pub(crate) struct CacheState<S: AddressSpace, R: Registrar> {
     space: S,
     registrar: R,
     limits: Limits,
@@ -95,7 +95,7 @@ pub(crate) struct Shared<S: AddressSpace, R: Registrar> {
     stats: CacheStats,
 }
 
-impl<S: AddressSpace, R: Registrar> Shared<S, R> {
+impl<S: AddressSpace, R: Registrar> CacheState<S, R> {
     pub(crate) fn lock(&self) -> MutexGuard<'_, Index<S, R>> {
         self.index.lock()
     }
@@ -207,7 +207,7 @@ impl<S: AddressSpace, R: Registrar> Shared<S, R> {
     }
 }
 
-impl<S: AddressSpace, R: Registrar> Drop for Shared<S, R> {
+impl<S: AddressSpace, R: Registrar> Drop for CacheState<S, R> {
     fn drop(&mut self) {
         // The cache's own drop emptied the index; whatever is still here
         // (nothing, unless a drop was skipped) is deregistered, not leaked.
@@ -230,7 +230,7 @@ impl<S: AddressSpace, R: Registrar> Drop for Shared<S, R> {
 /// The interval notifier of one registration: an invalidation of its range
 /// takes it out of the cache.
 struct RegOps<S: AddressSpace, R: Registrar> {
-    cache: Weak<Shared<S, R>>,
+    cache: Weak<CacheState<S, R>>,
     key: Key,
 }
 
@@ -258,7 +258,7 @@ impl<S: AddressSpace, R: Registrar> IntervalOps for RegOps<S, R> {
 ///
 /// See the crate docs for the lifecycle and the guarantees.
 pub struct RegCache<S: AddressSpace, R: Registrar> {
-    shared: Arc<Shared<S, R>>,
+    shared: Arc<CacheState<S, R>>,
 }
 
 impl<S: AddressSpace, R: Registrar> fmt::Debug for RegCache<S, R> {
@@ -296,7 +296,7 @@ impl<S: AddressSpace, R: Registrar> RegCache<S, R> {
             ..config
         };
         RegCache {
-            shared: Arc::new(Shared {
+            shared: Arc::new(CacheState {
                 space,
                 registrar,
                 limits,

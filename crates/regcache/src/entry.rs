@@ -7,7 +7,7 @@ use std::sync::Arc;
 use mmu_notifier::sync::{lock, AtomicBool, AtomicU64, Mutex, Ordering};
 use mmu_notifier::IntervalNotifier;
 
-use crate::cache::Shared;
+use crate::cache::CacheState;
 use crate::{Access, AddressSpace, Registrar};
 
 /// One device registration of `[start, end)` and what keeps it coherent:
@@ -16,7 +16,7 @@ use crate::{Access, AddressSpace, Registrar};
 /// Holders of an `Arc<Reg>`: the cache's index while it is cached, the
 /// cache's dead list between leaving the index and its teardown, and the
 /// [`Entry`] guards. Whoever drops the last one deregisters the device
-/// handle ([`Shared::put`], through `Arc::into_inner`, so exactly once).
+/// handle ([`CacheState::put`], through `Arc::into_inner`, so exactly once).
 /// The index and the dead list hold theirs until the registration left the
 /// cache and its notifier was removed, so the last holder is always a guard
 /// being dropped or the reaper, never a notifier callback.
@@ -74,7 +74,7 @@ impl<S: AddressSpace, R: Registrar> Reg<S, R> {
 /// Do not drop a guard inside a notifier callback of the same address
 /// space: its deregistration would run there.
 pub struct Entry<S: AddressSpace, R: Registrar> {
-    pub(crate) shared: Arc<Shared<S, R>>,
+    pub(crate) shared: Arc<CacheState<S, R>>,
     /// `None` only inside `drop`.
     pub(crate) reg: Option<Arc<Reg<S, R>>>,
 }
