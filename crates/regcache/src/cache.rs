@@ -114,9 +114,9 @@ impl<S: AddressSpace, R: Registrar> CacheState<S, R> {
     pub(crate) fn put(&self, reg: Arc<Reg<S, R>>) {
         if let Some(reg) = Arc::into_inner(reg) {
             // Only registrations that left the cache lose their last holder.
-            self.unreleased_bytes
-                .fetch_sub(reg.len(), Ordering::Relaxed);
-            self.release_handle(reg.handle, reg.end - reg.start);
+            let len = reg.len();
+            self.unreleased_bytes.fetch_sub(len, Ordering::Relaxed);
+            self.release_handle(reg.handle, len);
         }
     }
 
@@ -129,9 +129,7 @@ impl<S: AddressSpace, R: Registrar> CacheState<S, R> {
                 .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %e, "regcache: deregistration failed");
         }
-        let mut ix = self.lock();
-        ix.live_handles -= 1;
-        ix.live_bytes -= len;
+        self.lock().unreserve(len);
     }
 
     /// Tears down what left the cache: notifiers removed, watches dropped,
@@ -148,12 +146,13 @@ impl<S: AddressSpace, R: Registrar> CacheState<S, R> {
         }
     }
 
-    /// Takes out every registration nobody holds, least recently used first,
-    /// until `enough` is satisfied; returns how many. Reaps them.
-    fn evict_unused(&self, enough: impl FnMut(usize, u64) -> bool) -> usize {
+    /// Takes out the registrations nobody holds, least recently used first
+    /// (all of them, or just enough to make room for one more handle of
+    /// `room_for` bytes), and reaps them; returns how many.
+    fn evict_unused(&self, room_for: Option<u64>) -> usize {
         let n = {
             let mut ix = self.lock();
-            let victims = ix.unused_victims(enough);
+            let victims = ix.unused_victims(room_for.map(|len| (&self.limits, len)));
             for r in &victims {
                 self.unlink(&mut ix, r);
             }
@@ -167,28 +166,13 @@ impl<S: AddressSpace, R: Registrar> CacheState<S, R> {
     /// Counts one more handle of `len` bytes against the device's limits,
     /// making room first if needed.
     fn reserve(&self, len: u64) -> Result<(), CacheError> {
-        {
-            let mut ix = self.lock();
-            if ix.fits(&self.limits, len) {
-                ix.live_handles += 1;
-                ix.live_bytes += len;
-                return Ok(());
-            }
+        if self.lock().try_reserve(&self.limits, len) {
+            return Ok(());
         }
-        let (handles, max_bytes) = (self.limits.max_handles, self.limits.max_bytes);
-        let (live_handles, live_bytes) = {
-            let ix = self.lock();
-            (ix.live_handles, ix.live_bytes)
-        };
         self.reap();
-        self.evict_unused(|n, bytes| {
-            live_handles.saturating_sub(n) < handles
-                && max_bytes.saturating_sub(live_bytes.saturating_sub(bytes)) >= len
-        });
+        self.evict_unused(Some(len));
         let mut ix = self.lock();
-        if ix.fits(&self.limits, len) {
-            ix.live_handles += 1;
-            ix.live_bytes += len;
+        if ix.try_reserve(&self.limits, len) {
             return Ok(());
         }
         let msg = format!(
@@ -200,10 +184,19 @@ impl<S: AddressSpace, R: Registrar> CacheState<S, R> {
         Err(CacheError::Exhausted { source: msg.into() })
     }
 
-    fn unreserve(&self, len: u64) {
-        let mut ix = self.lock();
-        ix.live_handles -= 1;
-        ix.live_bytes -= len;
+    /// Takes every cached registration out and tears down all that left
+    /// the cache (the cache's drop).
+    fn clear(&self) {
+        let regs = {
+            let mut ix = self.lock();
+            let regs = ix.all();
+            for r in &regs {
+                self.unlink(&mut ix, r);
+            }
+            regs
+        };
+        drop(regs);
+        self.reap();
     }
 }
 
@@ -211,19 +204,7 @@ impl<S: AddressSpace, R: Registrar> Drop for CacheState<S, R> {
     fn drop(&mut self) {
         // The cache's own drop emptied the index; whatever is still here
         // (nothing, unless a drop was skipped) is deregistered, not leaked.
-        let (regs, dead) = {
-            let mut ix = self.lock();
-            let regs = ix.all();
-            for r in &regs {
-                ix.unlink(r);
-            }
-            (regs, std::mem::take(&mut ix.dead))
-        };
-        drop(regs);
-        for r in dead {
-            r.teardown();
-            self.put(r);
-        }
+        self.clear();
     }
 }
 
@@ -464,7 +445,7 @@ impl<S: AddressSpace, R: Registrar> RegCache<S, R> {
             let handle = match sh.registrar.register(start, end, access) {
                 Ok(h) => h,
                 Err(e) => {
-                    sh.unreserve(len);
+                    sh.lock().unreserve(len);
                     match e {
                         RegError::Exhausted(_) if !made_room => {
                             // libfabric's rule: flush what nobody uses, retry once.
@@ -544,22 +525,12 @@ impl<S: AddressSpace, R: Registrar> RegCache<S, R> {
     /// space's monitor does not exist there).
     pub fn purge_unused(&self) -> usize {
         self.shared.reap();
-        self.shared.evict_unused(|_, _| false)
+        self.shared.evict_unused(None)
     }
 }
 
 impl<S: AddressSpace, R: Registrar> Drop for RegCache<S, R> {
     fn drop(&mut self) {
-        let sh = &self.shared;
-        let regs = {
-            let mut ix = sh.lock();
-            let regs = ix.all();
-            for r in &regs {
-                sh.unlink(&mut ix, r);
-            }
-            regs
-        };
-        drop(regs);
-        sh.reap();
+        self.shared.clear();
     }
 }

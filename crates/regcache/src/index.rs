@@ -67,20 +67,17 @@ impl<S: AddressSpace, R: Registrar> Index<S, R> {
         access: Access,
     ) -> Option<&Arc<Reg<S, R>>> {
         let page = start & !(mmu_notifier::PAGE_SIZE - 1);
-        let exact = self
-            .by_start
-            .get(&page)
-            .is_some_and(|r| r.covers(start, end, access) && r.is_valid());
-        let key = if exact {
-            self.by_start.get(&page).map(|r| (r.start, r.id))
-        } else {
-            self.regs
+        let usable = |r: &Arc<Reg<S, R>>| r.covers(start, end, access) && r.is_valid();
+        let key = match self.by_start.get(&page) {
+            Some(r) if usable(r) => (r.start, r.id),
+            _ => self
+                .regs
                 .range(..=(start, u64::MAX))
                 .rev()
                 .take(SCAN_LIMIT)
-                .find(|(_, r)| r.covers(start, end, access) && r.is_valid())
-                .map(|(k, _)| *k)
-        }?;
+                .find(|(_, r)| usable(r))
+                .map(|(k, _)| *k)?,
+        };
         let t = self.next_tick();
         let r = self.regs.get(&key)?;
         r.last_use.store(t, Ordering::Relaxed);
@@ -148,17 +145,14 @@ impl<S: AddressSpace, R: Registrar> Index<S, R> {
         None
     }
 
-    /// Registrations nobody holds, least recently queued first, until
-    /// `enough(handles, bytes)` says the ones chosen free enough (all of
-    /// them if `enough` never does).
-    pub(crate) fn unused_victims(
-        &self,
-        mut enough: impl FnMut(usize, u64) -> bool,
-    ) -> Vec<Arc<Reg<S, R>>> {
+    /// Registrations nobody holds, least recently queued first: all of
+    /// them, or with `room_for`, just enough for one more handle of that
+    /// many bytes to fit the limits once they are gone.
+    pub(crate) fn unused_victims(&self, room_for: Option<(&Limits, u64)>) -> Vec<Arc<Reg<S, R>>> {
         let (mut n, mut bytes) = (0, 0);
         let mut out = Vec::new();
         for k in self.lru.values() {
-            if enough(n, bytes) {
+            if room_for.is_some_and(|(limits, len)| self.fits_after(limits, len, n, bytes)) {
                 break;
             }
             let Some(r) = self.regs.get(k) else { continue };
@@ -171,10 +165,30 @@ impl<S: AddressSpace, R: Registrar> Index<S, R> {
         out
     }
 
-    /// Whether one more handle of `len` bytes fits the limits.
-    pub(crate) fn fits(&self, limits: &Limits, len: u64) -> bool {
-        self.live_handles < limits.max_handles
-            && limits.max_bytes.saturating_sub(self.live_bytes) >= len
+    /// Whether one more handle of `len` bytes fits the limits once `freed`
+    /// live handles of `freed_bytes` are gone.
+    fn fits_after(&self, limits: &Limits, len: u64, freed: usize, freed_bytes: u64) -> bool {
+        self.live_handles - freed < limits.max_handles
+            && limits
+                .max_bytes
+                .saturating_sub(self.live_bytes - freed_bytes)
+                >= len
+    }
+
+    /// Counts one more live handle of `len` bytes if it fits the limits.
+    pub(crate) fn try_reserve(&mut self, limits: &Limits, len: u64) -> bool {
+        let fits = self.fits_after(limits, len, 0, 0);
+        if fits {
+            self.live_handles += 1;
+            self.live_bytes += len;
+        }
+        fits
+    }
+
+    /// Uncounts a live handle of `len` bytes (deregistered, or never made).
+    pub(crate) fn unreserve(&mut self, len: u64) {
+        self.live_handles -= 1;
+        self.live_bytes -= len;
     }
 
     /// Every cached registration (for the cache's drop).

@@ -255,19 +255,9 @@ impl ProcessMm {
     /// [`UffdError::BadRange`]; [`UffdError::Populate`] for holes or
     /// missing permissions; [`UffdError::Forked`] / [`UffdError::Dead`].
     pub fn pin(&self, start: u64, len: u64, write: bool) -> Result<ProcessPin, UffdError> {
-        let (pstart, pend) = check_range(start, len)?;
+        check_range(start, len)?;
         self.handle.shared.check_live()?;
-        sys::populate(pstart, pend - pstart, write).map_err(|errno| UffdError::Populate {
-            start,
-            len,
-            errno,
-            access: if write { "writable" } else { "readable" },
-        })?;
-        Ok(ProcessPin {
-            start: pstart,
-            len: pend - pstart,
-            write,
-        })
+        populate(start, len, write)
     }
 
     /// Stops the monitor and runs the subsystem's exit path: every list
@@ -425,6 +415,23 @@ impl regcache::AddressSpace for ProcessMm {
     }
 }
 
+/// Faults the whole pages of `[start, start + len)` in (a range
+/// [`check_range`] accepted), for writing if `write`.
+fn populate(start: u64, len: u64, write: bool) -> Result<ProcessPin, UffdError> {
+    let (pstart, pend) = check_range(start, len)?;
+    sys::populate(pstart, pend - pstart, write).map_err(|errno| UffdError::Populate {
+        start,
+        len,
+        errno,
+        access: if write { "writable" } else { "readable" },
+    })?;
+    Ok(ProcessPin {
+        start: pstart,
+        len: pend - pstart,
+        write,
+    })
+}
+
 /// A [`Registrar`](regcache::Registrar) without a device: registering
 /// faults the range in (the page walk of `ibv_reg_mr`, through
 /// `MADV_POPULATE_READ`/`WRITE`) and deregistering does nothing. For
@@ -442,17 +449,9 @@ impl regcache::Registrar for Populate {
         end: u64,
         access: regcache::Access,
     ) -> Result<ProcessPin, regcache::RegError> {
-        let (len, write) = (end - start, access.writes());
+        let len = end - start;
         check_range(start, len).map_err(regcache::RegError::other)?;
-        sys::populate(start, len, write).map_err(|errno| {
-            regcache::RegError::unsupported(UffdError::Populate {
-                start,
-                len,
-                errno,
-                access: if write { "writable" } else { "readable" },
-            })
-        })?;
-        Ok(ProcessPin { start, len, write })
+        populate(start, len, access.writes()).map_err(regcache::RegError::unsupported)
     }
 
     fn deregister(&self, _: ProcessPin) -> Result<(), regcache::RegError> {

@@ -70,23 +70,6 @@ impl Drop for LoopDev {
     }
 }
 
-/// The anonymous buffer every way reads into (1 MiB, page aligned).
-fn buffer() -> u64 {
-    // SAFETY: a fresh anonymous mapping replaces nothing; it is never unmapped.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            1 << 20,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    p as u64
-}
-
 fn bench_file(c: &mut Criterion, group: &str, file: &File) {
     let mm = ProcessMm::new().expect("userfaultfd");
     let (cached_ring, raw_ring) = (
@@ -98,7 +81,8 @@ fn bench_file(c: &mut Criterion, group: &str, file: &File) {
         cached_ring.with(|r| UringRegistrar::new(r, 64)).unwrap(),
     );
     let raw = raw_ring.with(|r| UringRegistrar::new(r, 64)).unwrap();
-    let buf = buffer();
+    // The buffer every way reads into (1 MiB, never unmapped).
+    let buf = common::anon(1 << 20);
     let mut g = c.benchmark_group(group);
     for size in SIZES {
         let slots = FILE_LEN / size;

@@ -195,9 +195,11 @@ impl UringRegistrar {
     }
 }
 
-/// Bytes this process may pin: `RLIMIT_MEMLOCK`, or unlimited with
-/// `CAP_IPC_LOCK` (io_uring does not account pins then).
-fn memlock_budget() -> u64 {
+/// Bytes this process may pin in fixed buffers: `RLIMIT_MEMLOCK`, or
+/// unlimited (`u64::MAX`) with `CAP_IPC_LOCK`, when io_uring does not
+/// account pins. (The limit is per user: other pins of the same user count
+/// against it too.)
+pub fn memlock_budget() -> u64 {
     let privileged = rustix::thread::capabilities(None).is_ok_and(|c| {
         c.effective
             .contains(rustix::thread::CapabilitySet::IPC_LOCK)

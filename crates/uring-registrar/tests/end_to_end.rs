@@ -54,20 +54,8 @@ struct Buf {
 fn alloc(x: &mut u64) -> Buf {
     let len = P + xorshift(x) % (MAX_BUF - P);
     if xorshift(x) % 3 == 0 {
-        // SAFETY: a fresh anonymous mapping replaces nothing.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED, "mmap");
         Buf {
-            addr: p as u64,
+            addr: common::anon(len),
             len,
             kind: Kind::Mmap,
         }

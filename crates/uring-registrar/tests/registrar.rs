@@ -24,19 +24,7 @@ fn ring_or_skip() -> Option<Ring> {
 }
 
 fn anon(pages: u64) -> u64 {
-    // SAFETY: a fresh anonymous mapping replaces nothing.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            (pages * P) as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    p as u64
+    common::anon(pages * P)
 }
 
 #[test]

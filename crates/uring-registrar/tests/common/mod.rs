@@ -90,18 +90,32 @@ pub fn skip(why: String) {
     eprintln!("skipped: {why}");
 }
 
-/// Whether `bytes` may be pinned: `CAP_IPC_LOCK`, or `RLIMIT_MEMLOCK` at
-/// least that high. `Err` names the limit.
+/// Whether `bytes` may be pinned (see `uring_registrar::memlock_budget`);
+/// `Err` names the limit.
 pub fn memlock_allows(bytes: u64) -> Result<(), String> {
-    let privileged = rustix::thread::capabilities(None).is_ok_and(|c| {
-        c.effective
-            .contains(rustix::thread::CapabilitySet::IPC_LOCK)
-    });
-    let limit = rustix::process::getrlimit(rustix::process::Resource::Memlock).current;
-    match limit {
-        Some(l) if !privileged && l < bytes => Err(format!(
-            "RLIMIT_MEMLOCK is {l} bytes and the test pins up to {bytes} (raise it with ulimit -l, or run with CAP_IPC_LOCK)"
-        )),
-        _ => Ok(()),
+    let budget = uring_registrar::memlock_budget();
+    if budget < bytes {
+        return Err(format!(
+            "RLIMIT_MEMLOCK is {budget} bytes and the test pins up to {bytes} (raise it with ulimit -l, or run with CAP_IPC_LOCK)"
+        ));
     }
+    Ok(())
+}
+
+/// A fresh private anonymous mapping of `len` bytes (page aligned), never
+/// unmapped by this helper.
+pub fn anon(len: u64) -> u64 {
+    // SAFETY: a fresh anonymous mapping replaces nothing.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "mmap");
+    p as u64
 }
