@@ -15,11 +15,12 @@
 //!
 //! "Reported" means a `tracing` warning plus a per-address-space counter
 //! ([`Diagnostics`]). The sleep and recursion checks exist only in debug
-//! builds (`debug_assertions`); in release builds [`might_sleep`] and the
-//! section markers compile to nothing.
+//! builds (`debug_assertions`) with the `std` feature, whose thread-locals
+//! hold the per-thread context they need; elsewhere [`might_sleep`] and the
+//! section markers compile to nothing (the counted warnings stay).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use alloc::sync::Arc;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Shared handle to an address space's counters (kept by thread-local debug
 /// context while its callbacks run).
@@ -98,17 +99,17 @@ impl Diagnostics {
     }
 }
 
-#[cfg(debug_assertions)]
+#[cfg(all(debug_assertions, feature = "std"))]
 #[derive(Default)]
 struct Context {
     /// Diagnostics of the address spaces whose non-blockable callbacks are
     /// running on this thread, innermost last.
-    non_block: Vec<Arc<Diagnostics>>,
+    non_block: alloc::vec::Vec<Arc<Diagnostics>>,
     /// Address spaces whose invalidate path this thread is inside.
-    invalidating: Vec<u64>,
+    invalidating: alloc::vec::Vec<u64>,
 }
 
-#[cfg(debug_assertions)]
+#[cfg(all(debug_assertions, feature = "std"))]
 crate::sync::thread_local! {
     static CONTEXT: std::cell::RefCell<Context> = std::cell::RefCell::new(Context::default());
 }
@@ -120,7 +121,7 @@ crate::sync::thread_local! {
 /// may reach.
 #[inline]
 pub fn might_sleep() {
-    #[cfg(debug_assertions)]
+    #[cfg(all(debug_assertions, feature = "std"))]
     {
         let diag = CONTEXT
             .try_with(|c| c.borrow().non_block.last().cloned())
@@ -138,15 +139,15 @@ pub fn might_sleep() {
 /// Marks a non-blockable callback section (Linux `non_block_start/end`);
 /// the section ends when the value is dropped.
 pub(crate) struct NonBlockSection {
-    #[cfg(debug_assertions)]
+    #[cfg(all(debug_assertions, feature = "std"))]
     active: bool,
 }
 
 impl NonBlockSection {
     #[inline]
-    #[cfg_attr(not(debug_assertions), allow(unused_variables))]
+    #[cfg_attr(not(all(debug_assertions, feature = "std")), allow(unused_variables))]
     pub(crate) fn enter(diag: &DiagHandle, active: bool) -> NonBlockSection {
-        #[cfg(debug_assertions)]
+        #[cfg(all(debug_assertions, feature = "std"))]
         {
             if active {
                 let d = diag.clone();
@@ -154,7 +155,7 @@ impl NonBlockSection {
             }
             NonBlockSection { active }
         }
-        #[cfg(not(debug_assertions))]
+        #[cfg(not(all(debug_assertions, feature = "std")))]
         NonBlockSection {}
     }
 }
@@ -162,7 +163,7 @@ impl NonBlockSection {
 impl Drop for NonBlockSection {
     #[inline]
     fn drop(&mut self) {
-        #[cfg(debug_assertions)]
+        #[cfg(all(debug_assertions, feature = "std"))]
         if self.active {
             let _ = CONTEXT.try_with(|c| c.borrow_mut().non_block.pop());
         }
@@ -172,15 +173,15 @@ impl Drop for NonBlockSection {
 /// Marks "this thread is in the invalidate path of address space `key`";
 /// entering it again from a callback reports [`Warning::Recursion`].
 pub(crate) struct InvalidateSection {
-    #[cfg(debug_assertions)]
+    #[cfg(all(debug_assertions, feature = "std"))]
     key: u64,
 }
 
 impl InvalidateSection {
     #[inline]
-    #[cfg_attr(not(debug_assertions), allow(unused_variables))]
+    #[cfg_attr(not(all(debug_assertions, feature = "std")), allow(unused_variables))]
     pub(crate) fn enter(key: u64, diag: &Diagnostics) -> InvalidateSection {
-        #[cfg(debug_assertions)]
+        #[cfg(all(debug_assertions, feature = "std"))]
         {
             let recursed = CONTEXT.with(|c| {
                 let mut c = c.borrow_mut();
@@ -196,7 +197,7 @@ impl InvalidateSection {
             }
             InvalidateSection { key }
         }
-        #[cfg(not(debug_assertions))]
+        #[cfg(not(all(debug_assertions, feature = "std")))]
         InvalidateSection {}
     }
 }
@@ -204,7 +205,7 @@ impl InvalidateSection {
 impl Drop for InvalidateSection {
     #[inline]
     fn drop(&mut self) {
-        #[cfg(debug_assertions)]
+        #[cfg(all(debug_assertions, feature = "std"))]
         {
             let key = self.key;
             let _ = CONTEXT.try_with(|c| {

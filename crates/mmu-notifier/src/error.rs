@@ -1,5 +1,7 @@
 //! Errors of the subsystem's API.
 
+use alloc::boxed::Box;
+
 use crate::range::RangeError;
 
 /// Why an operation of this crate failed. Every misuse the kernel would BUG
@@ -59,5 +61,10 @@ pub enum Error {
     },
     /// `alloc_notifier` failed during `get`.
     #[error("alloc_notifier failed: {0}")]
-    Alloc(Box<dyn std::error::Error + Send + Sync>),
+    Alloc(Box<dyn core::error::Error + Send + Sync>),
+
+    /// An SRCU reader was given back while inside a read-side section, or to
+    /// a domain it does not belong to.
+    #[error("the SRCU reader is inside a read-side section or belongs to another domain")]
+    ReaderBusy,
 }

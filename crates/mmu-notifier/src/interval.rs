@@ -38,15 +38,16 @@
 //!   address space, which would wait for itself forever, returns
 //!   [`Error::WouldDeadlock`].
 
-use std::cell::Cell;
-use std::fmt;
-use std::sync::Arc;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::fmt;
 
 use crate::debug::Warning;
 use crate::itree::{ITree, NodeId};
 use crate::range::Range;
+use crate::srcu::Domain;
 use crate::subscriptions::{Inner, MmapWriteGuard, Subscriptions};
-use crate::sync::{self, AtomicBool, AtomicU64, Condvar, Mutex, Ordering, RwLock};
+use crate::sync::{self, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
 use crate::Error;
 
 /// The callback of an interval notifier (Linux `mmu_interval_notifier_ops`).
@@ -175,7 +176,7 @@ struct Locked {
 #[repr(align(128))]
 struct CachePadded<T>(T);
 
-impl<T> std::ops::Deref for CachePadded<T> {
+impl<T> core::ops::Deref for CachePadded<T> {
     type Target = T;
     fn deref(&self) -> &T {
         &self.0
@@ -191,19 +192,19 @@ pub(crate) struct IntervalState {
     seq: CachePadded<AtomicU64>,
     state: Mutex<Locked>,
     /// Woken whenever the seq goes from odd to even (waiters hold `state`).
-    wq: Condvar,
+    /// Domains with a backend wait by polling instead.
+    #[cfg(feature = "std")]
+    wq: sync::Condvar,
     tree: RwLock<ITree<IntervalNotifier>>,
-}
-
-sync::thread_local! {
-    /// Key of the address space whose interval callbacks this thread is
-    /// running (0: none). Saved and restored around each walk, so nested
-    /// walks of other address spaces work.
-    static WALKING: Cell<u64> = Cell::new(0);
+    /// The address space's SRCU domain: its readers also record which
+    /// address space's interval callbacks a context is running (saved and
+    /// restored around each walk, so nested walks of other address spaces
+    /// work), and its backend says how to wait.
+    domain: &'static Domain,
 }
 
 impl IntervalState {
-    pub(crate) fn new() -> IntervalState {
+    pub(crate) fn new(domain: &'static Domain) -> IntervalState {
         IntervalState {
             has_itree: AtomicBool::new(false),
             seq: CachePadded(AtomicU64::new(2)),
@@ -212,8 +213,10 @@ impl IntervalState {
                 deferred: Vec::new(),
                 waiters: 0,
             }),
-            wq: Condvar::new(),
+            #[cfg(feature = "std")]
+            wq: sync::Condvar::new(),
             tree: RwLock::new(ITree::new()),
+            domain,
         }
     }
 
@@ -252,13 +255,13 @@ impl IntervalState {
         let blockable = range.blockable();
         let key = mm.inner.key;
         let failed = {
-            let outer = WALKING.with(|w| w.replace(key));
+            let outer = self.domain.set_walking(key);
             let mut failed = false;
             tree.for_each_overlap(range.start(), range.last(), |sub| {
-                let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let ok = contain(|| {
                     let _nb = crate::debug::NonBlockSection::enter(&mm.inner.diag, !blockable);
                     sub.inner.ops.invalidate(sub, range, cur_seq)
-                }));
+                });
                 match ok {
                     Ok(true) => true,
                     Ok(false) if blockable => {
@@ -281,7 +284,7 @@ impl IntervalState {
                     }
                 }
             });
-            WALKING.with(|w| w.set(outer));
+            self.domain.set_walking(outer);
             drop(tree);
             failed
         };
@@ -323,9 +326,12 @@ impl IntervalState {
         }
         let wake = st.waiters != 0;
         drop(st);
+        #[cfg(feature = "std")]
         if wake {
             self.wq.notify_all();
         }
+        #[cfg(not(feature = "std"))]
+        let _ = wake;
     }
 
     /// Sleeps until the seq differs from `seq`, reading it under `state` (the
@@ -334,12 +340,32 @@ impl IntervalState {
     /// means the deferred work is done).
     fn wait_seq_change(&self, seq: u64) {
         let mut st = sync::lock(&self.state);
+        #[cfg(feature = "std")]
+        if self.domain.sleeps() {
+            while self.seq.load(Ordering::Relaxed) == seq {
+                st.waiters += 1;
+                st = sync::wait(&self.wq, st);
+                st.waiters -= 1;
+            }
+            return;
+        }
+        let mut waiter = self.domain.waiter();
         while self.seq.load(Ordering::Relaxed) == seq {
-            st.waiters += 1;
-            st = sync::wait(&self.wq, st);
-            st.waiters -= 1;
+            drop(st);
+            waiter.snooze();
+            st = sync::lock(&self.state);
         }
     }
+}
+
+/// Runs an interval callback; where panics unwind, a panic is caught
+/// (`Err`) so one broken notifier cannot stop the walk.
+#[inline]
+fn contain<R>(f: impl FnOnce() -> R) -> Result<R, ()> {
+    #[cfg(all(feature = "std", panic = "unwind"))]
+    return std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| ());
+    #[cfg(not(all(feature = "std", panic = "unwind")))]
+    return Ok(f());
 }
 
 impl Subscriptions {
@@ -365,7 +391,7 @@ impl Subscriptions {
     ) -> Result<IntervalNotifier, Error> {
         if !self.inner.interval.enabled() {
             // Enabling interval mode takes the mmap write lock.
-            Self::refuse_in_callback("interval_insert")?;
+            self.refuse_in_callback("interval_insert")?;
             let guard = self.mmap_write();
             return self.interval_insert_locked(&guard, start, length, ops);
         }
@@ -534,7 +560,7 @@ impl IntervalNotifier {
         if self.is_removed() {
             return Err(Error::NotRegistered);
         }
-        if WALKING.with(Cell::get) == self.inner.mm.key {
+        if self.inner.mm.interval.domain.walking() == self.inner.mm.key {
             tracing::warn!(
                 "mmu_notifier: read_begin from an invalidate callback of the same address space"
             );
@@ -600,7 +626,7 @@ impl IntervalNotifier {
                         None
                     }
                     Place::Tree(id) => {
-                        if WALKING.with(Cell::get) == self.inner.mm.key {
+                        if iv.domain.walking() == self.inner.mm.key {
                             tracing::warn!("mmu_notifier: interval remove from an invalidate callback of the same address space");
                             return Err(Error::WouldDeadlock("IntervalNotifier::remove"));
                         }

@@ -25,6 +25,8 @@
 //! assert_eq!(t.remove(a), "a");
 //! ```
 
+use alloc::vec::Vec;
+
 /// Identifies one inserted entry until it is removed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct NodeId(u32);

@@ -25,32 +25,71 @@
 //! * [`debug`]: lockdep-style checks and the diagnostic counters.
 //!
 //! The read side (every hook) takes no lock and performs no shared
-//! read-modify-write; see the `subscriptions` and `list` module docs for the
-//! locking scheme.
-#![forbid(unsafe_code)]
+//! read-modify-write: the notifier list sits behind an RCU pointer
+//! ([`rcu::RcuCell`]) dereferenced inside the SRCU read-side section the
+//! callbacks run in, as in Linux. See the `subscriptions` and `list` module
+//! docs for the locking scheme.
+//!
+//! # Without std
+//!
+//! The crate is `#![no_std]` + `alloc` with `default-features = false`, for
+//! Rust kernels, unikernels and hypervisors. What std supplied becomes the
+//! embedder's [`srcu::Backend`]: which reader (a counter registered by hand
+//! with [`srcu::Domain::register_reader`], one per task) the calling context
+//! owns, how a context waits for another (the backend's `relax`: yield to a
+//! scheduler, pause), and the read side's fence pair. The SRCU domain is a
+//! value ([`srcu::Domain::with_backend`]) that each address space is created
+//! with ([`Subscriptions::with_domain`]). Internal locks are spin locks held
+//! only for short sections that call no callback. Without std there is no
+//! `catch_unwind` (a panicking callback is not contained; with std it is
+//! contained only under `panic = "unwind"`), no thread-local debug context
+//! (the `might_sleep` and recursion checks are off; the counted warnings
+//! stay), and no [`CheckedMutex`] / [`DriverLock`] (they wrap std's mutex).
+//! `crates/embed` in the repository is a complete embedding: a backend with
+//! readers registered by hand per CPU and a spin-wait, driving a shadow-MMU
+//! notifier under a spin lock.
+//!
+//! ```toml
+//! [dependencies]
+//! mmu-notifier = { version = "0.1", default-features = false }
+//! ```
+#![cfg_attr(not(feature = "std"), no_std)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+extern crate alloc;
+
+#[cfg(feature = "std")]
 mod barrier;
 pub mod debug;
+#[cfg(feature = "std")]
 mod driver_lock;
 mod error;
 mod interval;
 mod itree;
 mod list;
+#[cfg(feature = "std")]
 mod mutex;
 mod notifier;
 mod range;
+// The one module allowed `unsafe`: the RCU pointer and the reader contract.
+#[allow(unsafe_code)]
+pub mod rcu;
 mod registration;
 pub mod srcu;
 mod subscriptions;
 pub mod sync;
 
 pub use debug::{might_sleep, Diagnostics, Warning};
+#[cfg(feature = "std")]
 pub use driver_lock::DriverLock;
 pub use error::Error;
 pub use interval::{IntervalNotifier, IntervalOps};
+#[cfg(feature = "std")]
 pub use mutex::CheckedMutex;
 pub use notifier::{Again, Callbacks, MmuNotifier, NotifierAlloc, Pte};
 pub use range::{Event, Owner, Range, RangeError, END_OF_ADDRESS_SPACE, PAGE_SIZE};
-pub use registration::{synchronize, NotifierHandle};
+#[cfg(feature = "std")]
+pub use registration::synchronize;
+pub use registration::NotifierHandle;
 pub use subscriptions::{ActiveInvalidation, MmapReadGuard, MmapWriteGuard, Subscriptions};

@@ -1,33 +1,35 @@
 //! The classic notifier list (Linux's RCU hlist), read without locks.
 //!
-//! The list is an immutable, versioned [`Snapshot`]; writers (register,
-//! unregister, put, exit) build a new one under a mutex and bump the version.
-//! Readers do not take the mutex or touch a shared reference count: each
-//! thread keeps the last snapshot it used for a few address spaces in a
-//! thread-local cache and reuses it while the version is unchanged. Memory
-//! safety therefore comes from `Arc` alone (no `unsafe`); *when* a removed
-//! notifier may no longer be called is decided by the SRCU grace period
-//! ([`crate::srcu`]): readers walk a snapshot only inside a read-side section,
-//! and removers wait for a grace period after publishing the new version.
+//! The list is an immutable, versioned [`Snapshot`] behind an RCU pointer
+//! ([`RcuCell`]): writers (register, unregister, put, exit) build a new
+//! snapshot under the cell's writer lock, publish it, and retire the old one,
+//! which is freed after a grace period. A hook dereferences the pointer
+//! inside the SRCU read-side section it runs its callbacks in: one acquire
+//! load, no lock, no reference count, no thread-local cache. *When* a removed
+//! notifier may no longer be called is decided by the same grace periods
+//! ([`crate::srcu`]): removers wait for one after publishing the list without
+//! it.
 //!
-//! Each entry remembers the version that first contained it. An
-//! `invalidate_range_end` skips entries newer than the snapshot its start
-//! used, so a registration can never split a start/end pair
-//! without any lock shared between invalidations and registration.
+//! An invalidation keeps the snapshot its start walked, inside the read-side
+//! section its start opened, until its end: the end walks exactly the
+//! notifiers the start walked, so a registration can never split a start/end
+//! pair, and a removal (which waits for a grace period) returns only after
+//! the pairs in flight have ended. No lock is shared between invalidations
+//! and registration.
 //!
-//! Cost of the cache: a thread keeps the snapshot it last used for an address
-//! space until it walks that address space again, evicts it (the cache has
-//! [`CACHE_SLOTS`] entries), or exits. An unregistered notifier's memory can
-//! therefore be held that long; its callbacks are never run after unregister.
+//! A snapshot stores, next to each entry, the fields a walk needs (the
+//! callback object and its callback set), so the walk touches
+//! one array and one vtable per notifier, as Linux's hlist walk touches one
+//! node and one ops table.
 
-use std::cell::{Cell, RefCell};
-use std::sync::Arc;
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
 
 use crate::notifier::{Callbacks, MmuNotifier, NotifierAlloc};
-use crate::sync::{self, AtomicBool, AtomicU32, AtomicU64, Mutex, Ordering};
-
-/// Address spaces a thread caches a snapshot for.
-pub(crate) const CACHE_SLOTS: usize = 4;
+use crate::rcu::{Anchored, RcuCell, RcuRef};
+use crate::srcu::{Domain, ReadGuard};
+use crate::sync::{AtomicBool, AtomicU32, Ordering};
 
 /// One registered notifier (Linux `struct mmu_notifier` on the hlist).
 pub(crate) struct Entry {
@@ -37,11 +39,12 @@ pub(crate) struct Entry {
     pub(crate) version: u64,
     /// Set for entries created by `get`: the allocator, also the get/put key.
     pub(crate) alloc: Option<Arc<dyn NotifierAlloc>>,
-    /// get/put reference count (register sets 1). Changed under the list mutex.
+    /// get/put reference count (register sets 1). Changed under the writer
+    /// lock.
     pub(crate) users: AtomicU32,
-    /// On the list (Linux: not "unhashed"). Changed under the list mutex.
+    /// On the list (Linux: not "unhashed"). Changed under the writer lock.
     pub(crate) linked: AtomicBool,
-    /// Unregistered or finally put: the handle is dead. Under the list mutex.
+    /// Unregistered or finally put: the handle is dead. Under the writer lock.
     pub(crate) retired: AtomicBool,
     /// Whoever sets this first runs `release`: exactly once per notifier.
     pub(crate) release_claimed: AtomicBool,
@@ -54,166 +57,93 @@ impl Entry {
     }
 }
 
+/// An entry as a snapshot holds it: what a walk reads, inline: the
+/// notifier (one load away), its callback set, and the entry that owns it.
+pub(crate) struct Linked {
+    pub(crate) ops: Anchored<Entry, dyn MmuNotifier>,
+    pub(crate) callbacks: Callbacks,
+}
+
+impl Linked {
+    fn of(entry: Arc<Entry>) -> Linked {
+        let callbacks = entry.callbacks;
+        Linked {
+            ops: Anchored::new(entry, |e| &*e.ops),
+            callbacks,
+        }
+    }
+
+    /// The registration this is the snapshot's copy of.
+    pub(crate) fn entry(&self) -> &Arc<Entry> {
+        self.ops.owner()
+    }
+}
+
 /// An immutable list state: entries newest first (Linux adds at the head).
 pub(crate) struct Snapshot {
     pub(crate) version: u64,
-    pub(crate) entries: Box<[Arc<Entry>]>,
+    pub(crate) entries: Box<[Linked]>,
+}
+
+impl Snapshot {
+    /// The entries, as owners (for writers building the next version).
+    pub(crate) fn entries(&self) -> impl Iterator<Item = &Arc<Entry>> {
+        self.entries.iter().map(Linked::entry)
+    }
 }
 
 /// The list of one address space.
 pub(crate) struct NotifierList {
-    /// Unique per list, the thread-local cache key.
-    key: u64,
-    version: AtomicU64,
-    current: Mutex<Arc<Snapshot>>,
-}
-
-/// One cached snapshot of one address space; `key == 0` means empty (list
-/// keys start at 1).
-struct CacheSlot {
-    key: u64,
-    version: u64,
-    snap: Option<Arc<Snapshot>>,
-}
-
-impl CacheSlot {
-    const EMPTY: CacheSlot = CacheSlot {
-        key: 0,
-        version: 0,
-        snap: None,
-    };
-
-    #[inline(always)]
-    fn get(&self, key: u64, version: u64) -> Option<&Arc<Snapshot>> {
-        if self.key == key && self.version == version {
-            self.snap.as_ref()
-        } else {
-            None
-        }
-    }
-}
-
-struct Cache {
-    slots: [CacheSlot; CACHE_SLOTS],
-    next_victim: usize,
-    /// Slot filled or hit last; `find` tries it first.
-    last: Cell<usize>,
-}
-
-// Constant initialiser: no lazy-init check on access, only the destructor
-// registration state (the slots own `Arc`s).
-#[cfg(not(loom))]
-sync::thread_local! {
-    static CACHE: RefCell<Cache> = const {
-        RefCell::new(Cache { slots: [CacheSlot::EMPTY; CACHE_SLOTS], next_victim: 0, last: Cell::new(0) })
-    };
-}
-
-#[cfg(loom)]
-loom::thread_local! {
-    static CACHE: RefCell<Cache> =
-        RefCell::new(Cache { slots: [CacheSlot::EMPTY; CACHE_SLOTS], next_victim: 0, last: Cell::new(0) });
-}
-
-impl Cache {
-    /// The slot of `key` if it holds `version`, trying the last used first (a
-    /// thread usually works on one address space).
-    #[inline(always)]
-    fn find(&self, key: u64, version: u64) -> Option<&Arc<Snapshot>> {
-        match self.slots[self.last.get() % CACHE_SLOTS].get(key, version) {
-            Some(snap) => Some(snap),
-            None => self.find_other(key, version),
-        }
-    }
-
-    #[inline(never)]
-    fn find_other(&self, key: u64, version: u64) -> Option<&Arc<Snapshot>> {
-        let i = self
-            .slots
-            .iter()
-            .position(|s| s.get(key, version).is_some())?;
-        self.last.set(i);
-        self.slots[i].snap.as_ref()
-    }
-
-    fn insert(&mut self, key: u64, snap: Arc<Snapshot>) {
-        let i = match self.slots.iter().position(|s| s.key == key) {
-            Some(i) => i,
-            None => {
-                let i = self.next_victim;
-                self.next_victim = (i + 1) % CACHE_SLOTS;
-                i
-            }
-        };
-        self.slots[i] = CacheSlot {
-            key,
-            version: snap.version,
-            snap: Some(snap),
-        };
-        self.last.set(i);
-    }
+    current: RcuCell<Snapshot>,
 }
 
 impl NotifierList {
-    pub(crate) fn new(key: u64) -> NotifierList {
+    pub(crate) fn new(domain: &'static Domain) -> NotifierList {
         NotifierList {
-            key,
-            version: AtomicU64::new(0),
-            current: Mutex::new(Arc::new(Snapshot {
-                version: 0,
-                entries: Box::new([]),
-            })),
+            current: RcuCell::new(
+                Snapshot {
+                    version: 0,
+                    entries: Box::new([]),
+                },
+                domain,
+            ),
         }
     }
 
-    /// Runs `f` on the current snapshot. Call inside an SRCU read-side
-    /// section when `f` runs callbacks.
-    #[inline]
-    pub(crate) fn with<R>(&self, f: impl FnOnce(&Snapshot) -> R) -> R {
-        let version = self.version.load(Ordering::Acquire);
-        CACHE.with(|cache| {
-            if let Ok(c) = cache.try_borrow() {
-                if let Some(snap) = c.find(self.key, version) {
-                    return f(snap);
-                }
-            }
-            self.with_slow(cache, f)
-        })
+    /// The current snapshot, for a walk inside `section` (which must be a
+    /// section of the address space's domain).
+    #[inline(always)]
+    pub(crate) fn read<'a>(&'a self, section: &'a ReadGuard) -> &'a Snapshot {
+        self.current.read(section)
     }
 
-    #[cold]
-    fn with_slow<R>(&self, cache: &RefCell<Cache>, f: impl FnOnce(&Snapshot) -> R) -> R {
-        let snap = self.current();
-        // Nested walks (a callback walking another address space) cannot
-        // update the cache while the outer walk borrows it; they just skip it.
-        if let Ok(mut c) = cache.try_borrow_mut() {
-            c.insert(self.key, snap.clone());
-        }
-        f(&snap)
+    /// Opens a read-side section and takes the current snapshot in it; both
+    /// last until the returned value is dropped.
+    #[inline(always)]
+    pub(crate) fn enter(&self) -> RcuRef<'_, Snapshot> {
+        self.current.enter()
     }
 
-    /// The current snapshot (takes the mutex; for writers and slow paths).
-    pub(crate) fn current(&self) -> Arc<Snapshot> {
-        sync::lock(&self.current).clone()
+    /// Number of entries now (takes the writer lock).
+    pub(crate) fn len(&self) -> usize {
+        self.current.lock().get().entries.len()
     }
 
     /// Runs `f` with the writer lock held; `f` may return a new entry list
-    /// (newest first) to publish as the next version.
+    /// (newest first) to publish as the next version. The replaced snapshot
+    /// is freed after a grace period.
     pub(crate) fn update<R>(
         &self,
-        f: impl FnOnce(&Arc<Snapshot>, u64) -> (Option<Vec<Arc<Entry>>>, R),
+        f: impl FnOnce(&Snapshot, u64) -> (Option<Vec<Arc<Entry>>>, R),
     ) -> R {
-        let mut cur = sync::lock(&self.current);
-        let next_version = cur.version + 1;
-        let (new, r) = f(&cur, next_version);
+        let mut w = self.current.lock();
+        let next_version = w.get().version + 1;
+        let (new, r) = f(w.get(), next_version);
         if let Some(entries) = new {
-            *cur = Arc::new(Snapshot {
+            w.replace(Snapshot {
                 version: next_version,
-                entries: entries.into_boxed_slice(),
+                entries: entries.into_iter().map(Linked::of).collect(),
             });
-            // Release pairs with the reader's acquire: a reader that sees the
-            // new version finds the new snapshot under the mutex.
-            self.version.store(next_version, Ordering::Release);
         }
         r
     }

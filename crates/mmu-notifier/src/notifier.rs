@@ -1,8 +1,9 @@
 //! The classic notifier: the `MmuNotifier` ops trait (Linux
 //! `struct mmu_notifier_ops`) and what the core knows about each notifier.
 
-use std::ops::BitOr;
-use std::sync::Arc;
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use core::ops::BitOr;
 
 use crate::{Range, Subscriptions};
 
@@ -183,7 +184,7 @@ pub trait NotifierAlloc: Send + Sync + 'static {
     fn alloc_notifier(
         &self,
         mm: &Subscriptions,
-    ) -> Result<Arc<dyn MmuNotifier>, Box<dyn std::error::Error + Send + Sync>>;
+    ) -> Result<Arc<dyn MmuNotifier>, Box<dyn core::error::Error + Send + Sync>>;
 
     /// Frees a notifier after its last `put`, once no callback of it is
     /// running or can start (from a deferred SRCU function), or synchronously

@@ -1,6 +1,6 @@
 //! Invalidation ranges and their events (Linux `struct mmu_notifier_range`).
 
-use std::fmt;
+use core::fmt;
 
 /// Page size of every address space this crate models (4 KiB).
 pub const PAGE_SIZE: u64 = 4096;
@@ -109,9 +109,25 @@ pub enum RangeError {
 pub struct Range {
     start: u64,
     end: u64,
-    event: Event,
-    blockable: bool,
-    owner: Option<Owner>,
+    /// The event (low byte), [`BLOCKABLE`] and [`HAS_OWNER`], in one word:
+    /// every field of a range is a whole word, so a range written field by
+    /// field and then moved (every hook moves it into its
+    /// `ActiveInvalidation`) is copied without store-forwarding stalls (a
+    /// word loaded right after a byte of it was stored stalls the load for a
+    /// dozen cycles), and the range is four words.
+    bits: u64,
+    /// The owner's value when [`HAS_OWNER`] is set, else 0.
+    owner: u64,
+}
+
+/// The blockable flag in [`Range::bits`].
+const BLOCKABLE: u64 = 1 << 8;
+/// The range carries an owner.
+const HAS_OWNER: u64 = 1 << 9;
+
+/// The bits of a blockable range of `event`.
+const fn bits(event: Event) -> u64 {
+    event as u64 | BLOCKABLE
 }
 
 impl Range {
@@ -130,9 +146,8 @@ impl Range {
         Ok(Range {
             start,
             end,
-            event,
-            blockable: true,
-            owner: None,
+            bits: bits(event),
+            owner: 0,
         })
     }
 
@@ -153,9 +168,8 @@ impl Range {
         Range {
             start: 0,
             end: END_OF_ADDRESS_SPACE,
-            event,
-            blockable: true,
-            owner: None,
+            bits: bits(event),
+            owner: 0,
         }
     }
 
@@ -174,7 +188,10 @@ impl Range {
             return Err(RangeError::OwnerNotAllowed(event));
         }
         let mut r = Range::new(start, end, event)?;
-        r.owner = owner;
+        if let Some(Owner(o)) = owner {
+            r.bits |= HAS_OWNER;
+            r.owner = o;
+        }
         Ok(r)
     }
 
@@ -201,19 +218,19 @@ impl Range {
 
     /// Why the invalidation happens.
     pub fn event(&self) -> Event {
-        self.event
+        Event::ALL[(self.bits & 0xff) as usize & 7]
     }
 
     /// The device owner, for `Migrate` and `Exclusive` only.
     pub fn owner(&self) -> Option<Owner> {
-        self.owner
+        (self.bits & HAS_OWNER != 0).then_some(Owner(self.owner))
     }
 
     /// Whether callbacks may sleep (Linux `mmu_notifier_range_blockable`).
     /// Set by the start hook: true for `invalidate_range_start`, false for
     /// `invalidate_range_start_nonblock`.
     pub fn blockable(&self) -> bool {
-        self.blockable
+        self.bits & BLOCKABLE != 0
     }
 
     /// Whether `[start, end)` overlaps the inclusive interval `[first, last]`.
@@ -221,8 +238,14 @@ impl Range {
         self.start <= last && first <= self.last()
     }
 
-    pub(crate) fn set_blockable(&mut self, blockable: bool) {
-        self.blockable = blockable;
+    /// This range with the blockable flag set to `blockable` (a new value,
+    /// so the flag is written with the rest of the range).
+    #[inline(always)]
+    pub(crate) fn blockable_as(self, blockable: bool) -> Range {
+        Range {
+            bits: (self.bits & !BLOCKABLE) | if blockable { BLOCKABLE } else { 0 },
+            ..self
+        }
     }
 }
 
@@ -233,10 +256,10 @@ impl fmt::Debug for Range {
             "Range[{:#x}, {:#x}) {:?}{}",
             self.start,
             self.end,
-            self.event,
-            if self.blockable { "" } else { " nonblock" }
+            self.event(),
+            if self.blockable() { "" } else { " nonblock" }
         )?;
-        if let Some(o) = self.owner {
+        if let Some(o) = self.owner() {
             write!(f, " owner={:#x}", o.0)?;
         }
         Ok(())

@@ -9,21 +9,20 @@
 //!   deferred free queued by earlier puts has run.
 //! * Misuse that Linux BUGs or WARNs on returns an [`Error`].
 
-use std::sync::Arc;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
 
 use crate::debug::Warning;
 use crate::list::{Entry, Snapshot};
 use crate::notifier::{Callbacks, MmuNotifier, NotifierAlloc};
 use crate::range::{Event, Range};
-use crate::srcu;
 use crate::subscriptions::{MmapWriteGuard, Subscriptions};
 use crate::sync::Ordering;
 use crate::Error;
 
 /// The entries of `cur` except `entry` (list order kept).
 fn without(cur: &Snapshot, entry: &Arc<Entry>) -> Vec<Arc<Entry>> {
-    cur.entries
-        .iter()
+    cur.entries()
         .filter(|e| !Arc::ptr_eq(e, entry))
         .cloned()
         .collect()
@@ -38,8 +37,8 @@ pub struct NotifierHandle {
     entry: Arc<Entry>,
 }
 
-impl std::fmt::Debug for NotifierHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for NotifierHandle {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("NotifierHandle")
             .field("mm", &self.mm_key)
             .field("version", &self.entry.version)
@@ -85,8 +84,8 @@ impl Subscriptions {
         }
     }
 
-    pub(crate) fn refuse_in_callback(what: &'static str) -> Result<(), Error> {
-        if srcu::in_read_section() {
+    pub(crate) fn refuse_in_callback(&self, what: &'static str) -> Result<(), Error> {
+        if self.inner.domain.in_read_section() {
             tracing::warn!(
                 "mmu_notifier: {what} from a notifier callback refused (would deadlock)"
             );
@@ -105,7 +104,8 @@ impl Subscriptions {
     /// [`Error::FailingStartWithEnd`], or [`Error::WouldDeadlock`] from a
     /// callback.
     pub fn register(&self, notifier: Arc<dyn MmuNotifier>) -> Result<NotifierHandle, Error> {
-        Self::refuse_in_callback("register")?;
+        self.refuse_in_callback("register")?;
+        self.inner.domain.try_reclaim();
         let guard = self.mmap_write();
         self.register_locked(&guard, notifier)
     }
@@ -163,7 +163,7 @@ impl Subscriptions {
             });
             let mut entries = Vec::with_capacity(cur.entries.len() + 1);
             entries.push(entry.clone());
-            entries.extend(cur.entries.iter().cloned());
+            entries.extend(cur.entries().cloned());
             (Some(entries), Ok(NotifierHandle { mm_key, entry }))
         })?;
         self.inner.has_notifiers.store(true, Ordering::Release);
@@ -186,14 +186,19 @@ impl Subscriptions {
     /// section; a panic is caught and reported.
     fn release_once(&self, entry: &Entry) {
         if entry.claim_release() && entry.callbacks.contains(Callbacks::RELEASE) {
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                entry.ops.release(self);
-            }));
-            if r.is_err() {
-                self.inner
-                    .diag
-                    .report(Warning::CallbackPanicked, "release callback panicked");
+            #[cfg(all(feature = "std", panic = "unwind"))]
+            {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    entry.ops.release(self);
+                }));
+                if r.is_err() {
+                    self.inner
+                        .diag
+                        .report(Warning::CallbackPanicked, "release callback panicked");
+                }
             }
+            #[cfg(not(all(feature = "std", panic = "unwind")))]
+            entry.ops.release(self);
         }
     }
 
@@ -208,7 +213,7 @@ impl Subscriptions {
     /// and [`Error::WouldDeadlock`] from a callback.
     pub fn unregister(&self, handle: &NotifierHandle) -> Result<(), Error> {
         self.check_handle(handle)?;
-        Self::refuse_in_callback("unregister")?;
+        self.refuse_in_callback("unregister")?;
         crate::debug::might_sleep();
         let entry = &handle.entry;
         let linked = self.inner.list.update(|_, _| {
@@ -223,14 +228,14 @@ impl Subscriptions {
         })?;
         if linked {
             {
-                let _srcu = srcu::read_lock();
+                let _srcu = self.inner.domain.read_lock();
                 self.release_once(entry);
             }
             self.unlink(entry);
         }
         // Waits for callbacks still running, including a `release` the exit
         // path claimed first.
-        srcu::synchronize_unchecked();
+        self.inner.domain.synchronize_unchecked();
         Ok(())
     }
 
@@ -241,7 +246,8 @@ impl Subscriptions {
     /// [`Error::RefcountOverflow`], [`Error::Alloc`], the registration errors,
     /// or [`Error::WouldDeadlock`] from a callback.
     pub fn get(&self, alloc: &Arc<dyn NotifierAlloc>) -> Result<NotifierHandle, Error> {
-        Self::refuse_in_callback("get")?;
+        self.refuse_in_callback("get")?;
+        self.inner.domain.try_reclaim();
         let guard = self.mmap_write();
         self.get_locked(&guard, alloc)
     }
@@ -260,10 +266,10 @@ impl Subscriptions {
         let key = Arc::as_ptr(alloc) as *const ();
         let mm_key = self.inner.key;
         let found = self.inner.list.update(|cur, _| {
-            let hit = cur.entries.iter().find(|e| {
+            let hit = cur.entries().find(|e| {
                 e.alloc
                     .as_ref()
-                    .is_some_and(|a| std::ptr::eq(Arc::as_ptr(a) as *const (), key))
+                    .is_some_and(|a| core::ptr::eq(Arc::as_ptr(a) as *const (), key))
             });
             let r = hit.map(|e| {
                 let users = e.users.load(Ordering::Relaxed);
@@ -335,7 +341,7 @@ impl Subscriptions {
             let entry = entry.clone();
             // Holds the address space (Linux mmgrab) until after the free.
             let mm = self.clone();
-            srcu::call(move || {
+            self.inner.domain.call(move || {
                 if let Some(alloc) = &entry.alloc {
                     alloc.free_notifier(entry.ops.clone());
                 }
@@ -356,13 +362,13 @@ impl Subscriptions {
     /// [`Error::AlreadyReleased`] the second time; [`Error::WouldDeadlock`]
     /// from a callback.
     pub fn release(&self) -> Result<(), Error> {
-        Self::refuse_in_callback("release")?;
+        self.refuse_in_callback("release")?;
         let snap = self.inner.list.update(|cur, _| {
             if !self.inner.live.load(Ordering::Relaxed) {
                 return (None, Err(Error::AlreadyReleased));
             }
             self.inner.live.store(false, Ordering::Release);
-            (None, Ok(cur.clone()))
+            (None, Ok(cur.entries().cloned().collect::<Vec<_>>()))
         })?;
         if self.inner.interval.enabled() {
             // Interval release: one blockable RELEASE invalidation of the
@@ -373,9 +379,9 @@ impl Subscriptions {
                 self.inner.interval.end();
             }
         }
-        if !snap.entries.is_empty() {
-            let _srcu = srcu::read_lock();
-            for e in snap.entries.iter() {
+        if !snap.is_empty() {
+            let _srcu = self.inner.domain.read_lock();
+            for e in snap.iter() {
                 self.release_once(e);
             }
         }
@@ -383,12 +389,12 @@ impl Subscriptions {
             if cur.entries.is_empty() {
                 return (None, ());
             }
-            for e in cur.entries.iter() {
+            for e in cur.entries() {
                 e.linked.store(false, Ordering::Relaxed);
             }
             (Some(Vec::new()), ())
         });
-        srcu::synchronize_unchecked();
+        self.inner.domain.synchronize_unchecked();
         Ok(())
     }
 }
@@ -398,13 +404,17 @@ impl Subscriptions {
 /// contract made true: a barrier, not just a grace period). Call it before
 /// unloading code whose notifiers were put.
 ///
+/// Address spaces of other domains use
+/// [`Domain::barrier`](crate::srcu::Domain::barrier).
+///
 /// # Errors
 /// [`Error::WouldDeadlock`] from a callback or a deferred free.
+#[cfg(feature = "std")]
 pub fn synchronize() -> Result<(), Error> {
-    srcu::barrier()
+    crate::srcu::barrier()
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, feature = "std", not(loom)))]
 mod tests {
     use super::*;
 

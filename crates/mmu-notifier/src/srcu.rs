@@ -1,27 +1,49 @@
-//! A sleepable read-copy-update (SRCU) grace-period domain.
+//! Sleepable read-copy-update (SRCU) grace-period domains.
 //!
-//! Like Linux, the subsystem uses **one** domain for every address space in the
-//! process. Notifier callbacks run inside a read-side section and may block.
-//! [`synchronize`] waits for every read-side section that started before it,
-//! on any thread. [`call`] queues a deferred function (Linux's `call_srcu`) that
-//! runs after a later grace period, and [`barrier`] waits until every function
-//! queued before it has run.
+//! Notifier callbacks run inside a read-side section of the address space's
+//! [`Domain`] and may block. [`Domain::synchronize`] waits for every
+//! read-side section of the domain that started before it, on any thread.
+//! [`Domain::call`] queues a deferred function (Linux's `call_srcu`) that runs
+//! after a later grace period, and [`Domain::barrier`] waits until every
+//! function queued before it has run.
+//!
+//! A domain is a value. The std build has one process-wide domain,
+//! [`Domain::global`], which every [`Subscriptions::new`](crate::Subscriptions::new)
+//! uses (as Linux uses one `srcu_struct` for all address spaces), and the
+//! free functions of this module ([`read_lock`], [`synchronize`], [`call`],
+//! [`barrier`]) act on it. An embedder without std creates its own with
+//! [`Domain::with_backend`] and passes it to
+//! [`Subscriptions::with_domain`](crate::Subscriptions::with_domain).
+//!
+//! # Readers
+//!
+//! Each execution context that reads owns a [`Reader`] of the domain: a
+//! counter whose low bits are its nesting depth and whose top bit is the
+//! grace-period phase its outermost section started in. In the std build the
+//! reader of a thread is found through a thread-local and registered on the
+//! thread's first read (and recycled when the thread exits). Without
+//! thread-locals the embedder registers readers by hand
+//! ([`Domain::register_reader`]: one per task, or per CPU where sections are
+//! not preempted) and its [`Backend`] says which one the calling context
+//! owns.
 //!
 //! # Algorithm
 //!
-//! The liburcu "memb" scheme with per-thread reader slots:
+//! The liburcu "memb" scheme:
 //!
-//! * Each thread that ever reads owns a slot holding a counter: bits below
-//!   `PHASE` are its nesting depth, bit `PHASE` the grace-period phase it
-//!   started in. The outermost `read_lock` copies the global counter (phase plus
-//!   a nesting unit) into the slot and runs the reader's light fence; nested
-//!   ones just increment. `read_unlock` decrements with a release store. No
-//!   read-modify-write and no hardware fence on the read side.
-//! * A grace period takes the writer's heavy fence (see the crate-private `barrier` module),
-//!   flips the phase and waits until no slot is inside a section of the old
-//!   phase, flips again and waits again, then takes the heavy fence. Two flips
-//!   are needed because a reader may read the phase just before a flip and
-//!   publish it just after the wait scanned its slot.
+//! * The outermost `read_lock` copies the global counter (phase plus a
+//!   nesting unit) into the reader and runs the reader's light fence; nested
+//!   ones just increment. The end of a section decrements with a release
+//!   store. No read-modify-write and no hardware fence on the read side.
+//! * A grace period takes the writer's heavy fence, flips the phase and waits
+//!   until no reader is inside a section of the old phase, flips again and
+//!   waits again, then takes the heavy fence. Two flips are needed because a
+//!   reader may read the phase just before a flip and publish it just after
+//!   the wait scanned it.
+//!
+//! The fence pair is `membarrier(2)` against a compiler fence in the std
+//! build on Linux (see the crate-private `barrier` module), `fence(SeqCst)`
+//! on both sides elsewhere, and the backend's in an embedding.
 //!
 //! This crate starts no threads. Deferred functions run at the end of the next
 //! grace period anyone completes (every `unregister`, every address-space exit
@@ -37,207 +59,656 @@
 //! srcu::synchronize().unwrap();
 //! ```
 
-use std::cell::Cell;
-use std::collections::{BTreeSet, VecDeque};
-use std::marker::PhantomData;
+use alloc::boxed::Box;
+use alloc::collections::{BTreeSet, VecDeque};
+use alloc::vec::Vec;
+use core::marker::PhantomData;
+use core::sync::atomic::{AtomicBool as PlainBool, AtomicU64 as PlainU64};
 
+#[cfg(feature = "std")]
 use crate::barrier::Flavour;
-use crate::sync::{self, fence, AtomicUsize, Condvar, Mutex, Ordering};
+pub use crate::rcu::Backend;
+use crate::sync::{self, fence, AtomicUsize, Mutex, Ordering};
 use crate::Error;
 
 /// Phase bit of a reader counter (the top bit).
 const PHASE: usize = 1 << (usize::BITS - 1);
-/// Nesting-depth bits of a reader counter.
-const NEST_MASK: usize = PHASE - 1;
+/// Nesting-depth bits of a reader counter (below the phase bit and the
+/// registration bit of the std build's thread-local counters).
+const NEST_MASK: usize = (1 << (usize::BITS - 2)) - 1;
 
-/// A deferred function queued by [`call`].
-type Deferred = Box<dyn FnOnce() + Send + 'static>;
+/// A deferred function queued by [`Domain::call`].
+type DeferredFn = Box<dyn FnOnce() + Send + 'static>;
 
 struct DeferredQueue {
     next_ticket: u64,
-    queue: VecDeque<(u64, Deferred)>,
-    /// Tickets queued or running, so [`barrier`] can wait for exactly the ones
-    /// queued before it.
+    queue: VecDeque<(u64, DeferredFn)>,
+    /// Tickets queued or running, so [`Domain::barrier`] can wait for exactly
+    /// the ones queued before it.
     unfinished: BTreeSet<u64>,
 }
 
-struct Domain {
+/// Where readers come from, how the fences are taken and how waits wait.
+#[derive(Clone, Copy)]
+enum Source {
+    /// std: thread-local readers, the detected fence pair, sleeping waits.
+    #[cfg(feature = "std")]
+    Threads(Flavour),
+    /// An embedder's backend.
+    Backend(&'static dyn Backend),
+}
+
+impl Source {
+    #[inline(always)]
+    fn light(self) {
+        match self {
+            #[cfg(feature = "std")]
+            Source::Threads(f) => f.light(),
+            Source::Backend(b) => b.light_barrier(),
+        }
+    }
+
+    fn heavy(self) {
+        match self {
+            #[cfg(feature = "std")]
+            Source::Threads(f) => f.heavy(),
+            Source::Backend(b) => b.heavy_barrier(),
+        }
+    }
+}
+
+/// One wait step of a loop waiting for another context.
+pub(crate) struct Waiter {
+    source: Source,
+    #[cfg(feature = "std")]
+    backoff: sync::Backoff,
+}
+
+impl Waiter {
+    fn new(source: Source) -> Waiter {
+        Waiter {
+            source,
+            #[cfg(feature = "std")]
+            backoff: sync::Backoff::new(),
+        }
+    }
+
+    pub(crate) fn snooze(&mut self) {
+        match self.source {
+            #[cfg(feature = "std")]
+            Source::Threads(_) => self.backoff.snooze(),
+            Source::Backend(b) => b.relax(),
+        }
+    }
+}
+
+/// An SRCU domain: the grace periods that protect the notifier lists and
+/// callbacks of the address spaces that use it.
+///
+/// ```
+/// use mmu_notifier::srcu::Domain;
+/// // The std build's own domain; embedders create theirs with `with_backend`.
+/// let d = Domain::global();
+/// let section = d.read_lock();
+/// assert!(d.in_read_section());
+/// drop(section);
+/// d.synchronize().unwrap();
+/// ```
+#[repr(C)] // the fields every read-side section reads come first, together
+pub struct Domain {
     /// Global counter: `PHASE` bit plus one nesting unit, copied by readers.
     gp: AtomicUsize,
-    /// Every reader slot ever handed out. Slots are leaked (`&'static`) so the
-    /// read side reaches its own through a plain thread-local pointer, and
-    /// recycled when their thread exits; their number is bounded by the
-    /// largest number of threads that were alive at once.
-    readers: Mutex<Vec<&'static ReaderSlot>>,
+    /// The std build's global domain: threads read through a counter in a
+    /// thread-local ([`crate::rcu`]'s `tls` module) rather than a heap reader.
+    #[cfg_attr(not(all(feature = "std", not(any(loom, shuttle)))), allow(dead_code))]
+    tls_fast: bool,
+    /// With `tls_fast`: the read side's fence must be a real one (no
+    /// `membarrier(2)`); a byte next to `tls_fast`, so the fast path decides
+    /// its fence without looking at `source`.
+    #[cfg_attr(not(all(feature = "std", not(any(loom, shuttle)))), allow(dead_code))]
+    tls_real_fence: bool,
+    source: Source,
+    /// Every reader registered. Grace periods scan it under its lock.
+    registry: Mutex<Registry>,
     /// Serialises grace periods.
     gp_lock: Mutex<()>,
-    flavour: Flavour,
     deferred: Mutex<DeferredQueue>,
-    deferred_done: Condvar,
+    #[cfg(feature = "std")]
+    deferred_done: sync::Condvar,
 }
 
-/// One thread's reader state.
-struct ReaderSlot {
+impl core::fmt::Debug for Domain {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("srcu::Domain")
+            .field("readers", &sync::lock(&self.registry).len())
+            .field("pending", &self.pending())
+            .finish()
+    }
+}
+
+/// The readers of a domain.
+struct Registry {
+    /// Heap readers. They are leaked (`&'static`) so the read side reaches
+    /// its own through a plain pointer, and recycled when their owner gives
+    /// them back; their number is bounded by the largest number of contexts
+    /// that read at once.
+    heap: Vec<&'static Reader>,
+    /// The thread-local counters of the global domain's threads.
+    #[cfg(all(feature = "std", not(any(loom, shuttle))))]
+    tls: Vec<crate::rcu::tls::TlsCounter>,
+}
+
+impl Registry {
+    fn len(&self) -> usize {
+        #[cfg(all(feature = "std", not(any(loom, shuttle))))]
+        return self.heap.len() + self.tls.len();
+        #[cfg(not(all(feature = "std", not(any(loom, shuttle)))))]
+        return self.heap.len();
+    }
+}
+
+/// One execution context's reader of a [`Domain`]: its section counter and
+/// the per-context state the subsystem keeps with it.
+pub struct Reader {
     ctr: AtomicUsize,
-    /// The domain, so the read side needs no lazy-static check.
+    /// The domain, so the read side needs no second lookup.
     domain: &'static Domain,
-    /// Copied from the domain: the read side's fence, without a second load.
-    flavour: Flavour,
-    /// Not owned by a live thread; `assign_slot` may hand it out again.
-    #[cfg_attr(loom, allow(dead_code))]
-    free: std::sync::atomic::AtomicBool,
+    /// Copied from the domain: the read side's fence without a second load.
+    source: Source,
+    /// Running a deferred function of the domain (waiting would deadlock).
+    in_deferred: PlainBool,
+    /// Key of the address space whose interval callbacks this context is
+    /// running (0: none).
+    walking: PlainU64,
+    /// Not owned by any context; `register_reader` may hand it out again.
+    free: PlainBool,
 }
 
-#[cfg(not(any(loom, shuttle)))]
-static DOMAIN: std::sync::LazyLock<Domain> = std::sync::LazyLock::new(Domain::new);
+impl core::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("srcu::Reader")
+            .field("nesting", &(self.ctr.load(Ordering::Relaxed) & NEST_MASK))
+            .finish()
+    }
+}
 
-// Under the model checkers the domain is created afresh for every execution.
+#[cfg(all(feature = "std", not(any(loom, shuttle))))]
+static GLOBAL: std::sync::LazyLock<Domain> = std::sync::LazyLock::new(Domain::new_global);
+
+// Under the model checkers the global domain is created afresh for every
+// execution.
 #[cfg(loom)]
 loom::lazy_static! {
-    static ref DOMAIN: Domain = Domain::new();
+    static ref GLOBAL: Domain = Domain::new_global();
 }
 #[cfg(shuttle)]
 shuttle::lazy_static! {
-    static ref DOMAIN: Domain = Domain::new();
+    static ref GLOBAL: Domain = Domain::new_global();
 }
 
-fn domain() -> &'static Domain {
-    &DOMAIN
-}
+/// The thread-local readers of the std build: each thread finds its reader of
+/// a domain with one thread-local load and a compare (the last domain it read
+/// from), else in the list of its readers.
+#[cfg(feature = "std")]
+mod thread_readers {
+    use super::{Domain, Reader, NEST_MASK};
+    use crate::sync::Ordering;
+    use alloc::vec::Vec;
+    use core::cell::{Cell, RefCell};
 
-// The read side's thread-locals have constant initialisers and no destructor,
-// so an access is a bare thread-pointer-relative load: no lazy-init or
-// destructor-state check on the fast path.
-#[cfg(not(loom))]
-sync::thread_local! {
-    static SLOT: Cell<Option<&'static ReaderSlot>> = const { Cell::new(None) };
-    static IN_DEFERRED: Cell<bool> = const { Cell::new(false) };
-    /// Returns this thread's slot to the pool when the thread exits.
-    static SLOT_RETURN: SlotReturn = const { SlotReturn(Cell::new(None)) };
-}
+    /// This thread's readers; gives them back to their domains when the
+    /// thread exits.
+    pub(super) struct Owned(RefCell<Vec<&'static Reader>>);
 
-#[cfg(loom)]
-loom::thread_local! {
-    static SLOT: Cell<Option<&'static ReaderSlot>> = Cell::new(None);
-    static IN_DEFERRED: Cell<bool> = Cell::new(false);
-}
-
-#[cfg(not(loom))]
-struct SlotReturn(Cell<Option<&'static ReaderSlot>>);
-
-#[cfg(not(loom))]
-impl Drop for SlotReturn {
-    fn drop(&mut self) {
-        if let Some(slot) = self.0.take() {
-            // A destructor that runs later on this thread and reads gets a
-            // fresh slot (see `assign_slot`) instead of this one.
-            let _ = SLOT.try_with(|s| s.set(None));
-            // A slot whose thread leaked a guard (mem::forget) stays nested;
-            // never recycle it.
-            if slot.ctr.load(Ordering::Relaxed) & NEST_MASK == 0 {
-                slot.free.store(true, std::sync::atomic::Ordering::Release);
-            }
-        }
-    }
-}
-
-/// This thread's reader slot.
-#[inline(always)]
-fn local_slot() -> &'static ReaderSlot {
-    match SLOT.with(Cell::get) {
-        Some(slot) => slot,
-        None => assign_slot(),
-    }
-}
-
-/// First read on this thread: reuse a slot of an exited thread or leak a new one.
-#[cold]
-#[inline(never)]
-fn assign_slot() -> &'static ReaderSlot {
-    let d = domain();
-    let slot = {
-        let mut readers = sync::lock(&d.readers);
-        #[cfg(not(loom))]
-        let reused = readers.iter().copied().find(|s| {
-            s.free
-                .compare_exchange(
-                    true,
-                    false,
-                    std::sync::atomic::Ordering::Acquire,
-                    std::sync::atomic::Ordering::Relaxed,
-                )
-                .is_ok()
-        });
-        #[cfg(loom)]
-        let reused = None;
-        match reused {
-            Some(s) => s,
-            None => {
-                let s: &'static ReaderSlot = Box::leak(Box::new(ReaderSlot {
-                    ctr: AtomicUsize::new(0),
-                    domain: d,
-                    flavour: d.flavour,
-                    free: std::sync::atomic::AtomicBool::new(false),
-                }));
-                readers.push(s);
-                s
-            }
-        }
-    };
-    SLOT.with(|c| c.set(Some(slot)));
-    // If this thread is already exiting the return hook cannot be installed
-    // and the slot is simply never recycled.
+    // Constant initialisers: the fast path is a bare thread-pointer-relative
+    // load, with no lazy-init or destructor-state check.
     #[cfg(not(loom))]
-    let _ = SLOT_RETURN.try_with(|r| r.0.set(Some(slot)));
-    slot
-}
+    crate::sync::thread_local! {
+        static LAST: Cell<Option<&'static Reader>> = const { Cell::new(None) };
+        static OWNED: Owned = const { Owned(RefCell::new(Vec::new())) };
+    }
 
-/// Waits until no slot of `readers` is inside a section that began before the
-/// global phase became `phase`: an idle slot, or one whose outermost section
-/// copied `phase`, needs no wait.
-fn wait_for_readers(readers: &[&'static ReaderSlot], phase: usize) {
-    for slot in readers {
-        let mut backoff = sync::Backoff::new();
-        loop {
-            let c = slot.ctr.load(Ordering::Acquire);
-            if c & NEST_MASK == 0 || c & PHASE == phase {
-                break;
+    #[cfg(loom)]
+    loom::thread_local! {
+        static LAST: Cell<Option<&'static Reader>> = Cell::new(None);
+        static OWNED: Owned = Owned(RefCell::new(Vec::new()));
+    }
+
+    #[cfg(not(loom))]
+    crate::sync::thread_local! {
+        /// Key of the address space whose interval callbacks this thread runs.
+        static WALKING: Cell<u64> = const { Cell::new(0) };
+        /// Address of the domain whose deferred function this thread runs.
+        static IN_DEFERRED: Cell<usize> = const { Cell::new(0) };
+    }
+
+    #[cfg(loom)]
+    loom::thread_local! {
+        static WALKING: Cell<u64> = Cell::new(0);
+        static IN_DEFERRED: Cell<usize> = Cell::new(0);
+    }
+
+    pub(super) fn set_walking(key: u64) -> u64 {
+        WALKING.with(|w| w.replace(key))
+    }
+
+    pub(super) fn walking() -> u64 {
+        WALKING.try_with(Cell::get).unwrap_or(0)
+    }
+
+    fn addr(domain: &'static Domain) -> usize {
+        domain as *const Domain as usize
+    }
+
+    pub(super) fn set_in_deferred(domain: &'static Domain, on: bool) -> bool {
+        let new = if on { addr(domain) } else { 0 };
+        IN_DEFERRED.with(|d| d.replace(new)) == addr(domain)
+    }
+
+    pub(super) fn in_deferred(domain: &'static Domain) -> bool {
+        IN_DEFERRED.try_with(Cell::get).unwrap_or(0) == addr(domain)
+    }
+
+    impl Drop for Owned {
+        fn drop(&mut self) {
+            // A destructor that runs later on this thread and reads gets a
+            // fresh reader instead of one given back here.
+            let _ = LAST.try_with(|l| l.set(None));
+            for r in self.0.get_mut().drain(..) {
+                // A reader whose thread leaked a guard (mem::forget) stays
+                // nested; never recycle it.
+                if r.ctr.load(Ordering::Relaxed) & NEST_MASK == 0 {
+                    r.give_back();
+                }
             }
-            backoff.snooze();
         }
     }
+
+    /// This thread's reader of `domain` if it is the last domain the thread
+    /// read from.
+    #[inline(always)]
+    pub(super) fn last(domain: &'static Domain) -> Option<&'static Reader> {
+        match LAST.with(Cell::get) {
+            Some(r) if core::ptr::eq(r.domain, domain) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// This thread's reader of `domain`: another domain than last time, or
+    /// this thread's first read.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn local_slow(domain: &'static Domain) -> &'static Reader {
+        let known = OWNED
+            .try_with(|o| {
+                o.0.borrow()
+                    .iter()
+                    .copied()
+                    .find(|r| core::ptr::eq(r.domain, domain))
+            })
+            .ok()
+            .flatten();
+        let r = known.unwrap_or_else(|| {
+            let r = domain.register_reader();
+            // If this thread is already exiting the reader cannot be given
+            // back later and is simply never recycled.
+            let _ = OWNED.try_with(|o| o.0.borrow_mut().push(r));
+            r
+        });
+        LAST.with(|l| l.set(Some(r)));
+        r
+    }
 }
+
+/// Whether a reader counter is inside a section that began before the global
+/// phase became `phase`: an idle reader, or one whose outermost section
+/// copied `phase`, is not.
+#[inline]
+fn in_old_section(c: usize, phase: usize) -> bool {
+    c & NEST_MASK != 0 && c & PHASE != phase
+}
+
+/// Threshold of [`Domain::try_reclaim`]: deferred functions waiting before a
+/// registration attempts a grace period itself.
+const RECLAIM_BACKLOG: usize = 64;
 
 impl Domain {
-    fn new() -> Domain {
+    fn with_source(source: Source, tls_fast: bool) -> Domain {
         Domain {
             gp: AtomicUsize::new(1),
-            readers: Mutex::new(Vec::new()),
+            tls_fast,
+            tls_real_fence: match source {
+                #[cfg(feature = "std")]
+                Source::Threads(f) => f != Flavour::Membarrier,
+                Source::Backend(_) => true,
+            },
+            registry: Mutex::new(Registry {
+                heap: Vec::new(),
+                #[cfg(all(feature = "std", not(any(loom, shuttle))))]
+                tls: Vec::new(),
+            }),
             gp_lock: Mutex::new(()),
-            flavour: Flavour::detect(),
+            source,
             deferred: Mutex::new(DeferredQueue {
                 next_ticket: 0,
                 queue: VecDeque::new(),
                 unfinished: BTreeSet::new(),
             }),
-            deferred_done: Condvar::new(),
+            #[cfg(feature = "std")]
+            deferred_done: sync::Condvar::new(),
+        }
+    }
+
+    /// A new domain with thread-local readers and the std build's fences and
+    /// waits. Most programs use [`Domain::global`]; a separate domain keeps
+    /// its grace periods independent of other address spaces' readers.
+    /// Domains live for the rest of the program (leak it, or keep it in a
+    /// `static`), as readers point to them.
+    #[cfg(feature = "std")]
+    pub fn new() -> Domain {
+        Domain::with_source(Source::Threads(Flavour::detect()), false)
+    }
+
+    /// The global domain: threads read through thread-local counters.
+    #[cfg(feature = "std")]
+    fn new_global() -> Domain {
+        Domain::with_source(Source::Threads(Flavour::detect()), true)
+    }
+
+    /// The process-wide domain of the std build, used by
+    /// [`Subscriptions::new`](crate::Subscriptions::new) and this module's
+    /// free functions.
+    #[cfg(feature = "std")]
+    pub fn global() -> &'static Domain {
+        &GLOBAL
+    }
+
+    /// A domain whose readers, fences and waits come from `backend` (an
+    /// embedding without std; see [`Backend`]).
+    pub fn with_backend(backend: &'static dyn Backend) -> Domain {
+        Domain::with_source(Source::Backend(backend), false)
+    }
+
+    /// Registers a new reader (or hands out one given back earlier). An
+    /// embedder keeps it with the context (task or CPU) that will read, and
+    /// returns it from [`Backend::reader`]. The std build registers its
+    /// thread-local readers itself.
+    pub fn register_reader(&'static self) -> &'static Reader {
+        let mut registry = sync::lock(&self.registry);
+        // Under loom a reader given back in one execution must not be seen
+        // in another: no recycling there.
+        #[cfg(loom)]
+        let reused: Option<&'static Reader> = None;
+        #[cfg(not(loom))]
+        let reused = registry.heap.iter().copied().find(|r| {
+            r.free
+                .compare_exchange(
+                    true,
+                    false,
+                    core::sync::atomic::Ordering::Acquire,
+                    core::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok()
+        });
+        reused.unwrap_or_else(|| {
+            let r: &'static Reader = Box::leak(Box::new(Reader {
+                ctr: AtomicUsize::new(0),
+                domain: self,
+                source: self.source,
+                in_deferred: PlainBool::new(false),
+                walking: PlainU64::new(0),
+                free: PlainBool::new(false),
+            }));
+            registry.heap.push(r);
+            r
+        })
+    }
+
+    /// Removes the calling thread's thread-local counter from the registry
+    /// (its thread is exiting).
+    #[cfg(all(feature = "std", not(any(loom, shuttle))))]
+    pub(crate) fn unregister_tls(&self) {
+        sync::lock(&self.registry).tls.retain(|t| !t.is_mine());
+    }
+
+    /// Gives `reader` back for [`register_reader`](Self::register_reader) to
+    /// hand out again (a task exited).
+    ///
+    /// # Errors
+    /// [`Error::ReaderBusy`] if it is inside a section, or belongs to another
+    /// domain; nothing changes then.
+    pub fn unregister_reader(&'static self, reader: &'static Reader) -> Result<(), Error> {
+        if !core::ptr::eq(reader.domain, self)
+            || reader.ctr.load(Ordering::Relaxed) & NEST_MASK != 0
+        {
+            return Err(Error::ReaderBusy);
+        }
+        reader.give_back();
+        Ok(())
+    }
+
+    /// The calling context's reader.
+    #[inline(always)]
+    fn local_reader(&'static self) -> &'static Reader {
+        // The std fast path first: only thread-local domains put readers in
+        // the thread-local, so a hit needs no look at `source` (one
+        // dependent load fewer on every hook).
+        #[cfg(feature = "std")]
+        if let Some(r) = thread_readers::last(self) {
+            return r;
+        }
+        self.local_reader_slow()
+    }
+
+    #[inline(never)]
+    fn local_reader_slow(&'static self) -> &'static Reader {
+        match self.source {
+            #[cfg(feature = "std")]
+            Source::Threads(_) => thread_readers::local_slow(self),
+            Source::Backend(b) => {
+                let r = b.reader(self);
+                // The contract of `Backend::reader`, checked where it is cheap
+                // and a breach would be unsound.
+                assert!(
+                    core::ptr::eq(r.domain, self),
+                    "srcu::Backend::reader returned a reader of another domain"
+                );
+                r
+            }
+        }
+    }
+
+    /// Enters a read-side section (Linux `srcu_read_lock`). Sections nest.
+    ///
+    /// In the std build's global domain this costs a load and a store of a
+    /// thread-local counter plus a load of the global counter, like
+    /// liburcu's: no read-modify-write and no hardware fence (see the module
+    /// documentation).
+    #[inline]
+    pub fn read_lock(&'static self) -> ReadGuard {
+        #[cfg(all(feature = "std", not(any(loom, shuttle))))]
+        if self.tls_fast {
+            let real_fence = self.tls_real_fence;
+            if crate::rcu::tls::enter(&self.gp, NEST_MASK, || light_fence(real_fence)) {
+                return ReadGuard {
+                    reader: None,
+                    _not_send: PhantomData,
+                };
+            }
+            return self.read_lock_tls_slow();
+        }
+        self.read_lock_heap()
+    }
+
+    /// A section on the calling context's heap reader.
+    #[inline(always)]
+    fn read_lock_heap(&'static self) -> ReadGuard {
+        let reader = self.local_reader();
+        reader.enter();
+        ReadGuard {
+            reader: Some(reader),
+            _not_send: PhantomData,
+        }
+    }
+
+    /// The global domain on a thread whose counter is not registered: this
+    /// thread's first read (register it), or a read from a thread-local
+    /// destructor after the counter left the registry (use a heap reader).
+    #[cfg(all(feature = "std", not(any(loom, shuttle))))]
+    #[cold]
+    #[inline(never)]
+    fn read_lock_tls_slow(&'static self) -> ReadGuard {
+        let registered =
+            crate::rcu::tls::register(self, |c| sync::lock(&self.registry).tls.push(c));
+        let real_fence = self.tls_real_fence;
+        if registered && crate::rcu::tls::enter(&self.gp, NEST_MASK, || light_fence(real_fence)) {
+            return ReadGuard {
+                reader: None,
+                _not_send: PhantomData,
+            };
+        }
+        self.read_lock_heap()
+    }
+
+    /// Whether the calling context is inside a read-side section of this
+    /// domain (for example, in a notifier callback). Waiting for a grace
+    /// period there would deadlock.
+    pub fn in_read_section(&'static self) -> bool {
+        #[cfg(all(feature = "std", not(any(loom, shuttle))))]
+        if self.tls_fast {
+            let c = crate::rcu::tls::current();
+            if c & crate::rcu::tls::REGISTERED != 0 {
+                return c & NEST_MASK != 0;
+            }
+        }
+        self.local_reader().ctr.load(Ordering::Relaxed) & NEST_MASK != 0
+    }
+
+    /// A wait step for loops that wait for another context.
+    pub(crate) fn waiter(&self) -> Waiter {
+        Waiter::new(self.source)
+    }
+
+    /// Whether waits may sleep on a condition variable (the std build's
+    /// thread-local domains) rather than loop over [`Backend::relax`].
+    #[cfg(feature = "std")]
+    pub(crate) fn sleeps(&self) -> bool {
+        matches!(self.source, Source::Threads(_))
+    }
+
+    /// Records that the calling context runs the interval callbacks of the
+    /// address space `key` (0: none); returns the previous key.
+    pub(crate) fn set_walking(&'static self, key: u64) -> u64 {
+        match self.source {
+            #[cfg(feature = "std")]
+            Source::Threads(_) => thread_readers::set_walking(key),
+            Source::Backend(_) => self
+                .local_reader()
+                .walking
+                .swap(key, core::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// The address space whose interval callbacks the calling context runs.
+    pub(crate) fn walking(&'static self) -> u64 {
+        match self.source {
+            #[cfg(feature = "std")]
+            Source::Threads(_) => thread_readers::walking(),
+            Source::Backend(_) => self
+                .local_reader()
+                .walking
+                .load(core::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Marks the calling context as running a deferred function of this
+    /// domain (or not); returns the previous mark.
+    fn set_in_deferred(&'static self, on: bool) -> bool {
+        match self.source {
+            #[cfg(feature = "std")]
+            Source::Threads(_) => thread_readers::set_in_deferred(self, on),
+            Source::Backend(_) => self
+                .local_reader()
+                .in_deferred
+                .swap(on, core::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Whether the calling context runs a deferred function of this domain.
+    fn in_deferred(&'static self) -> bool {
+        match self.source {
+            #[cfg(feature = "std")]
+            Source::Threads(_) => thread_readers::in_deferred(self),
+            Source::Backend(_) => self
+                .local_reader()
+                .in_deferred
+                .load(core::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Whether every reader is outside the sections that began before the
+    /// global phase became `phase`. Reads the registry under its lock: a
+    /// reader registered meanwhile copied the new phase, and a thread-local
+    /// counter is only valid while its registry entry is.
+    fn readers_clear(&self, phase: usize) -> bool {
+        let registry = sync::lock(&self.registry);
+        if registry
+            .heap
+            .iter()
+            .any(|r| in_old_section(r.ctr.load(Ordering::Acquire), phase))
+        {
+            return false;
+        }
+        #[cfg(all(feature = "std", not(any(loom, shuttle))))]
+        if registry
+            .tls
+            .iter()
+            .any(|t| in_old_section(t.load(&registry), phase))
+        {
+            return false;
+        }
+        true
+    }
+
+    /// Waits until [`readers_clear`](Self::readers_clear) for `phase`.
+    fn wait_for_readers(&self, phase: usize, waiter: &mut Waiter) {
+        while !self.readers_clear(phase) {
+            waiter.snooze();
         }
     }
 
     /// Waits for every read-side section that started before this call.
     fn grace_period(&self) {
         let _serial = sync::lock(&self.gp_lock);
-        // A thread that registers after this snapshot starts its first section
-        // after the grace period began, so it need not be waited for; taking the
-        // registry lock also orders its later loads after our earlier stores.
-        let readers: Vec<&'static ReaderSlot> = sync::lock(&self.readers).clone();
-        self.flavour.heavy();
+        let mut waiter = Waiter::new(self.source);
+        self.source.heavy();
         for _ in 0..2 {
             let phase = self.flip();
             fence(Ordering::SeqCst);
-            wait_for_readers(&readers, phase);
+            self.wait_for_readers(phase, &mut waiter);
         }
-        self.flavour.heavy();
+        self.source.heavy();
+    }
+
+    /// A grace period only if it needs no waiting: returns false (having
+    /// changed nothing that matters) as soon as a reader is inside a section
+    /// of the old phase or another grace period is running.
+    fn try_grace_period(&self) -> bool {
+        let Some(_serial) = sync::try_lock(&self.gp_lock) else {
+            return false;
+        };
+        self.source.heavy();
+        for _ in 0..2 {
+            let phase = self.flip();
+            fence(Ordering::SeqCst);
+            // Giving up after a flip is harmless: every grace period flips
+            // twice and waits after each flip, whatever phase it starts in.
+            if !self.readers_clear(phase) {
+                return false;
+            }
+        }
+        self.source.heavy();
+        true
     }
 
     /// Flips the global phase (keeping one nesting unit in the counter, which
@@ -248,12 +719,13 @@ impl Domain {
         phase
     }
 
-    /// Queues `f` with the next ticket.
-    fn call(&self, f: Deferred) {
+    /// Queues `f` to run after a grace period (Linux `call_srcu`). Never
+    /// blocks.
+    pub fn call(&self, f: impl FnOnce() + Send + 'static) {
         let mut q = sync::lock(&self.deferred);
         let t = q.next_ticket;
         q.next_ticket += 1;
-        q.queue.push_back((t, f));
+        q.queue.push_back((t, Box::new(f)));
         q.unfinished.insert(t);
     }
 
@@ -263,7 +735,7 @@ impl Domain {
 
     /// Runs every queued function whose ticket is below `below`, i.e. that was
     /// queued before a grace period that has now completed.
-    fn run_due(&self, below: u64) {
+    fn run_due(&'static self, below: u64) {
         loop {
             let item = {
                 let mut q = sync::lock(&self.deferred);
@@ -273,49 +745,139 @@ impl Domain {
                 }
             };
             let Some((ticket, f)) = item else { break };
-            let was = IN_DEFERRED.with(|c| c.replace(true));
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-            IN_DEFERRED.with(|c| c.set(was));
-            if result.is_err() {
-                tracing::error!("mmu_notifier: a deferred SRCU callback panicked");
-            }
+            let was = self.set_in_deferred(true);
+            run_contained(f);
+            self.set_in_deferred(was);
             let mut q = sync::lock(&self.deferred);
             q.unfinished.remove(&ticket);
             drop(q);
+            #[cfg(feature = "std")]
             self.deferred_done.notify_all();
         }
     }
-}
 
-/// Proof that this thread is inside an SRCU read-side section; the section ends
-/// when it is dropped. Not `Send`: a section belongs to one thread.
-#[must_use = "the read-side section ends when the guard is dropped"]
-pub struct ReadGuard {
-    slot: &'static ReaderSlot,
-    _not_send: PhantomData<*const ()>,
-}
+    fn check_may_wait(&'static self, what: &'static str) -> Result<(), Error> {
+        if self.check_quiet().is_err() {
+            tracing::warn!("mmu_notifier: {what} from inside an SRCU read-side section or deferred callback refused (would deadlock)");
+            return Err(Error::WouldDeadlock(what));
+        }
+        crate::debug::might_sleep();
+        Ok(())
+    }
 
-impl std::fmt::Debug for ReadGuard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("srcu::ReadGuard")
+    /// Waits for a grace period (Linux `synchronize_srcu`): every read-side
+    /// section of this domain that started before this call has ended when it
+    /// returns. Deferred functions that are due then run on this context.
+    ///
+    /// # Errors
+    /// [`Error::WouldDeadlock`] when called inside a read-side section or from
+    /// a deferred function.
+    pub fn synchronize(&'static self) -> Result<(), Error> {
+        self.check_may_wait("srcu::synchronize")?;
+        self.synchronize_unchecked();
+        Ok(())
+    }
+
+    /// The grace period plus the deferred drain, for callers that checked.
+    pub(crate) fn synchronize_unchecked(&'static self) {
+        let below = self.next_ticket();
+        self.grace_period();
+        self.run_due(below);
+    }
+
+    /// Bounds the memory retired lists hold when nothing else completes grace
+    /// periods: with a backlog of deferred functions, and outside any
+    /// section, attempts a grace period that does not wait and runs what it
+    /// made due. For registration paths, which may run deferred functions.
+    pub(crate) fn try_reclaim(&'static self) {
+        if self.pending() < RECLAIM_BACKLOG || self.check_quiet().is_err() {
+            return;
+        }
+        let below = self.next_ticket();
+        if self.try_grace_period() {
+            self.run_due(below);
+        }
+    }
+
+    /// Ok when the calling context is neither in a section nor in a deferred
+    /// function (no report, unlike `check_may_wait`).
+    fn check_quiet(&'static self) -> Result<(), ()> {
+        if self.in_read_section() || self.in_deferred() {
+            Err(())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Waits until every function queued with [`call`](Self::call) before
+    /// this call has run (Linux `srcu_barrier`, which is what
+    /// `mmu_notifier_synchronize` documents).
+    ///
+    /// # Errors
+    /// [`Error::WouldDeadlock`] when called inside a read-side section or from
+    /// a deferred function.
+    pub fn barrier(&'static self) -> Result<(), Error> {
+        self.check_may_wait("srcu::barrier")?;
+        let below = self.next_ticket();
+        self.grace_period();
+        self.run_due(below);
+        // Another context may have taken some of our functions and still be
+        // running them: wait for those too.
+        let mut waiter = Waiter::new(self.source);
+        let mut q = sync::lock(&self.deferred);
+        while q.unfinished.range(..below).next().is_some() {
+            match self.source {
+                #[cfg(feature = "std")]
+                Source::Threads(_) => q = sync::wait(&self.deferred_done, q),
+                Source::Backend(_) => {
+                    drop(q);
+                    waiter.snooze();
+                    q = sync::lock(&self.deferred);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of deferred functions queued or running.
+    pub fn pending(&self) -> usize {
+        sync::lock(&self.deferred).unfinished.len()
     }
 }
 
-/// Enters a read-side section (Linux `srcu_read_lock`). Sections nest.
-///
-/// Costs a thread-local load, three loads and a store: no read-modify-write
-/// and no hardware fence (see the module documentation).
-#[inline]
-pub fn read_lock() -> ReadGuard {
-    let slot = local_slot();
-    slot.enter();
-    ReadGuard {
-        slot,
-        _not_send: PhantomData,
+#[cfg(feature = "std")]
+impl Default for Domain {
+    fn default() -> Self {
+        Domain::new()
     }
 }
 
-impl ReaderSlot {
+/// The read side's fence of the thread-local fast path: a compiler fence
+/// when grace periods use `membarrier(2)`, else a real one.
+#[cfg(all(feature = "std", not(any(loom, shuttle))))]
+#[inline(always)]
+fn light_fence(real: bool) {
+    if real {
+        fence(Ordering::SeqCst);
+    } else {
+        core::sync::atomic::compiler_fence(Ordering::SeqCst);
+    }
+}
+
+/// Runs a deferred function; where panics unwind, a panic is caught and
+/// reported instead of unwinding through the grace-period machinery.
+fn run_contained(f: DeferredFn) {
+    #[cfg(all(feature = "std", panic = "unwind"))]
+    {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+            tracing::error!("mmu_notifier: a deferred SRCU callback panicked");
+        }
+    }
+    #[cfg(not(all(feature = "std", panic = "unwind")))]
+    f();
+}
+
+impl Reader {
     /// The read side of `read_lock`: the outermost section copies the global
     /// counter (its phase plus one nesting unit) and runs the light fence;
     /// nested ones add a unit.
@@ -325,110 +887,123 @@ impl ReaderSlot {
         if c & NEST_MASK == 0 {
             self.ctr
                 .store(self.domain.gp.load(Ordering::Relaxed), Ordering::Relaxed);
-            self.flavour.light();
+            self.source.light();
         } else {
             self.ctr.store(c + 1, Ordering::Relaxed);
         }
     }
 
-    /// The end of a section: removes a unit, and the phase with the last one.
+    /// The end of a section: removes a unit. (The phase bit may stay when
+    /// the depth drops to 0: an idle reader is recognised by its depth.)
     #[inline(always)]
     fn exit(&self) {
         let c = self.ctr.load(Ordering::Relaxed);
-        let next = if c & NEST_MASK == 1 { 0 } else { c - 1 };
         // Release: everything the section did happens-before a grace period
         // that observes the section ended.
-        self.ctr.store(next, Ordering::Release);
+        self.ctr.store(c - 1, Ordering::Release);
+    }
+
+    fn give_back(&self) {
+        self.free.store(true, core::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Proof that this context is inside an SRCU read-side section; the section
+/// ends when it is dropped. Not `Send`: a section belongs to one context.
+#[must_use = "the read-side section ends when the guard is dropped"]
+pub struct ReadGuard {
+    /// `None`: the std build's thread-local counter of the global domain.
+    /// (One word, so a guard and a pointer come back from a call in
+    /// registers.)
+    reader: Option<&'static Reader>,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl core::fmt::Debug for ReadGuard {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("srcu::ReadGuard")
+    }
+}
+
+impl ReadGuard {
+    /// The domain this section belongs to.
+    #[inline(always)]
+    pub fn domain(&self) -> &'static Domain {
+        match self.reader {
+            Some(r) => r.domain,
+            #[cfg(feature = "std")]
+            None => Domain::global(),
+            #[cfg(not(feature = "std"))]
+            None => unreachable!("heap readers only"),
+        }
     }
 }
 
 impl Drop for ReadGuard {
     #[inline]
     fn drop(&mut self) {
-        self.slot.exit();
+        match self.reader {
+            Some(r) => r.exit(),
+            #[cfg(all(feature = "std", not(any(loom, shuttle))))]
+            None => crate::rcu::tls::exit(NEST_MASK),
+            #[cfg(not(all(feature = "std", not(any(loom, shuttle)))))]
+            None => unreachable!("heap readers only"),
+        }
     }
 }
 
-/// Whether the calling thread is inside a read-side section (for example, in
-/// a notifier callback). Waiting for a grace period there would deadlock.
+/// Enters a read-side section of [`Domain::global`].
+#[cfg(feature = "std")]
+#[inline]
+pub fn read_lock() -> ReadGuard {
+    Domain::global().read_lock()
+}
+
+/// Whether the calling thread is inside a read-side section of
+/// [`Domain::global`].
+#[cfg(feature = "std")]
 pub fn in_read_section() -> bool {
-    SLOT.try_with(Cell::get)
-        .ok()
-        .flatten()
-        .is_some_and(|s| s.ctr.load(Ordering::Relaxed) & NEST_MASK != 0)
+    Domain::global().in_read_section()
 }
 
-fn in_deferred() -> bool {
-    IN_DEFERRED.try_with(Cell::get).unwrap_or(false)
-}
-
-fn check_may_wait(what: &'static str) -> Result<(), Error> {
-    if in_read_section() || in_deferred() {
-        tracing::warn!("mmu_notifier: {what} from inside an SRCU read-side section or deferred callback refused (would deadlock)");
-        return Err(Error::WouldDeadlock(what));
-    }
-    crate::debug::might_sleep();
-    Ok(())
-}
-
-/// Waits for a grace period (Linux `synchronize_srcu`): every read-side section
-/// that started before this call has ended when it returns. Deferred functions
-/// that are due then run on this thread.
+/// [`Domain::synchronize`] on [`Domain::global`].
 ///
 /// # Errors
 /// [`Error::WouldDeadlock`] when called inside a read-side section or from a
 /// deferred function.
+#[cfg(feature = "std")]
 pub fn synchronize() -> Result<(), Error> {
-    check_may_wait("srcu::synchronize")?;
-    synchronize_unchecked();
-    Ok(())
+    Domain::global().synchronize()
 }
 
-/// The grace period plus the deferred drain, for callers that checked.
-pub(crate) fn synchronize_unchecked() {
-    let d = domain();
-    let below = d.next_ticket();
-    d.grace_period();
-    d.run_due(below);
-}
-
-/// Queues `f` to run after a grace period (Linux `call_srcu`). Never blocks.
+/// [`Domain::call`] on [`Domain::global`].
+#[cfg(feature = "std")]
 pub fn call(f: impl FnOnce() + Send + 'static) {
-    domain().call(Box::new(f));
+    Domain::global().call(f);
 }
 
-/// Waits until every function queued with [`call`] before this call has run
-/// (Linux `srcu_barrier`, which is what `mmu_notifier_synchronize` documents).
+/// [`Domain::barrier`] on [`Domain::global`].
 ///
 /// # Errors
 /// [`Error::WouldDeadlock`] when called inside a read-side section or from a
 /// deferred function.
+#[cfg(feature = "std")]
 pub fn barrier() -> Result<(), Error> {
-    check_may_wait("srcu::barrier")?;
-    let d = domain();
-    let below = d.next_ticket();
-    d.grace_period();
-    d.run_due(below);
-    // Another thread may have taken some of our functions and still be running
-    // them: wait for those too.
-    let mut q = sync::lock(&d.deferred);
-    while q.unfinished.range(..below).next().is_some() {
-        q = sync::wait(&d.deferred_done, q);
-    }
-    Ok(())
+    Domain::global().barrier()
 }
 
-/// Number of deferred functions queued or running.
+/// [`Domain::pending`] on [`Domain::global`].
+#[cfg(feature = "std")]
 pub fn pending() -> usize {
-    sync::lock(&domain().deferred).unfinished.len()
+    Domain::global().pending()
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, feature = "std", not(loom)))]
 mod tests {
     use super::*;
 
     fn slot_count() -> usize {
-        sync::lock(&domain().readers).len()
+        sync::lock(&Domain::global().registry).len()
     }
 
     use std::sync::atomic::AtomicUsize as StdAtomicUsize;
@@ -444,20 +1019,18 @@ mod tests {
         Box::leak(Box::new(Domain::new()))
     }
 
-    fn slot(d: &'static Domain, ctr: usize) -> &'static ReaderSlot {
-        Box::leak(Box::new(ReaderSlot {
-            ctr: AtomicUsize::new(ctr),
-            domain: d,
-            flavour: d.flavour,
-            free: std::sync::atomic::AtomicBool::new(false),
-        }))
+    fn slot(d: &'static Domain, ctr: usize) -> &'static Reader {
+        let r = d.register_reader();
+        r.ctr.store(ctr, Ordering::Relaxed);
+        r
     }
 
-    /// Runs `wait_for_readers` on a thread; the receiver yields once it returns.
-    fn waiting(readers: Vec<&'static ReaderSlot>, phase: usize) -> mpsc::Receiver<()> {
+    /// Runs `wait_for_readers` of `d` on a thread; the receiver yields once
+    /// it returns.
+    fn waiting(d: &'static Domain, phase: usize) -> mpsc::Receiver<()> {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            wait_for_readers(&readers, phase);
+            d.wait_for_readers(phase, &mut d.waiter());
             let _ = tx.send(());
         });
         rx
@@ -490,10 +1063,12 @@ mod tests {
 
     #[test]
     fn wait_skips_idle_slots_and_sections_of_the_new_phase() {
-        let d = private_domain();
         for phase in [PHASE, 0] {
-            let readers = vec![slot(d, 0), slot(d, phase | 1), slot(d, phase | 3)];
-            waiting(readers, phase)
+            let d = private_domain();
+            slot(d, 0);
+            slot(d, phase | 1);
+            slot(d, phase | 3);
+            waiting(d, phase)
                 .recv_timeout(RETURNS)
                 .expect("no slot is inside a section of the old phase");
         }
@@ -501,10 +1076,11 @@ mod tests {
 
     #[test]
     fn wait_blocks_until_a_section_of_the_old_phase_ends() {
-        let d = private_domain();
         for (old, new) in [(0, PHASE), (PHASE, 0)] {
+            let d = private_domain();
+            let _idle = slot(d, 0);
             let reader = slot(d, old | 2);
-            let done = waiting(vec![slot(d, 0), reader], new);
+            let done = waiting(d, new);
             assert!(
                 done.recv_timeout(Duration::from_millis(50)).is_err(),
                 "returned while a section of the old phase was running"

@@ -4,35 +4,40 @@
 //!
 //! # Locking, in a few lines
 //!
-//! * The notifier list is an immutable snapshot replaced under a mutex
-//!   (`list`); hooks read it without locks inside an SRCU read-side section.
-//!   The mutex is never held across a callback.
+//! * The notifier list is an immutable snapshot behind an RCU pointer,
+//!   replaced under a writer lock (`list`); hooks dereference it without
+//!   locks inside an SRCU read-side section of the address space's
+//!   [`Domain`]. The writer lock is never held across a callback.
 //! * Unregister, put and exit publish a list without the notifier, then wait
 //!   for (or defer to) a grace period: after that no callback of it runs.
-//! * Registration cannot split a start/end pair because `end` only calls
-//!   notifiers that were in the list its `start` walked (entry versions);
-//!   no lock is shared between invalidations and registration.
+//! * An invalidation holds one read-side section from `start` to `end` and
+//!   walks the same snapshot in both: registration cannot split a start/end
+//!   pair, and unregister (which waits for a grace period) returns only
+//!   after the pairs in flight have ended. No lock is shared between
+//!   invalidations and registration.
 //! * The mmap lock (`mmap_write`/`mmap_read`) is the primary's; the
 //!   subsystem takes it for writing in `register`/`get`, exactly as Linux.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::AtomicU64 as StdAtomicU64;
-use std::sync::Arc;
+use alloc::sync::Arc;
+use core::sync::atomic::AtomicU64 as PlainU64;
 
 use crate::debug::{DiagHandle, Diagnostics, InvalidateSection, NonBlockSection, Warning};
 use crate::interval::IntervalState;
-use crate::list::{Entry, NotifierList, Snapshot};
+use crate::list::{Linked, NotifierList, Snapshot};
 use crate::notifier::{Again, Callbacks, Pte};
 use crate::range::Range;
-use crate::srcu;
+use crate::rcu::RcuRef;
+use crate::srcu::Domain;
 use crate::sync::{self, AtomicBool, Ordering, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Source of unique address-space keys (not part of any concurrency argument,
 /// hence a plain std atomic even under loom).
-static NEXT_KEY: StdAtomicU64 = StdAtomicU64::new(1);
+static NEXT_KEY: PlainU64 = PlainU64::new(1);
 
 pub(crate) struct Inner {
     pub(crate) key: u64,
+    /// The SRCU domain callbacks run under and the list is protected by.
+    pub(crate) domain: &'static Domain,
     /// Linux `mm_has_notifiers`: set at the first registration, never cleared.
     pub(crate) has_notifiers: AtomicBool,
     /// False once `release` (exit) started. Changed under the list mutex.
@@ -78,8 +83,8 @@ pub struct Subscriptions {
     pub(crate) inner: Arc<Inner>,
 }
 
-impl std::fmt::Debug for Subscriptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for Subscriptions {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Subscriptions")
             .field("key", &self.inner.key)
             .field("has_notifiers", &self.has_notifiers())
@@ -88,6 +93,7 @@ impl std::fmt::Debug for Subscriptions {
     }
 }
 
+#[cfg(feature = "std")]
 impl Default for Subscriptions {
     fn default() -> Self {
         Self::new()
@@ -111,14 +117,14 @@ pub struct MmapReadGuard<'a> {
     pub(crate) key: u64,
 }
 
-impl std::fmt::Debug for MmapWriteGuard<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for MmapWriteGuard<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "MmapWriteGuard(mm {})", self.key)
     }
 }
 
-impl std::fmt::Debug for MmapReadGuard<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for MmapReadGuard<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "MmapReadGuard(mm {})", self.key)
     }
 }
@@ -132,20 +138,25 @@ impl std::fmt::Debug for MmapReadGuard<'_> {
 pub struct ActiveInvalidation<'a> {
     mm: &'a Subscriptions,
     range: Range,
-    /// List version the start walked; 0 when there were no notifiers.
-    version: u64,
+    /// The snapshot the start walked, and the read-side section it was
+    /// walked in, both held until the end (Linux takes a second section
+    /// for the end and re-reads the list). `None`: the list phase did not
+    /// run (no notifiers, or a failure that already ended everything).
+    list: Option<RcuRef<'a, Snapshot>>,
     /// The start ran the interval phase, so end must run the interval end.
     /// Recorded rather than re-read, so interval mode being enabled between
-    /// start and end cannot unbalance the count.
-    interval: bool,
-    _not_send: std::marker::PhantomData<*const ()>,
+    /// start and end cannot unbalance the count. A whole word, like the
+    /// fields of [`Range`], so moving the guard costs no store-forwarding
+    /// stall.
+    interval: usize,
+    _not_send: core::marker::PhantomData<*const ()>,
 }
 
-impl std::fmt::Debug for ActiveInvalidation<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for ActiveInvalidation<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("ActiveInvalidation")
             .field("range", &self.range)
-            .field("version", &self.version)
+            .field("list_phase", &self.list.is_some())
             .finish()
     }
 }
@@ -157,42 +168,73 @@ impl ActiveInvalidation<'_> {
     }
 
     /// Runs `invalidate_range_end` (Linux `mmu_notifier_invalidate_range_end`).
-    #[inline]
-    pub fn end(self) {
-        drop(self);
-    }
+    #[inline(always)]
+    pub fn end(self) {}
 }
 
 impl Drop for ActiveInvalidation<'_> {
+    /// Both phases of end, interval first (Linux
+    /// `mmu_notifier_invalidate_range_end`); the walk is out of line and the
+    /// section closes inline.
     #[inline]
     fn drop(&mut self) {
         if self.range.blockable() {
             crate::debug::might_sleep();
         }
-        if self.interval {
+        if self.interval != 0 {
             self.mm.inner.interval.end();
         }
-        if self.version != 0 {
-            self.mm.end_list(&self.range, self.version);
+        if let Some(list) = &self.list {
+            self.mm.end_walk(list, &self.range);
+        }
+        // The section closes when `list` is dropped, right after this.
+    }
+}
+
+impl<'a> ActiveInvalidation<'a> {
+    /// The invalidation of an address space nobody subscribed to.
+    #[inline(always)]
+    fn idle(mm: &'a Subscriptions, range: Range) -> Self {
+        ActiveInvalidation {
+            mm,
+            range,
+            list: None,
+            interval: 0,
+            _not_send: core::marker::PhantomData,
         }
     }
 }
 
 impl Subscriptions {
-    /// A new, live address space with no subscribers.
+    /// A new, live address space with no subscribers, under the std build's
+    /// process-wide SRCU domain ([`Domain::global`]).
+    #[cfg(feature = "std")]
     pub fn new() -> Subscriptions {
-        let key = NEXT_KEY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Subscriptions::with_domain(Domain::global())
+    }
+
+    /// A new, live address space with no subscribers whose callbacks run
+    /// under `domain` (an embedding without std creates its domain with
+    /// [`Domain::with_backend`]).
+    pub fn with_domain(domain: &'static Domain) -> Subscriptions {
+        let key = NEXT_KEY.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
         Subscriptions {
             inner: Arc::new(Inner {
                 key,
+                domain,
                 has_notifiers: AtomicBool::new(false),
                 live: AtomicBool::new(true),
                 mmap: RwLock::new(()),
-                list: NotifierList::new(key),
-                interval: IntervalState::new(),
+                list: NotifierList::new(domain),
+                interval: IntervalState::new(domain),
                 diag: Arc::new(Diagnostics::default()),
             }),
         }
+    }
+
+    /// The SRCU domain this address space's callbacks run under.
+    pub fn domain(&self) -> &'static Domain {
+        self.inner.domain
     }
 
     /// Unique identity of this address space (stable for its lifetime).
@@ -237,7 +279,7 @@ impl Subscriptions {
 
     /// Number of notifiers on the list now.
     pub fn notifier_count(&self) -> usize {
-        self.inner.list.current().entries.len()
+        self.inner.list.len()
     }
 
     // ---------------------------------------------------------------------
@@ -253,22 +295,32 @@ impl Subscriptions {
     /// ([`Warning::BlockableStartFailed`]), every end callback is called, and,
     /// as in Linux, the failure is otherwise ignored.
     #[inline]
-    pub fn invalidate_range_start(&self, mut range: Range) -> ActiveInvalidation<'_> {
+    pub fn invalidate_range_start(&self, range: Range) -> ActiveInvalidation<'_> {
         crate::debug::might_sleep();
-        range.set_blockable(true);
-        let (interval, version) = if self.has_notifiers() {
-            match self.start_all(&range) {
-                Ok(walked) | Err((walked, Again)) => walked,
-            }
-        } else {
-            (false, 0)
-        };
+        let range = range.blockable_as(true);
+        if !self.has_notifiers() {
+            // Linux's `mm_has_notifiers` fast path: one load, nothing else.
+            return ActiveInvalidation::idle(self, range);
+        }
+        let interval = self.inner.interval.enabled();
+        if interval {
+            // A blockable interval phase cannot fail.
+            let _ = self.inner.interval.start(self, &range);
+        }
+        // The section is opened inline, so its thread-local counter is
+        // reached the way the calling crate reaches thread-locals (one
+        // `%fs`-relative access in an executable); the walk is out of line,
+        // like Linux's `__mmu_notifier_invalidate_range_start`.
+        let list = self.inner.list.enter();
+        // A failure of a blockable start is a notifier bug, reported by the
+        // walk; the end still runs (Linux ignores the error too).
+        let _ = self.start_list(&list, &range);
         ActiveInvalidation {
             mm: self,
             range,
-            version,
-            interval,
-            _not_send: std::marker::PhantomData,
+            list: Some(list),
+            interval: usize::from(interval),
+            _not_send: core::marker::PhantomData,
         }
     }
 
@@ -279,68 +331,53 @@ impl Subscriptions {
     /// [`Again`] when a notifier could not proceed without sleeping. Every
     /// notifier's end callback has then already been called: the caller must
     /// leave the PTEs alone and has no end to call.
+    ///
+    /// Divergence from Linux: when the list phase fails, Linux returns
+    /// without undoing the interval phase, leaking `active_invalidate_ranges`
+    /// (readers and removers of overlapping interval notifiers then wait
+    /// forever). We end it.
     #[inline]
     pub fn invalidate_range_start_nonblock(
         &self,
-        mut range: Range,
+        range: Range,
     ) -> Result<ActiveInvalidation<'_>, Again> {
-        range.set_blockable(false);
-        let (interval, version) = if self.has_notifiers() {
-            self.start_all(&range).map_err(|(_, e)| e)?
-        } else {
-            (false, 0)
-        };
+        let range = range.blockable_as(false);
+        if !self.has_notifiers() {
+            return Ok(ActiveInvalidation::idle(self, range));
+        }
+        let interval = self.inner.interval.enabled();
+        // A failed interval phase has ended itself.
+        if interval && self.inner.interval.start(self, &range).is_err() {
+            return Err(Again);
+        }
+        let list = self.inner.list.enter();
+        if self.start_list(&list, &range).is_err() {
+            // Every end callback has run; end the interval phase too.
+            if interval {
+                self.inner.interval.end();
+            }
+            return Err(Again);
+        }
         Ok(ActiveInvalidation {
             mm: self,
             range,
-            version,
-            interval,
-            _not_send: std::marker::PhantomData,
+            list: Some(list),
+            interval: usize::from(interval),
+            _not_send: core::marker::PhantomData,
         })
     }
 
-    /// Both phases of start, interval first (Linux
-    /// `__mmu_notifier_invalidate_range_start`). Returns whether the interval
-    /// phase ran and the list version walked. On failure (non-blockable
-    /// ranges only) nothing remains to be ended: a failed interval phase has
-    /// ended itself and no list notifier was called; a failed list phase has
-    /// called every end, and the interval phase is ended here too.
-    ///
-    /// Divergence from Linux: Linux returns without undoing the
-    /// interval phase when the list phase fails, leaking
-    /// `active_invalidate_ranges` (readers and removers of overlapping
-    /// interval notifiers then wait forever). We end it.
+    /// The list phase of start (Linux `mn_hlist_invalidate_range_start`),
+    /// inside the section the caller opened: on failure every end callback
+    /// has run.
     #[inline(never)]
-    fn start_all(&self, range: &Range) -> Result<(bool, u64), ((bool, u64), Again)> {
-        let interval = self.inner.interval.enabled();
-        if interval && self.inner.interval.start(self, range).is_err() {
-            return Err(((false, 0), Again));
-        }
-        match self.start_list(range) {
-            Ok(v) => Ok((interval, v)),
-            Err((v, Again)) if range.blockable() => Err(((interval, v), Again)),
-            Err((_, Again)) => {
-                if interval {
-                    self.inner.interval.end();
-                }
-                Err(((false, 0), Again))
-            }
-        }
-    }
-
-    /// The list phase of start. Returns the list version walked, and on
-    /// failure the error after every end callback has run.
-    #[inline]
-    fn start_list(&self, range: &Range) -> Result<u64, (u64, Again)> {
-        let _srcu = srcu::read_lock();
+    fn start_list(&self, snap: &Snapshot, range: &Range) -> Result<(), Again> {
         let _section = InvalidateSection::enter(self.inner.key, &self.inner.diag);
-        // The walk is a separate function so that the thread-local cache
-        // lookup around it stays small enough to be inlined here.
-        self.inner.list.with(|snap| self.start_walk(snap, range))
+        self.start_walk(snap, range)
     }
 
-    #[inline(never)]
-    fn start_walk(&self, snap: &Snapshot, range: &Range) -> Result<u64, (u64, Again)> {
+    #[inline(always)]
+    fn start_walk(&self, snap: &Snapshot, range: &Range) -> Result<(), Again> {
         let mut failed = false;
         let blockable = range.blockable();
         self.for_each_caught(snap, "invalidate_range_start", |e| {
@@ -365,13 +402,16 @@ impl Subscriptions {
                 }
                 true
             });
-            Err((snap.version, Again))
+            Err(Again)
         } else {
-            Ok(snap.version)
+            Ok(())
         }
     }
 
-    fn start_failed(&self, e: &Entry, blockable: bool) {
+    /// Reports a failed start (out of line: the walk stays small).
+    #[cold]
+    #[inline(never)]
+    fn start_failed(&self, e: &Linked, blockable: bool) {
         let diag = &self.inner.diag;
         tracing::info!(
             blockable,
@@ -397,21 +437,14 @@ impl Subscriptions {
         }
     }
 
-    /// The list phase of end: notifiers that were in the list walked by the
-    /// start (entry version <= `version`) and are still on it.
+    /// The list phase of end (Linux `mn_hlist_invalidate_end`): the
+    /// notifiers of the snapshot the start walked, inside the section the
+    /// start opened.
     #[inline(never)]
-    fn end_list(&self, range: &Range, version: u64) {
-        let _srcu = srcu::read_lock();
+    fn end_walk(&self, snap: &Snapshot, range: &Range) {
         let _section = InvalidateSection::enter(self.inner.key, &self.inner.diag);
-        self.inner
-            .list
-            .with(|snap| self.end_walk(snap, range, version));
-    }
-
-    #[inline(never)]
-    fn end_walk(&self, snap: &Snapshot, range: &Range, version: u64) {
         self.for_each_caught(snap, "invalidate_range_end", |e| {
-            if e.version <= version && e.callbacks.contains(Callbacks::INVALIDATE_RANGE_END) {
+            if e.callbacks.contains(Callbacks::INVALIDATE_RANGE_END) {
                 let _nb = NonBlockSection::enter(&self.inner.diag, !range.blockable());
                 e.ops.invalidate_range_end(range);
             }
@@ -419,36 +452,67 @@ impl Subscriptions {
         });
     }
 
-    /// Calls `f` on every entry in list order until it returns false. A panic
-    /// in `f` (a callback) is caught and reported, and the walk continues
-    /// with the next entry. One unwind guard per walk, not per callback.
+    /// Reports a caught callback panic (out of line: the walk stays small).
+    #[cfg(all(feature = "std", panic = "unwind"))]
+    #[cold]
+    #[inline(never)]
+    fn callback_panicked(&self, what: &'static str) {
+        self.inner.diag.report(
+            Warning::CallbackPanicked,
+            &alloc::format!("{what} callback panicked"),
+        );
+    }
+
+    /// Calls `f` on every entry in list order until it returns false. Where
+    /// panics unwind, a panic in `f` (a callback) is caught and reported, and
+    /// the walk continues with the next entry. One unwind guard per walk, not
+    /// per callback.
+    #[cfg(all(feature = "std", panic = "unwind"))]
+    #[inline(always)]
     pub(crate) fn for_each_caught(
         &self,
         snap: &Snapshot,
         what: &'static str,
-        mut f: impl FnMut(&Entry) -> bool,
+        mut f: impl FnMut(&Linked) -> bool,
     ) {
+        use std::panic::{catch_unwind, AssertUnwindSafe};
         let entries = &snap.entries[..];
-        let mut i = 0;
-        while i < entries.len() {
+        let mut from = 0;
+        // The entry being called, for resuming after a panic. The loop only
+        // stores it (the index itself stays in a register): a loop that
+        // reloaded it from memory would wait for the store on every entry.
+        let mut at = 0;
+        while from < entries.len() {
             let walked = catch_unwind(AssertUnwindSafe(|| {
-                while i < entries.len() {
-                    if !f(&entries[i]) {
-                        return true;
+                for (i, e) in entries.iter().enumerate().skip(from) {
+                    at = i;
+                    if !f(e) {
+                        return;
                     }
-                    i += 1;
                 }
-                true
             }));
             match walked {
-                Ok(_) => break,
+                Ok(()) => break,
                 Err(_) => {
-                    self.inner.diag.report(
-                        Warning::CallbackPanicked,
-                        &format!("{what} callback panicked"),
-                    );
-                    i += 1;
+                    self.callback_panicked(what);
+                    from = at + 1;
                 }
+            }
+        }
+    }
+
+    /// Calls `f` on every entry in list order until it returns false (no
+    /// unwinding here: a panic aborts, so there is nothing to contain).
+    #[cfg(not(all(feature = "std", panic = "unwind")))]
+    pub(crate) fn for_each_caught(
+        &self,
+        snap: &Snapshot,
+        _what: &'static str,
+        mut f: impl FnMut(&Linked) -> bool,
+    ) {
+        for e in snap.entries.iter() {
+            if !f(e) {
+                break;
             }
         }
     }
@@ -456,12 +520,10 @@ impl Subscriptions {
     /// Walks the list in an atomic-context callback section (the primary
     /// holds its page-table lock in Linux): no sleeping allowed.
     #[inline]
-    fn walk_atomic(&self, what: &'static str, f: impl FnMut(&Entry) -> bool) {
-        let _srcu = srcu::read_lock();
+    fn walk_atomic(&self, what: &'static str, f: impl FnMut(&Linked) -> bool) {
+        let srcu = self.inner.domain.read_lock();
         let _nb = NonBlockSection::enter(&self.inner.diag, true);
-        self.inner
-            .list
-            .with(|snap| self.for_each_caught(snap, what, f));
+        self.for_each_caught(self.inner.list.read(&srcu), what, f);
     }
 
     // ---------------------------------------------------------------------

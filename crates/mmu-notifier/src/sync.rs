@@ -1,6 +1,10 @@
 //! The one place concurrency primitives come from.
 //!
-//! Normal builds use `std`; builds with `RUSTFLAGS="--cfg loom"` use
+//! Normal builds use `std`; builds without the `std` feature use `core`'s
+//! atomics and the [`spin`](https://docs.rs/spin) crate's locks (the
+//! subsystem holds its internal locks only for short, callback-free critical
+//! sections; every *wait* for another context goes through the SRCU domain's
+//! backend instead, see [`crate::srcu::Backend`]); builds with `RUSTFLAGS="--cfg loom"` use
 //! [loom](https://docs.rs/loom)'s model-checked replacements and builds with
 //! `RUSTFLAGS="--cfg shuttle"` use [shuttle](https://docs.rs/shuttle)'s
 //! randomly scheduled ones, the way tokio and crossbeam structure it. Every
@@ -26,10 +30,13 @@
 //! assert_eq!(sync::lock(&table).len(), 3);
 //! ```
 
+#[cfg(all(any(loom, shuttle), not(feature = "std")))]
+compile_error!("the loom and shuttle builds need the `std` feature");
+
 #[cfg(loom)]
 pub use loom::{
     sync::{
-        atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering},
         Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
     },
     thread,
@@ -38,20 +45,27 @@ pub use loom::{
 #[cfg(shuttle)]
 pub use shuttle::{
     sync::{
-        atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering},
         Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
     },
     thread,
 };
 
-#[cfg(not(any(loom, shuttle)))]
+#[cfg(all(feature = "std", not(any(loom, shuttle))))]
 pub use std::{
     sync::{
-        atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering},
         Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
     },
     thread,
 };
+
+#[cfg(not(feature = "std"))]
+pub use core::sync::atomic::{
+    fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+};
+#[cfg(not(feature = "std"))]
+pub use spin::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// The shuttle crate, for the facade's macros expanded in other crates.
 #[cfg(shuttle)]
@@ -81,15 +95,17 @@ macro_rules! __facade_thread_local {
 }
 /// `thread_local!` from std, or loom's or shuttle's version (one value per
 /// modelled thread). Use it as `mmu_notifier::sync::thread_local!`.
-#[cfg(not(any(loom, shuttle)))]
+#[cfg(all(feature = "std", not(any(loom, shuttle))))]
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __facade_thread_local {
     ($($t:tt)*) => { std::thread_local!($($t)*); };
 }
+#[cfg(feature = "std")]
 pub use crate::__facade_thread_local as thread_local;
 
 /// The checked mutex of secondary MMUs (also at the crate root).
+#[cfg(feature = "std")]
 pub use crate::mutex::CheckedMutex;
 
 /// Locks a mutex, ignoring poisoning (as do [`read`](fn@read), [`write`](fn@write) and [`wait`]).
@@ -101,32 +117,56 @@ pub use crate::mutex::CheckedMutex;
 /// cannot leave the protected state half-updated. Callers in other crates make
 /// the same argument for their own locks.
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    #[cfg(feature = "std")]
+    return m.lock().unwrap_or_else(|p| p.into_inner());
+    #[cfg(not(feature = "std"))]
+    return m.lock();
+}
+
+/// Locks a mutex if that needs no waiting, ignoring poisoning.
+pub fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    #[cfg(feature = "std")]
+    return match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    };
+    #[cfg(not(feature = "std"))]
+    return m.try_lock();
 }
 
 /// Takes a shared guard of an `RwLock`, ignoring poisoning.
 pub fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|p| p.into_inner())
+    #[cfg(feature = "std")]
+    return l.read().unwrap_or_else(|p| p.into_inner());
+    #[cfg(not(feature = "std"))]
+    return l.read();
 }
 
 /// Takes the exclusive guard of an `RwLock`, ignoring poisoning.
 pub fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|p| p.into_inner())
+    #[cfg(feature = "std")]
+    return l.write().unwrap_or_else(|p| p.into_inner());
+    #[cfg(not(feature = "std"))]
+    return l.write();
 }
 
 /// Waits on a condition variable, ignoring poisoning.
+#[cfg(feature = "std")]
 pub fn wait<'a, T>(cv: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
     cv.wait(guard).unwrap_or_else(|p| p.into_inner())
 }
 
 /// Short pause used by wait loops: a yield point under loom and shuttle, a
 /// spin hint or a sleep with exponential back-off otherwise.
+#[cfg(feature = "std")]
 #[derive(Debug, Default)]
 pub struct Backoff {
     #[cfg_attr(any(loom, shuttle), allow(dead_code))]
     step: u32,
 }
 
+#[cfg(feature = "std")]
 impl Backoff {
     /// A back-off at its first (shortest) step.
     pub fn new() -> Self {

@@ -175,12 +175,41 @@ fn interval_mode_enabled_mid_pair_does_not_underflow() {
     let log = new_log();
     mm.register(Recorder::new("a", START_END, &log)).unwrap();
     let inv = mm.invalidate_range_start(range(0x1000, 0x2000));
-    let s = mm.interval_insert(0x1000, 0x1000, Mirror::new()).unwrap();
+    // Another thread enables interval mode: this one is inside the pair's
+    // read-side section, where registering is refused (see below).
+    let mm2 = mm.clone();
+    let s = std::thread::spawn(move || mm2.interval_insert(0x1000, 0x1000, Mirror::new()))
+        .join()
+        .unwrap()
+        .unwrap();
     inv.end();
     assert_eq!(mm.interval_active_ranges(), 0);
     let seq = s.read_begin().unwrap();
     assert!(!s.read_retry(seq));
     s.remove().unwrap();
+}
+
+/// An invalidation holds its read-side section from start to end, so on
+/// the thread running the pair, operations that take the mmap lock or wait
+/// for a grace period are refused instead of deadlocking (Linux would block
+/// on the mmap lock the primary holds around the pair).
+#[test]
+fn registering_inside_a_pair_on_the_same_thread_is_refused() {
+    let mm = Subscriptions::new();
+    let log = new_log();
+    let h = mm.register(Recorder::new("a", START_END, &log)).unwrap();
+    let inv = mm.invalidate_range_start(range(0x1000, 0x2000));
+    assert!(matches!(
+        mm.interval_insert(0x1000, 0x1000, Mirror::new()),
+        Err(Error::WouldDeadlock(_))
+    ));
+    assert!(matches!(
+        mm.register(Recorder::new("b", START_END, &log)),
+        Err(Error::WouldDeadlock(_))
+    ));
+    assert!(matches!(mm.unregister(&h), Err(Error::WouldDeadlock(_))));
+    inv.end();
+    mm.unregister(&h).unwrap();
 }
 
 /// ba170f76 for interval notifiers: a sleep inside a non-blockable

@@ -548,9 +548,10 @@ fn seed_23b68395_recursion_into_invalidate_is_reported() {
 
 /// 543bdb2d: registration publishes the notifier fully initialised, so a
 /// concurrent invalidation never sees a half-initialised one. Here the new
-/// list is published under the list mutex (readers that see a new version
-/// take the mutex), which gives the ordering Linux gets from
-/// `hlist_add_head_rcu`'s release store.
+/// list snapshot is published with the release store of
+/// `RcuWriteGuard::replace` and read with an acquire load, the ordering
+/// Linux gets from `hlist_add_head_rcu` and `srcu_dereference` (the loom
+/// model `rcu_publication_is_seen_whole` checks it on a weak memory model).
 #[test]
 fn seed_543bdb2d_concurrent_invalidation_sees_initialised_notifier() {
     struct Init {
@@ -599,10 +600,9 @@ fn seed_543bdb2d_concurrent_invalidation_sees_initialised_notifier() {
 }
 
 /// 543bdb2d, the other half: once registration has returned, an
-/// invalidation sees the new notifier, even on a thread that walked (and
-/// cached) the list before. Linux gets this from the release store that
-/// publishes the entry; here the published list version decides whether a
-/// thread's cached list is still current.
+/// invalidation sees the new notifier, even on a thread that walked the list
+/// before. Linux gets this from the release store that publishes the entry;
+/// here every walk dereferences the published snapshot afresh.
 #[test]
 fn seed_543bdb2d_registered_notifier_seen_by_a_thread_with_a_cached_list() {
     let mm = Subscriptions::new();
