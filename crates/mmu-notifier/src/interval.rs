@@ -46,7 +46,7 @@ use crate::debug::Warning;
 use crate::itree::{ITree, NodeId};
 use crate::range::Range;
 use crate::srcu::Domain;
-use crate::subscriptions::{Inner, MmapWriteGuard, Subscriptions};
+use crate::subscriptions::{Inner, MmapWriteGuard, Mode, Subscriptions};
 use crate::sync::{self, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
 use crate::Error;
 
@@ -185,8 +185,6 @@ impl<T> core::ops::Deref for CachePadded<T> {
 
 /// The interval part of one address space.
 pub(crate) struct IntervalState {
-    /// Linux `has_itree`: set by the first insert, never cleared.
-    has_itree: AtomicBool,
     /// Linux `invalidate_seq`. Written only under `state`; read without it by
     /// `read_begin`, hence on a line of its own.
     seq: CachePadded<AtomicU64>,
@@ -206,7 +204,6 @@ pub(crate) struct IntervalState {
 impl IntervalState {
     pub(crate) fn new(domain: &'static Domain) -> IntervalState {
         IntervalState {
-            has_itree: AtomicBool::new(false),
             seq: CachePadded(AtomicU64::new(2)),
             state: Mutex::new(Locked {
                 active: 0,
@@ -218,12 +215,6 @@ impl IntervalState {
             tree: RwLock::new(ITree::new()),
             domain,
         }
-    }
-
-    /// Whether interval mode is on (one load; the start/end fast path).
-    #[inline]
-    pub(crate) fn enabled(&self) -> bool {
-        self.has_itree.load(Ordering::Acquire)
     }
 
     /// The address space's current sequence (for tests and diagnostics).
@@ -389,7 +380,7 @@ impl Subscriptions {
         length: u64,
         ops: Arc<dyn IntervalOps>,
     ) -> Result<IntervalNotifier, Error> {
-        if !self.inner.interval.enabled() {
+        if !self.interval_enabled() {
             // Enabling interval mode takes the mmap write lock.
             self.refuse_in_callback("interval_insert")?;
             let guard = self.mmap_write();
@@ -416,8 +407,9 @@ impl Subscriptions {
         }
         if self.is_live() {
             // Linux `__mmu_notifier_register(NULL, mm)`.
-            self.inner.interval.has_itree.store(true, Ordering::Release);
-            self.inner.has_notifiers.store(true, Ordering::Release);
+            self.inner
+                .mode
+                .fetch_or(Mode::HAS_NOTIFIERS | Mode::HAS_ITREE, Ordering::Release);
         }
         self.interval_insert_common(start, length, ops)
     }

@@ -19,7 +19,7 @@
 //! * [`IntervalNotifier`]: per-range callbacks with the collision-retry
 //!   sequence (Linux `mmu_interval_notifier`), inserted with
 //!   [`Subscriptions::interval_insert`]; see the `interval` module docs.
-//!   [`DriverLock`] is the user lock of its collision-retry protocol, with
+//!   `DriverLock` (std) is the user lock of its collision-retry protocol, with
 //!   the protocol in its methods.
 //! * [`srcu`]: the sleepable grace-period domain callbacks run under.
 //! * [`debug`]: lockdep-style checks and the diagnostic counters.
@@ -44,7 +44,7 @@
 //! `catch_unwind` (a panicking callback is not contained; with std it is
 //! contained only under `panic = "unwind"`), no thread-local debug context
 //! (the `might_sleep` and recursion checks are off; the counted warnings
-//! stay), and no [`CheckedMutex`] / [`DriverLock`] (they wrap std's mutex).
+//! stay), and no `CheckedMutex` / `DriverLock` (they wrap std's mutex).
 //! `crates/embed` in the repository is a complete embedding: a backend with
 //! readers registered by hand per CPU and a spin-wait, driving a shadow-MMU
 //! notifier under a spin lock.

@@ -89,7 +89,7 @@ impl BitOr for Callbacks {
 /// Every callback has a no-op default; [`MmuNotifier::callbacks`] says which
 /// ones the notifier really implements, and only those are called. All run
 /// inside an SRCU read-side section ([`crate::srcu`]), so none may call
-/// [`Subscriptions::unregister`] or [`crate::synchronize`] (they return
+/// [`Subscriptions::unregister`] or `synchronize` (they return
 /// [`crate::Error::WouldDeadlock`] there); `release` may call
 /// [`Subscriptions::put`].
 ///

@@ -166,7 +166,9 @@ impl Subscriptions {
             entries.extend(cur.entries().cloned());
             (Some(entries), Ok(NotifierHandle { mm_key, entry }))
         })?;
-        self.inner.has_notifiers.store(true, Ordering::Release);
+        self.inner
+            .mode
+            .fetch_or(crate::subscriptions::Mode::HAS_NOTIFIERS, Ordering::Release);
         Ok(handle)
     }
 
@@ -207,10 +209,16 @@ impl Subscriptions {
     /// period. When it returns, no callback of the notifier runs or will run,
     /// and its `release` has run exactly once and finished. May sleep.
     ///
+    /// Better than Linux: the grace period also waits for the invalidation
+    /// pairs in flight (each holds a read-side section from start to end), so
+    /// a notifier that saw a pair's start also gets its end before this
+    /// returns.
+    ///
     /// # Errors
     /// [`Error::NotRegistered`] the second time, [`Error::ManagedByGetPut`]
     /// for notifiers from [`get`](Self::get), [`Error::WrongAddressSpace`],
-    /// and [`Error::WouldDeadlock`] from a callback.
+    /// and [`Error::WouldDeadlock`] from a callback or from the thread of an
+    /// invalidation pair in flight.
     pub fn unregister(&self, handle: &NotifierHandle) -> Result<(), Error> {
         self.check_handle(handle)?;
         self.refuse_in_callback("unregister")?;
@@ -301,8 +309,9 @@ impl Subscriptions {
     /// [`register`](Self::register) (Linux `mmu_notifier_put`). The last one
     /// takes the notifier off the list and queues its free (`free_notifier`)
     /// to run after a grace period. Never calls `release` and never blocks;
-    /// may be called from `release`. Call [`crate::synchronize`] before
-    /// depending on the free having run.
+    /// may be called from `release`. Call `mmu_notifier::synchronize` (or
+    /// [`Domain::barrier`](crate::srcu::Domain::barrier) of the address
+    /// space's domain) before depending on the free having run.
     ///
     /// # Errors
     /// [`Error::PutUnderflow`] (also reported as a warning) if the count is
@@ -370,7 +379,7 @@ impl Subscriptions {
             self.inner.live.store(false, Ordering::Release);
             (None, Ok(cur.entries().cloned().collect::<Vec<_>>()))
         })?;
-        if self.inner.interval.enabled() {
+        if self.interval_enabled() {
             // Interval release: one blockable RELEASE invalidation of the
             // whole address space. Notifiers stay in the tree; their owners
             // still call `remove`.

@@ -8,10 +8,9 @@
 //! function queued before it has run.
 //!
 //! A domain is a value. The std build has one process-wide domain,
-//! [`Domain::global`], which every [`Subscriptions::new`](crate::Subscriptions::new)
-//! uses (as Linux uses one `srcu_struct` for all address spaces), and the
-//! free functions of this module ([`read_lock`], [`synchronize`], [`call`],
-//! [`barrier`]) act on it. An embedder without std creates its own with
+//! `Domain::global()`, which every `Subscriptions::new()` uses (as Linux uses
+//! one `srcu_struct` for all address spaces), and the free functions of this
+//! module (`read_lock`, `synchronize`, `call`, `barrier`) act on it. An embedder without std creates its own with
 //! [`Domain::with_backend`] and passes it to
 //! [`Subscriptions::with_domain`](crate::Subscriptions::with_domain).
 //!
@@ -47,9 +46,10 @@
 //!
 //! This crate starts no threads. Deferred functions run at the end of the next
 //! grace period anyone completes (every `unregister`, every address-space exit
-//! and every [`synchronize`] / [`barrier`] call drains the ones that are due),
-//! so, exactly as with Linux modules, code that relies on them having run must
-//! call [`barrier`] (re-exported as [`crate::synchronize`]).
+//! and every [`Domain::synchronize`] / [`Domain::barrier`] call drains the
+//! ones that are due), so, exactly as with Linux modules, code that relies on
+//! them having run must call [`Domain::barrier`] (in the std build
+//! `mmu_notifier::synchronize` does it for the global domain).
 //!
 //! ```
 //! use mmu_notifier::srcu;
@@ -158,15 +158,13 @@ impl Waiter {
 pub struct Domain {
     /// Global counter: `PHASE` bit plus one nesting unit, copied by readers.
     gp: AtomicUsize,
-    /// The std build's global domain: threads read through a counter in a
-    /// thread-local ([`crate::rcu`]'s `tls` module) rather than a heap reader.
+    /// The std build's global domain reads through counters in thread-locals
+    /// ([`crate::rcu`]'s `tls` module) rather than heap readers: [`TLS_OFF`]
+    /// (heap readers), [`TLS_LIGHT`] (and the read side's fence is a
+    /// compiler barrier, `membarrier(2)` doing the rest) or [`TLS_FENCE`] (a
+    /// real fence). One byte, so the fast path decides both with one load.
     #[cfg_attr(not(all(feature = "std", not(any(loom, shuttle)))), allow(dead_code))]
-    tls_fast: bool,
-    /// With `tls_fast`: the read side's fence must be a real one (no
-    /// `membarrier(2)`); a byte next to `tls_fast`, so the fast path decides
-    /// its fence without looking at `source`.
-    #[cfg_attr(not(all(feature = "std", not(any(loom, shuttle)))), allow(dead_code))]
-    tls_real_fence: bool,
+    tls: u8,
     source: Source,
     /// Every reader registered. Grace periods scan it under its lock.
     registry: Mutex<Registry>,
@@ -368,20 +366,32 @@ fn in_old_section(c: usize, phase: usize) -> bool {
     c & NEST_MASK != 0 && c & PHASE != phase
 }
 
+/// [`Domain`]`::tls`: heap readers.
+const TLS_OFF: u8 = 0;
+/// [`Domain`]`::tls`: thread-local counters, compiler-barrier read side.
+#[cfg_attr(not(feature = "std"), allow(dead_code))]
+const TLS_LIGHT: u8 = 1;
+/// [`Domain`]`::tls`: thread-local counters, real fence on the read side.
+#[cfg_attr(not(all(feature = "std", not(any(loom, shuttle)))), allow(dead_code))]
+const TLS_FENCE: u8 = 2;
+
 /// Threshold of [`Domain::try_reclaim`]: deferred functions waiting before a
 /// registration attempts a grace period itself.
 const RECLAIM_BACKLOG: usize = 64;
 
 impl Domain {
+    #[cfg_attr(not(feature = "std"), allow(unused_variables))]
     fn with_source(source: Source, tls_fast: bool) -> Domain {
+        let tls = match source {
+            #[cfg(feature = "std")]
+            Source::Threads(Flavour::Membarrier) if tls_fast => TLS_LIGHT,
+            #[cfg(feature = "std")]
+            Source::Threads(_) if tls_fast => TLS_FENCE,
+            _ => TLS_OFF,
+        };
         Domain {
             gp: AtomicUsize::new(1),
-            tls_fast,
-            tls_real_fence: match source {
-                #[cfg(feature = "std")]
-                Source::Threads(f) => f != Flavour::Membarrier,
-                Source::Backend(_) => true,
-            },
+            tls,
             registry: Mutex::new(Registry {
                 heap: Vec::new(),
                 #[cfg(all(feature = "std", not(any(loom, shuttle))))]
@@ -527,8 +537,8 @@ impl Domain {
     #[inline]
     pub fn read_lock(&'static self) -> ReadGuard {
         #[cfg(all(feature = "std", not(any(loom, shuttle))))]
-        if self.tls_fast {
-            let real_fence = self.tls_real_fence;
+        if self.tls != TLS_OFF {
+            let real_fence = self.tls == TLS_FENCE;
             if crate::rcu::tls::enter(&self.gp, NEST_MASK, || light_fence(real_fence)) {
                 return ReadGuard {
                     reader: None,
@@ -560,7 +570,7 @@ impl Domain {
     fn read_lock_tls_slow(&'static self) -> ReadGuard {
         let registered =
             crate::rcu::tls::register(self, |c| sync::lock(&self.registry).tls.push(c));
-        let real_fence = self.tls_real_fence;
+        let real_fence = self.tls == TLS_FENCE;
         if registered && crate::rcu::tls::enter(&self.gp, NEST_MASK, || light_fence(real_fence)) {
             return ReadGuard {
                 reader: None,
@@ -575,7 +585,7 @@ impl Domain {
     /// period there would deadlock.
     pub fn in_read_section(&'static self) -> bool {
         #[cfg(all(feature = "std", not(any(loom, shuttle))))]
-        if self.tls_fast {
+        if self.tls != TLS_OFF {
             let c = crate::rcu::tls::current();
             if c & crate::rcu::tls::REGISTERED != 0 {
                 return c & NEST_MASK != 0;

@@ -28,18 +28,32 @@ use crate::notifier::{Again, Callbacks, Pte};
 use crate::range::Range;
 use crate::rcu::RcuRef;
 use crate::srcu::Domain;
-use crate::sync::{self, AtomicBool, Ordering, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use crate::sync::{
+    self, AtomicBool, AtomicU32, Ordering, RwLock, RwLockReadGuard, RwLockWriteGuard,
+};
 
 /// Source of unique address-space keys (not part of any concurrency argument,
 /// hence a plain std atomic even under loom).
 static NEXT_KEY: PlainU64 = PlainU64::new(1);
 
+/// The bits of [`Inner::mode`].
+pub(crate) struct Mode;
+
+impl Mode {
+    /// Linux `mm_has_notifiers`: anyone ever subscribed.
+    pub(crate) const HAS_NOTIFIERS: u32 = 1;
+    /// Linux `has_itree`: interval mode is on (implies `HAS_NOTIFIERS`).
+    pub(crate) const HAS_ITREE: u32 = 2;
+}
+
 pub(crate) struct Inner {
     pub(crate) key: u64,
     /// The SRCU domain callbacks run under and the list is protected by.
     pub(crate) domain: &'static Domain,
-    /// Linux `mm_has_notifiers`: set at the first registration, never cleared.
-    pub(crate) has_notifiers: AtomicBool,
+    /// Linux `mm_has_notifiers` and `has_itree` in one word ([`Mode`]): set
+    /// at the first registration or interval insert, never cleared; the
+    /// hooks' fast path is one load of it.
+    pub(crate) mode: AtomicU32,
     /// False once `release` (exit) started. Changed under the list mutex.
     pub(crate) live: AtomicBool,
     pub(crate) mmap: RwLock<()>,
@@ -222,7 +236,7 @@ impl Subscriptions {
             inner: Arc::new(Inner {
                 key,
                 domain,
-                has_notifiers: AtomicBool::new(false),
+                mode: AtomicU32::new(0),
                 live: AtomicBool::new(true),
                 mmap: RwLock::new(()),
                 list: NotifierList::new(domain),
@@ -246,7 +260,13 @@ impl Subscriptions {
     /// One load: the hooks' fast path when nobody subscribed.
     #[inline]
     pub fn has_notifiers(&self) -> bool {
-        self.inner.has_notifiers.load(Ordering::Acquire)
+        self.inner.mode.load(Ordering::Acquire) & Mode::HAS_NOTIFIERS != 0
+    }
+
+    /// Whether interval mode is on (Linux `has_itree`).
+    #[inline]
+    pub(crate) fn interval_enabled(&self) -> bool {
+        self.inner.mode.load(Ordering::Acquire) & Mode::HAS_ITREE != 0
     }
 
     /// Whether the address space is live, i.e. `release` (exit) has not run.
@@ -294,15 +314,24 @@ impl Subscriptions {
     /// A start failure here is a notifier bug: it is reported
     /// ([`Warning::BlockableStartFailed`]), every end callback is called, and,
     /// as in Linux, the failure is otherwise ignored.
+    ///
+    /// The pair holds one SRCU read-side section from here to its end, and
+    /// the end calls exactly the notifiers this start called. Until the end,
+    /// on this thread, [`register`](Self::register), [`get`](Self::get),
+    /// [`unregister`](Self::unregister), [`release`](Self::release), the
+    /// first [`interval_insert`](Self::interval_insert) and the SRCU waits
+    /// return [`Error::WouldDeadlock`](crate::Error::WouldDeadlock); other
+    /// threads' unregisters wait for the end.
     #[inline]
     pub fn invalidate_range_start(&self, range: Range) -> ActiveInvalidation<'_> {
         crate::debug::might_sleep();
         let range = range.blockable_as(true);
-        if !self.has_notifiers() {
+        let mode = self.inner.mode.load(Ordering::Acquire);
+        if mode == 0 {
             // Linux's `mm_has_notifiers` fast path: one load, nothing else.
             return ActiveInvalidation::idle(self, range);
         }
-        let interval = self.inner.interval.enabled();
+        let interval = mode & Mode::HAS_ITREE != 0;
         if interval {
             // A blockable interval phase cannot fail.
             let _ = self.inner.interval.start(self, &range);
@@ -342,10 +371,11 @@ impl Subscriptions {
         range: Range,
     ) -> Result<ActiveInvalidation<'_>, Again> {
         let range = range.blockable_as(false);
-        if !self.has_notifiers() {
+        let mode = self.inner.mode.load(Ordering::Acquire);
+        if mode == 0 {
             return Ok(ActiveInvalidation::idle(self, range));
         }
-        let interval = self.inner.interval.enabled();
+        let interval = mode & Mode::HAS_ITREE != 0;
         // A failed interval phase has ended itself.
         if interval && self.inner.interval.start(self, &range).is_err() {
             return Err(Again);

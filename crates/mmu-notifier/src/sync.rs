@@ -108,7 +108,7 @@ pub use crate::__facade_thread_local as thread_local;
 #[cfg(feature = "std")]
 pub use crate::mutex::CheckedMutex;
 
-/// Locks a mutex, ignoring poisoning (as do [`read`](fn@read), [`write`](fn@write) and [`wait`]).
+/// Locks a mutex, ignoring poisoning (as do [`read`](fn@read), [`write`](fn@write) and, with std, `wait`).
 ///
 /// Every critical section in this crate keeps its data consistent at every
 /// await-free step and never runs user callbacks while holding a lock it
