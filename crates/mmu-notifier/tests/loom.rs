@@ -392,25 +392,36 @@ impl Drop for Val {
     }
 }
 
+/// One reader racing one writer on an `RcuCell` holding `Val(1)`: the
+/// writer replaces it with `Val(2)` and then runs `after` (given the old and
+/// the new value's `alive` flags); the reader runs `read` on what it
+/// dereferenced, inside its section.
+fn rcu_model(read: fn(&Val), after: fn(&AtomicUsize, &AtomicUsize)) {
+    use mmu_notifier::rcu::RcuCell;
+    use mmu_notifier::srcu::Domain;
+    loom::model(move || {
+        let (old_alive, new_alive) = (Arc::new(AtomicUsize::new(1)), Arc::new(AtomicUsize::new(1)));
+        let cell = Arc::new(RcuCell::new(Val::new(1, &old_alive), Domain::global()));
+        let c = cell.clone();
+        let reader = thread::spawn(move || read(&c.enter()));
+        cell.lock().replace(Val::new(2, &new_alive));
+        after(&old_alive, &new_alive);
+        reader.join().unwrap();
+    });
+}
+
 /// `RcuCell` publication: a reader that finds the new value sees it whole
 /// (the writer's stores before `replace` happen-before the reader's use:
 /// release on publish, acquire on dereference).
 #[test]
 fn rcu_publication_is_seen_whole() {
-    use mmu_notifier::rcu::RcuCell;
-    use mmu_notifier::srcu::Domain;
-    loom::model(|| {
-        let (old_alive, new_alive) = (Arc::new(AtomicUsize::new(1)), Arc::new(AtomicUsize::new(1)));
-        let cell = Arc::new(RcuCell::new(Val::new(1, &old_alive), Domain::global()));
-        let c = cell.clone();
-        let reader = thread::spawn(move || {
-            let v = c.enter();
+    rcu_model(
+        |v| {
             let d = v.data.load(Relaxed);
             assert!(d == 1 || d == 2, "saw a half-initialised value: {d}");
-        });
-        cell.lock().replace(Val::new(2, &new_alive));
-        reader.join().unwrap();
-    });
+        },
+        |_, _| {},
+    );
 }
 
 /// `RcuCell` retirement: a reader keeps using the old value while the
@@ -418,24 +429,18 @@ fn rcu_publication_is_seen_whole() {
 /// only after the reader's section ended, and is freed by then.
 #[test]
 fn rcu_reader_keeps_the_old_value_until_the_grace_period() {
-    use mmu_notifier::rcu::RcuCell;
-    use mmu_notifier::srcu::Domain;
-    loom::model(|| {
-        let (old_alive, new_alive) = (Arc::new(AtomicUsize::new(1)), Arc::new(AtomicUsize::new(1)));
-        let cell = Arc::new(RcuCell::new(Val::new(1, &old_alive), Domain::global()));
-        let c = cell.clone();
-        let reader = thread::spawn(move || {
-            let v = c.enter();
+    rcu_model(
+        |v| {
             let first = v.data.load(Relaxed);
             loom::thread::yield_now();
             assert_eq!(v.alive.load(Relaxed), 1, "a reader used a freed value");
             assert_eq!(v.data.load(Relaxed), first);
-        });
-        cell.lock().replace(Val::new(2, &new_alive));
-        // Grace period, then the deferred free of the old value runs.
-        Domain::global().barrier().unwrap();
-        assert_eq!(old_alive.load(Relaxed), 0, "the old value was not freed");
-        reader.join().unwrap();
-        assert_eq!(new_alive.load(Relaxed), 1);
-    });
+        },
+        |old_alive, new_alive| {
+            // Grace period, then the deferred free of the old value runs.
+            mmu_notifier::srcu::Domain::global().barrier().unwrap();
+            assert_eq!(old_alive.load(Relaxed), 0, "the old value was not freed");
+            assert_eq!(new_alive.load(Relaxed), 1);
+        },
+    );
 }
