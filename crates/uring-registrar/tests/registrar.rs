@@ -74,12 +74,19 @@ fn slots_run_out_as_exhausted_and_come_back_on_deregister() {
 fn memory_io_uring_cannot_pin_is_unsupported() {
     let Some(ring) = ring_or_skip() else { return };
     let reg = ring.with(|r| UringRegistrar::new(r, 4)).unwrap();
-    // Unmapped memory.
+    // Memory that cannot be pinned: a PROT_NONE mapping. (Not an unmapped
+    // range: another test thread's mmap may take the hole before the call,
+    // and the registration then succeeds.)
     let a = anon(1);
     // SAFETY: our own mapping, nothing refers to it.
-    unsafe { libc::munmap(a as *mut _, P as usize) };
+    assert_eq!(
+        unsafe { libc::mprotect(a as *mut _, P as usize, libc::PROT_NONE) },
+        0
+    );
     let e = reg.register(a, a + P, Access::WRITE).unwrap_err();
     assert!(matches!(e, RegError::Unsupported(_)), "{e}");
+    // SAFETY: our own mapping, nothing refers to it.
+    unsafe { libc::munmap(a as *mut _, P as usize) };
     // A shared, writable mapping of a regular file on a disk file system
     // (the build directory; tmpfs files are shmem and may be registered).
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
