@@ -1,6 +1,7 @@
 //! Cost of the primary-MMU hooks, with every baseline in the same run:
 //! a loop calling nothing, the SRCU read pair alone, start+end with 0, 1 and 8
-//! trivial notifiers, the naive design (a `Mutex<Vec<Arc<dyn ...>>>` walk
+//! trivial notifiers (on a range the caller keeps, `invalidate_range_start_in`,
+//! Linux's shape, and on a range handed over by value), the naive design (a `Mutex<Vec<Arc<dyn ...>>>` walk
 //! for start and again for end), and the anchor: Linux v6.6's own walk
 //! re-created in C (`benches/c/linux_walk.c`: the `mm_has_notifiers` test,
 //! one read-side section per walk with liburcu's membarrier flavour, an RCU
@@ -141,6 +142,13 @@ fn hooks(c: &mut Criterion, anchor: Option<&Path>) {
         g.bench_function(format!("start_end_{n}_notifiers"), |b| {
             b.iter(|| mm.invalidate_range_start(black_box(range)).end())
         });
+        // Linux's shape: the caller keeps the range, the guard borrows it.
+        g.bench_function(format!("start_end_in_{n}_notifiers"), |b| {
+            b.iter(|| {
+                let mut r = black_box(range);
+                mm.invalidate_range_start_in(&mut r).end()
+            })
+        });
         for h in &handles {
             mm.unregister(h).unwrap();
         }
@@ -189,14 +197,22 @@ fn main() {
     c.final_summary();
     println!("\nsummary: start+end pair, ours against Linux's walk in C (same run)");
     println!(
-        "{:<12} {:>10} {:>10} {:>8}",
-        "notifiers", "ours", "C", "ours/C"
+        "{:<10} {:>12} {:>12} {:>10} {:>10} {:>10}",
+        "notifiers", "ours (in)", "ours (value)", "C", "in/C", "value/C"
     );
     for n in COUNTS {
-        let ours = estimate_ns(&format!("start_end_{n}_notifiers"));
+        let borrowed = estimate_ns(&format!("start_end_in_{n}_notifiers"));
+        let by_value = estimate_ns(&format!("start_end_{n}_notifiers"));
         let linux = estimate_ns(&format!("c_linux_{n}_notifiers"));
-        if let (Some(o), Some(l)) = (ours, linux) {
-            println!("{n:<12} {:>8.2}ns {:>8.2}ns {:>7.2}x", o, l, o / l);
+        if let (Some(i), Some(v), Some(l)) = (borrowed, by_value, linux) {
+            println!(
+                "{n:<10} {:>10.2}ns {:>10.2}ns {:>8.2}ns {:>9.2}x {:>9.2}x",
+                i,
+                v,
+                l,
+                i / l,
+                v / l
+            );
         }
     }
 }

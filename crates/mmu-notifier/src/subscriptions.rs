@@ -19,6 +19,7 @@
 //!   subsystem takes it for writing in `register`/`get`, exactly as Linux.
 
 use alloc::sync::Arc;
+use core::borrow::Borrow;
 use core::sync::atomic::AtomicU64 as PlainU64;
 
 use crate::debug::{DiagHandle, Diagnostics, InvalidateSection, NonBlockSection, Warning};
@@ -148,10 +149,16 @@ impl core::fmt::Debug for MmapReadGuard<'_> {
 /// Returned by the start hooks; [`end`](ActiveInvalidation::end) (or dropping
 /// it) runs `invalidate_range_end` with the same range and the blockable flag
 /// the start set. Not `Send`: start and end run on one thread, as in Linux.
+///
+/// `R` is how it holds the range: by value (`Range`, from
+/// [`Subscriptions::invalidate_range_start`]) or borrowed from the caller
+/// (`&Range`, from [`Subscriptions::invalidate_range_start_in`], Linux's
+/// shape: the caller keeps its `mmu_notifier_range` and the guard is two
+/// words smaller, which the hook pair pays for on every call).
 #[must_use = "dropping it ends the invalidation at once; keep it until the PTEs are changed"]
-pub struct ActiveInvalidation<'a> {
+pub struct ActiveInvalidation<'a, R: Borrow<Range> = Range> {
     mm: &'a Subscriptions,
-    range: Range,
+    range: R,
     /// The snapshot the start walked, and the read-side section it was
     /// walked in, both held until the end (Linux takes a second section
     /// for the end and re-reads the list). `None`: the list phase did not
@@ -166,19 +173,19 @@ pub struct ActiveInvalidation<'a> {
     _not_send: core::marker::PhantomData<*const ()>,
 }
 
-impl core::fmt::Debug for ActiveInvalidation<'_> {
+impl<R: Borrow<Range>> core::fmt::Debug for ActiveInvalidation<'_, R> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("ActiveInvalidation")
-            .field("range", &self.range)
+            .field("range", self.range.borrow())
             .field("list_phase", &self.list.is_some())
             .finish()
     }
 }
 
-impl ActiveInvalidation<'_> {
+impl<R: Borrow<Range>> ActiveInvalidation<'_, R> {
     /// The range being invalidated, with its blockable flag.
     pub fn range(&self) -> &Range {
-        &self.range
+        self.range.borrow()
     }
 
     /// Runs `invalidate_range_end` (Linux `mmu_notifier_invalidate_range_end`).
@@ -186,29 +193,30 @@ impl ActiveInvalidation<'_> {
     pub fn end(self) {}
 }
 
-impl Drop for ActiveInvalidation<'_> {
+impl<R: Borrow<Range>> Drop for ActiveInvalidation<'_, R> {
     /// Both phases of end, interval first (Linux
     /// `mmu_notifier_invalidate_range_end`); the walk is out of line and the
     /// section closes inline.
     #[inline]
     fn drop(&mut self) {
-        if self.range.blockable() {
+        let range = self.range.borrow();
+        if range.blockable() {
             crate::debug::might_sleep();
         }
         if self.interval != 0 {
             self.mm.inner.interval.end();
         }
         if let Some(list) = &self.list {
-            self.mm.end_walk(list, &self.range);
+            self.mm.end_walk(list, range);
         }
         // The section closes when `list` is dropped, right after this.
     }
 }
 
-impl<'a> ActiveInvalidation<'a> {
+impl<'a, R: Borrow<Range>> ActiveInvalidation<'a, R> {
     /// The invalidation of an address space nobody subscribed to.
     #[inline(always)]
-    fn idle(mm: &'a Subscriptions, range: Range) -> Self {
+    fn idle(mm: &'a Subscriptions, range: R) -> Self {
         ActiveInvalidation {
             mm,
             range,
@@ -334,6 +342,39 @@ impl Subscriptions {
         } else {
             range.blockable_as(true)
         };
+        self.start_blockable(range)
+    }
+
+    /// [`invalidate_range_start`](Self::invalidate_range_start) on a range
+    /// the caller keeps, as Linux's callers keep their
+    /// `mmu_notifier_range`: the start sets its blockable flag, and the
+    /// guard borrows it instead of holding a copy (the cheaper form of the
+    /// hook pair).
+    ///
+    /// ```
+    /// use mmu_notifier::{Event, Range, Subscriptions};
+    /// let mm = Subscriptions::new();
+    /// let mut range = Range::new(0x1000, 0x3000, Event::Unmap).unwrap();
+    /// let inv = mm.invalidate_range_start_in(&mut range);
+    /// // ... clear the PTEs, flush the TLB ...
+    /// inv.end();
+    /// ```
+    #[inline]
+    pub fn invalidate_range_start_in<'a>(
+        &'a self,
+        range: &'a mut Range,
+    ) -> ActiveInvalidation<'a, &'a Range> {
+        crate::debug::might_sleep();
+        if !range.blockable() {
+            *range = range.blockable_as(true);
+        }
+        self.start_blockable(&*range)
+    }
+
+    /// The blockable start on a range already marked blockable, held as
+    /// `R`.
+    #[inline(always)]
+    fn start_blockable<R: Borrow<Range>>(&self, range: R) -> ActiveInvalidation<'_, R> {
         let mode = self.inner.mode.load(Ordering::Acquire);
         if mode == 0 {
             // Linux's `mm_has_notifiers` fast path: one load, nothing else.
@@ -342,7 +383,7 @@ impl Subscriptions {
         let interval = mode & Mode::HAS_ITREE != 0;
         if interval {
             // A blockable interval phase cannot fail.
-            let _ = self.inner.interval.start(self, &range);
+            let _ = self.inner.interval.start(self, range.borrow());
         }
         // The section is opened inline, so its thread-local counter is
         // reached the way the calling crate reaches thread-locals (one
@@ -351,7 +392,7 @@ impl Subscriptions {
         let list = self.inner.list.enter();
         // A failure of a blockable start is a notifier bug, reported by the
         // walk; the end still runs (Linux ignores the error too).
-        let _ = self.start_list(&list, &range);
+        let _ = self.start_list(&list, range.borrow());
         ActiveInvalidation {
             mm: self,
             range,

@@ -397,3 +397,34 @@ fn declared_start_failures_are_not_reported_as_undeclared() {
         .is_err());
     assert_eq!(mm.diagnostics().count(UndeclaredStartFailure), 1);
 }
+
+/// The borrowed form of the pair (Linux's shape: the caller keeps its range)
+/// behaves as the by-value one: the start marks the caller's range blockable,
+/// callbacks see it, the end calls the notifiers the start called.
+#[test]
+fn a_pair_on_a_range_the_caller_keeps() {
+    let mm = Subscriptions::new();
+    let log = new_log();
+    let a = Recorder::new("a", START_END, &log);
+    let h = mm.register(a.clone()).unwrap();
+    // A range whose flag a non-blockable start cleared (as a callback's copy
+    // of it would carry).
+    let mut r = mm
+        .invalidate_range_start_nonblock(range(0, 0x1000))
+        .unwrap()
+        .range()
+        .to_owned();
+    assert!(!r.blockable());
+    let inv = mm.invalidate_range_start_in(&mut r);
+    assert!(inv.range().blockable());
+    let late = Recorder::new("late", START_END, &log);
+    let (mm2, late2) = (mm.clone(), late.clone());
+    std::thread::spawn(move || mm2.register(late2).unwrap())
+        .join()
+        .unwrap();
+    inv.end();
+    assert!(r.blockable(), "the start marks the caller's range");
+    assert!(late.calls().is_empty(), "{:?}", late.calls());
+    assert_eq!(a.calls().len(), 4, "two pairs: {:?}", a.calls());
+    mm.unregister(&h).unwrap();
+}
