@@ -9,7 +9,30 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 
 use common::*;
-use mmu_notifier::{srcu, Again, Callbacks, MmuNotifier, NotifierAlloc, Range, Subscriptions};
+use mmu_notifier::{
+    srcu, Again, Callbacks, MmuNotifier, NotifierAlloc, NotifierHandle, Range, Subscriptions,
+};
+
+/// Registers a recorder named `name` from another thread (this one is inside
+/// a pair's read-side section, where registering is refused: it would
+/// deadlock in Linux) and returns it.
+fn register_elsewhere(mm: &Subscriptions, name: &'static str, log: &Log) -> Arc<Recorder> {
+    let late = Recorder::new(name, START_END, log);
+    let (mm2, late2) = (mm.clone(), late.clone());
+    std::thread::spawn(move || mm2.register(late2).unwrap())
+        .join()
+        .unwrap();
+    late
+}
+
+/// An address space with one recorder `a` on it.
+fn one_recorder() -> (Subscriptions, Log, Arc<Recorder>, NotifierHandle) {
+    let mm = Subscriptions::new();
+    let log = new_log();
+    let a = Recorder::new("a", START_END, &log);
+    let h = mm.register(a.clone()).unwrap();
+    (mm, log, a, h)
+}
 
 /// No split pair: a notifier registered between a start and its end gets
 /// neither (never an end without its start), and sees the next pair whole.
@@ -20,13 +43,7 @@ fn registration_never_splits_a_start_end_pair() {
     let old = Recorder::new("old", START_END, &log);
     mm.register(old.clone()).unwrap();
     let inv = mm.invalidate_range_start(range(0, 0x1000));
-    let late = Recorder::new("late", START_END, &log);
-    // From another thread: this one is inside the pair's read-side section,
-    // where registering is refused (it would deadlock in Linux).
-    let (mm2, late2) = (mm.clone(), late.clone());
-    std::thread::spawn(move || mm2.register(late2).unwrap())
-        .join()
-        .unwrap();
+    let late = register_elsewhere(&mm, "late", &log);
     inv.end();
     assert!(
         late.calls().is_empty(),
@@ -58,10 +75,7 @@ fn first_registration_mid_pair_gets_no_end() {
 /// sees the end of a pair whose start it saw.
 #[test]
 fn unregister_mid_pair_waits_for_the_end() {
-    let mm = Subscriptions::new();
-    let log = new_log();
-    let a = Recorder::new("a", START_END, &log);
-    let h = mm.register(a.clone()).unwrap();
+    let (mm, _log, a, h) = one_recorder();
     let inv = mm.invalidate_range_start(range(0, 0x1000));
     let (tx, rx) = std::sync::mpsc::channel();
     let mm2 = mm.clone();
@@ -403,10 +417,7 @@ fn declared_start_failures_are_not_reported_as_undeclared() {
 /// callbacks see it, the end calls the notifiers the start called.
 #[test]
 fn a_pair_on_a_range_the_caller_keeps() {
-    let mm = Subscriptions::new();
-    let log = new_log();
-    let a = Recorder::new("a", START_END, &log);
-    let h = mm.register(a.clone()).unwrap();
+    let (mm, log, a, h) = one_recorder();
     // A range whose flag a non-blockable start cleared (as a callback's copy
     // of it would carry).
     let mut r = mm
@@ -417,11 +428,7 @@ fn a_pair_on_a_range_the_caller_keeps() {
     assert!(!r.blockable());
     let inv = mm.invalidate_range_start_in(&mut r);
     assert!(inv.range().blockable());
-    let late = Recorder::new("late", START_END, &log);
-    let (mm2, late2) = (mm.clone(), late.clone());
-    std::thread::spawn(move || mm2.register(late2).unwrap())
-        .join()
-        .unwrap();
+    let late = register_elsewhere(&mm, "late", &log);
     inv.end();
     assert!(r.blockable(), "the start marks the caller's range");
     assert!(late.calls().is_empty(), "{:?}", late.calls());
