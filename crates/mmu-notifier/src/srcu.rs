@@ -538,8 +538,8 @@ impl Domain {
     pub fn read_lock(&'static self) -> ReadGuard {
         #[cfg(all(feature = "std", not(any(loom, shuttle))))]
         if self.tls != TLS_OFF {
-            let real_fence = self.tls == TLS_FENCE;
-            if crate::rcu::tls::enter(&self.gp, NEST_MASK, || light_fence(real_fence)) {
+            let flavour = self.tls_flavour();
+            if crate::rcu::tls::enter(&self.gp, NEST_MASK, || flavour.light()) {
                 return ReadGuard {
                     reader: None,
                     _not_send: PhantomData,
@@ -548,6 +548,18 @@ impl Domain {
             return self.read_lock_tls_slow();
         }
         self.read_lock_heap()
+    }
+
+    /// The fence pair of the thread-local fast path, from the one byte it
+    /// reads (not from `source`, a second load).
+    #[cfg(all(feature = "std", not(any(loom, shuttle))))]
+    #[inline(always)]
+    fn tls_flavour(&self) -> Flavour {
+        if self.tls == TLS_FENCE {
+            Flavour::Fence
+        } else {
+            Flavour::Membarrier
+        }
     }
 
     /// A section on the calling context's heap reader.
@@ -570,8 +582,8 @@ impl Domain {
     fn read_lock_tls_slow(&'static self) -> ReadGuard {
         let registered =
             crate::rcu::tls::register(self, |c| sync::lock(&self.registry).tls.push(c));
-        let real_fence = self.tls == TLS_FENCE;
-        if registered && crate::rcu::tls::enter(&self.gp, NEST_MASK, || light_fence(real_fence)) {
+        let flavour = self.tls_flavour();
+        if registered && crate::rcu::tls::enter(&self.gp, NEST_MASK, || flavour.light()) {
             return ReadGuard {
                 reader: None,
                 _not_send: PhantomData,
@@ -690,14 +702,7 @@ impl Domain {
     /// Waits for every read-side section that started before this call.
     fn grace_period(&self) {
         let _serial = sync::lock(&self.gp_lock);
-        let mut waiter = Waiter::new(self.source);
-        self.source.heavy();
-        for _ in 0..2 {
-            let phase = self.flip();
-            fence(Ordering::SeqCst);
-            self.wait_for_readers(phase, &mut waiter);
-        }
-        self.source.heavy();
+        self.flip_twice(Some(&mut Waiter::new(self.source)));
     }
 
     /// A grace period only if it needs no waiting: returns false (having
@@ -707,14 +712,24 @@ impl Domain {
         let Some(_serial) = sync::try_lock(&self.gp_lock) else {
             return false;
         };
+        self.flip_twice(None)
+    }
+
+    /// The grace period proper, with `gp_lock` held: heavy fence, two flips
+    /// each followed by a wait for the readers of the old phase, heavy
+    /// fence. Without a `waiter` it only looks, and returns false at the
+    /// first reader it would wait for (giving up after a flip is harmless:
+    /// every grace period flips twice and waits after each flip, whatever
+    /// phase it starts in).
+    fn flip_twice(&self, mut waiter: Option<&mut Waiter>) -> bool {
         self.source.heavy();
         for _ in 0..2 {
             let phase = self.flip();
             fence(Ordering::SeqCst);
-            // Giving up after a flip is harmless: every grace period flips
-            // twice and waits after each flip, whatever phase it starts in.
-            if !self.readers_clear(phase) {
-                return false;
+            match waiter.as_deref_mut() {
+                Some(w) => self.wait_for_readers(phase, w),
+                None if !self.readers_clear(phase) => return false,
+                None => {}
             }
         }
         self.source.heavy();
@@ -789,10 +804,13 @@ impl Domain {
     }
 
     /// The grace period plus the deferred drain, for callers that checked.
-    pub(crate) fn synchronize_unchecked(&'static self) {
+    /// Returns the ticket bound of the functions it made due (every function
+    /// queued before the call).
+    pub(crate) fn synchronize_unchecked(&'static self) -> u64 {
         let below = self.next_ticket();
         self.grace_period();
         self.run_due(below);
+        below
     }
 
     /// Bounds the memory retired lists hold when nothing else completes grace
@@ -828,9 +846,7 @@ impl Domain {
     /// a deferred function.
     pub fn barrier(&'static self) -> Result<(), Error> {
         self.check_may_wait("srcu::barrier")?;
-        let below = self.next_ticket();
-        self.grace_period();
-        self.run_due(below);
+        let below = self.synchronize_unchecked();
         // Another context may have taken some of our functions and still be
         // running them: wait for those too.
         let mut waiter = Waiter::new(self.source);
@@ -859,18 +875,6 @@ impl Domain {
 impl Default for Domain {
     fn default() -> Self {
         Domain::new()
-    }
-}
-
-/// The read side's fence of the thread-local fast path: a compiler fence
-/// when grace periods use `membarrier(2)`, else a real one.
-#[cfg(all(feature = "std", not(any(loom, shuttle))))]
-#[inline(always)]
-fn light_fence(real: bool) {
-    if real {
-        fence(Ordering::SeqCst);
-    } else {
-        core::sync::atomic::compiler_fence(Ordering::SeqCst);
     }
 }
 
