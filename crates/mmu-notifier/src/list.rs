@@ -28,7 +28,7 @@ use alloc::vec::Vec;
 
 use crate::notifier::{Callbacks, MmuNotifier, NotifierAlloc};
 use crate::rcu::{Anchored, RcuCell, RcuRef};
-use crate::srcu::{Domain, ReadGuard};
+use crate::srcu::Domain;
 use crate::sync::{AtomicBool, AtomicU32, Ordering};
 
 /// One registered notifier (Linux `struct mmu_notifier` on the hlist).
@@ -108,13 +108,6 @@ impl NotifierList {
                 domain,
             ),
         }
-    }
-
-    /// The current snapshot, for a walk inside `section` (which must be a
-    /// section of the address space's domain).
-    #[inline(always)]
-    pub(crate) fn read<'a>(&'a self, section: &'a ReadGuard) -> &'a Snapshot {
-        self.current.read(section)
     }
 
     /// Opens a read-side section and takes the current snapshot in it; both

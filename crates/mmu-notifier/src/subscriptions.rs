@@ -600,9 +600,9 @@ impl Subscriptions {
     /// holds its page-table lock in Linux): no sleeping allowed.
     #[inline]
     fn walk_atomic(&self, what: &'static str, f: impl FnMut(&Linked) -> bool) {
-        let srcu = self.inner.domain.read_lock();
+        let list = self.inner.list.enter();
         let _nb = NonBlockSection::enter(&self.inner.diag, true);
-        self.for_each_caught(self.inner.list.read(&srcu), what, f);
+        self.for_each_caught(&list, what, f);
     }
 
     // ---------------------------------------------------------------------
