@@ -34,7 +34,7 @@ if [ "${1:-}" = --whole-system ] || [ "${1:-}" = --devices ]; then
   shift
 fi
 
-# name | kind (std, loom, shuttle, uring, uffd or regcache) | test target | test name (empty: every
+# name | kind (std, loom, shuttle, embed, uring, uffd or regcache) | test target | test name (empty: every
 # test of the target) | what the mutant does
 race_mutants=(
   "3ad3d901|std|seed|seed_3ad3d901_release_runs_before_removal_from_list|exit takes notifiers off the list before calling release"
@@ -46,6 +46,7 @@ race_mutants=(
   "99cb252f|std|seed|seed_99cb252f_invalidate_overlapping_intervals_in_tree_order|read_retry checks for a running invalidation, not the sequence"
   "split-pair|std|invariants|registration_never_splits_a_start_end_pair|end walks the list as it is at the end, not the snapshot its start walked"
   "interval-leak|std|interval|list_failure_after_interval_phase_is_undone|a failed non-blockable list start leaves the interval phase open"
+  "debug-source-ignored|embed|embed|the_debug_checks_run_on_the_embedders_contexts|the debug checks ignore the embedder's context source (none run without std)"
 )
 whole_system_mutants=(
   "shadow-no-in-progress|shuttle|shuttle||the KVM fault path ignores a running invalidation (checks only the sequence)"
@@ -93,6 +94,8 @@ cargo_test() { # kind target [test args...]
       cargo test -q -p mmu-notifier --release --test "$target" "$@") ;;
     shuttle) (cd "$tree" && RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR="$work/shuttle" \
       cargo test -q -p mmun --release --test "$target" "$@") ;;
+    embed) (cd "$tree" && CARGO_TARGET_DIR="$work/embed" \
+      cargo test -q --manifest-path crates/embed/Cargo.toml --test "$target" "$@") ;;
     uring) (cd "$tree" && cargo test -q -p uring-registrar --test "$target" "$@") ;;
     uffd) (cd "$tree" && cargo test -q -p uffd --test "$target" "$@") ;;
     regcache) (cd "$tree" && cargo test -q -p regcache --test "$target" "$@") ;;

@@ -5,7 +5,8 @@
 //! * [`Cpus`] is the SRCU backend: one reader per CPU, registered by hand
 //!   when the CPU is brought up ([`Cpus::bring_up`]); the embedder's
 //!   `current_cpu` function says which CPU runs; waiting is a spin-wait
-//!   that counts its rounds.
+//!   that counts its rounds. It also keeps each CPU's context of the
+//!   subsystem's debug checks (a `ContextSource`).
 //! * [`ShadowMmu`] is a KVM-style secondary MMU: a shadow page table under a
 //!   spin lock, dropping translations in `invalidate_range_start` and on
 //!   `release`.
@@ -20,6 +21,7 @@ use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
+use mmu_notifier::debug::{ContextSource, DebugContext};
 use mmu_notifier::srcu::{Backend, Domain, Reader};
 use mmu_notifier::{Again, Callbacks, Error, Event, MmuNotifier, Range, Subscriptions, PAGE_SIZE};
 
@@ -35,6 +37,8 @@ pub struct Cpus {
     /// Which CPU the caller runs on (an embedder reads its per-CPU area).
     current_cpu: fn() -> usize,
     readers: [spin::Once<&'static Reader>; MAX_CPUS],
+    /// Each CPU's context of the subsystem's debug checks.
+    contexts: [DebugContext; MAX_CPUS],
     /// Rounds spent waiting for another CPU (grace periods, barriers).
     relaxed: AtomicUsize,
 }
@@ -45,6 +49,7 @@ impl Cpus {
         Cpus {
             current_cpu,
             readers: [const { spin::Once::new() }; MAX_CPUS],
+            contexts: [const { DebugContext::new() }; MAX_CPUS],
             relaxed: AtomicUsize::new(0),
         }
     }
@@ -82,6 +87,15 @@ unsafe impl Backend for Cpus {
     fn relax(&self) {
         self.relaxed.fetch_add(1, Ordering::Relaxed);
         core::hint::spin_loop();
+    }
+}
+
+/// Where the subsystem's debug checks (`might_sleep` in a non-blockable
+/// callback, recursion into the invalidate path) keep their state: per CPU,
+/// like the readers. Installed with `mmu_notifier::debug::set_context_source`.
+impl ContextSource for Cpus {
+    fn current(&self) -> Option<&DebugContext> {
+        self.contexts.get((self.current_cpu)())
     }
 }
 

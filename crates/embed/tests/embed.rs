@@ -9,8 +9,8 @@ use std::thread;
 
 use mmu_notifier::srcu::Domain;
 use mmu_notifier::{
-    Again, Callbacks, Error, Event, IntervalNotifier, IntervalOps, MmuNotifier, Range,
-    Subscriptions, PAGE_SIZE,
+    might_sleep, Again, Callbacks, Error, Event, IntervalNotifier, IntervalOps, MmuNotifier, Range,
+    Subscriptions, Warning, PAGE_SIZE,
 };
 use mmu_notifier_embed::{drive, Cpus, Report, MAX_CPUS};
 
@@ -32,6 +32,7 @@ fn domain() -> &'static Domain {
         for id in 0..MAX_CPUS {
             CPUS.bring_up(id, d).unwrap();
         }
+        mmu_notifier::debug::set_context_source(&CPUS).unwrap();
         d
     })
 }
@@ -233,4 +234,59 @@ fn interval_read_begin_waits_through_the_backend() {
     let seq = reader.join().unwrap();
     assert!(!sub.read_retry(seq));
     sub.remove().unwrap();
+}
+
+/// The debug checks run without std once the embedder says where each CPU's
+/// context is: a callback that sleeps in a non-blockable range and one that
+/// re-enters its own address space's invalidate path are both reported.
+#[test]
+fn the_debug_checks_run_on_the_embedders_contexts() {
+    #[derive(Default)]
+    struct Careless {
+        mm: OnceLock<Subscriptions>,
+        depth: AtomicUsize,
+    }
+    impl MmuNotifier for Careless {
+        fn callbacks(&self) -> Callbacks {
+            Callbacks::INVALIDATE_RANGE_START
+        }
+        fn invalidate_range_start(&self, r: &Range) -> Result<(), Again> {
+            // A lock that sleeps, taken whatever the range allows.
+            might_sleep();
+            if r.event() == Event::Clear && self.depth.fetch_add(1, Ordering::SeqCst) == 0 {
+                let mm = self.mm.get().unwrap();
+                mm.invalidate_range_start(Range::new(0, PAGE_SIZE, Event::Unmap).unwrap())
+                    .end();
+            }
+            Ok(())
+        }
+    }
+    let d = domain();
+    // The checks exist in debug builds only.
+    let expect = u64::from(cfg!(debug_assertions));
+    on_cpu(9, move || {
+        let mm = Subscriptions::with_domain(d);
+        let n = Arc::new(Careless::default());
+        n.mm.set(mm.clone()).ok().unwrap();
+        let h = mm.register(n.clone()).unwrap();
+        let r = |e| Range::new(0, PAGE_SIZE, e).unwrap();
+        mm.invalidate_range_start(r(Event::Unmap)).end();
+        assert_eq!(mm.diagnostics().count(Warning::SleepInNonBlockable), 0);
+        mm.invalidate_range_start_nonblock(r(Event::Unmap))
+            .unwrap()
+            .end();
+        assert_eq!(mm.diagnostics().count(Warning::SleepInNonBlockable), expect);
+        assert_eq!(mm.diagnostics().count(Warning::Recursion), 0);
+        mm.invalidate_range_start(r(Event::Clear)).end();
+        // The nested start and the nested end each re-entered the path.
+        assert_eq!(mm.diagnostics().count(Warning::Recursion), 2 * expect);
+        mm.unregister(&h).unwrap();
+    })
+    .join()
+    .unwrap();
+    // The source is installed once.
+    assert!(matches!(
+        mmu_notifier::debug::set_context_source(&CPUS),
+        Err(Error::ContextSourceSet)
+    ));
 }

@@ -15,9 +15,11 @@
 //!
 //! "Reported" means a `tracing` warning plus a per-address-space counter
 //! ([`Diagnostics`]). The sleep and recursion checks exist only in debug
-//! builds (`debug_assertions`) with the `std` feature, whose thread-locals
-//! hold the per-thread context they need; elsewhere [`might_sleep`] and the
-//! section markers compile to nothing (the counted warnings stay).
+//! builds (`debug_assertions`); in release builds [`might_sleep`] and the
+//! section markers compile to nothing (the counted warnings stay). They keep
+//! a per-task [`DebugContext`]: a thread-local with `std`; without std the
+//! embedder's [`ContextSource`] says which context the caller owns, and the
+//! checks run once one is installed ([`set_context_source`]).
 
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -99,34 +101,110 @@ impl Diagnostics {
     }
 }
 
-#[cfg(all(debug_assertions, feature = "std"))]
-#[derive(Default)]
+/// The per-task state of the sleep and recursion checks: which address
+/// spaces' non-blockable callbacks and invalidate paths the task is inside.
+///
+/// With `std` every thread has one of its own. Without std the embedder keeps
+/// one per task (or per CPU where sections are not preempted), the way it
+/// keeps SRCU readers, and says which one the caller owns through a
+/// [`ContextSource`] installed with [`set_context_source`].
+#[derive(Debug, Default)]
+pub struct DebugContext {
+    state: spin::Mutex<Context>,
+}
+
+#[derive(Debug, Default)]
 struct Context {
     /// Diagnostics of the address spaces whose non-blockable callbacks are
-    /// running on this thread, innermost last.
-    non_block: alloc::vec::Vec<Arc<Diagnostics>>,
-    /// Address spaces whose invalidate path this thread is inside.
+    /// running in this context, innermost last.
+    non_block: alloc::vec::Vec<DiagHandle>,
+    /// Address spaces whose invalidate path this context is inside.
     invalidating: alloc::vec::Vec<u64>,
+}
+
+impl DebugContext {
+    /// An empty context (usable in a `static`).
+    pub const fn new() -> DebugContext {
+        DebugContext {
+            state: spin::Mutex::new(Context {
+                non_block: alloc::vec::Vec::new(),
+                invalidating: alloc::vec::Vec::new(),
+            }),
+        }
+    }
+}
+
+/// Where the debug checks find the calling task's [`DebugContext`] (Linux
+/// keeps it in `task_struct`). An embedder without std implements it over
+/// its per-task or per-CPU data.
+pub trait ContextSource: Sync {
+    /// The context of the calling task, or `None` where the caller has none
+    /// (an early boot path, an interrupt): the checks are then skipped.
+    fn current(&self) -> Option<&DebugContext>;
+}
+
+/// The context source installed by [`set_context_source`].
+static SOURCE: spin::Once<&'static dyn ContextSource> = spin::Once::new();
+
+/// Installs where the sleep and recursion checks find the caller's context.
+/// Without std the checks run only once a source is installed; with std the
+/// source, once installed, replaces the per-thread contexts. The checks exist
+/// only in debug builds (`debug_assertions`); the counted warnings are
+/// reported in every build.
+///
+/// # Errors
+/// [`Error::ContextSourceSet`](crate::Error::ContextSourceSet) when a source
+/// was already installed (it stays in place).
+pub fn set_context_source(source: &'static dyn ContextSource) -> Result<(), crate::Error> {
+    let mut installed = false;
+    SOURCE.call_once(|| {
+        installed = true;
+        source
+    });
+    if installed {
+        Ok(())
+    } else {
+        Err(crate::Error::ContextSourceSet)
+    }
 }
 
 #[cfg(all(debug_assertions, feature = "std"))]
 crate::sync::thread_local! {
-    static CONTEXT: std::cell::RefCell<Context> = std::cell::RefCell::new(Context::default());
+    static CONTEXT: DebugContext = DebugContext::new();
+}
+
+/// Runs `f` on the caller's debug context, if it has one and it is not in
+/// use further up the same call chain.
+#[cfg(debug_assertions)]
+fn with_context<T>(f: impl FnOnce(&mut Context) -> T) -> Option<T> {
+    fn run<T>(ctx: &DebugContext, f: impl FnOnce(&mut Context) -> T) -> Option<T> {
+        // Only the owning task uses a context, so the lock is free unless a
+        // tracing subscriber re-entered the checks: skip them then.
+        ctx.state.try_lock().map(|mut c| f(&mut c))
+    }
+    if let Some(source) = SOURCE.get() {
+        return source.current().and_then(|ctx| run(ctx, f));
+    }
+    #[cfg(feature = "std")]
+    {
+        CONTEXT.try_with(|ctx| run(ctx, f)).ok().flatten()
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        None
+    }
 }
 
 /// Declares that the caller may sleep here (Linux `might_sleep`). Inside a
 /// non-blockable invalidation callback this reports
 /// [`Warning::SleepInNonBlockable`] on that address space (debug builds only;
-/// free in release builds). Call it in your own blocking paths that callbacks
-/// may reach.
+/// free in release builds; without std only once a [`ContextSource`] is
+/// installed). Call it in your own blocking paths that callbacks may reach.
 #[inline]
 pub fn might_sleep() {
-    #[cfg(all(debug_assertions, feature = "std"))]
+    #[cfg(debug_assertions)]
     {
-        let diag = CONTEXT
-            .try_with(|c| c.borrow().non_block.last().cloned())
-            .ok()
-            .flatten();
+        let diag = with_context(|c| c.non_block.last().cloned()).flatten();
         if let Some(d) = diag {
             d.report(
                 Warning::SleepInNonBlockable,
@@ -139,23 +217,21 @@ pub fn might_sleep() {
 /// Marks a non-blockable callback section (Linux `non_block_start/end`);
 /// the section ends when the value is dropped.
 pub(crate) struct NonBlockSection {
-    #[cfg(all(debug_assertions, feature = "std"))]
+    #[cfg(debug_assertions)]
     active: bool,
 }
 
 impl NonBlockSection {
     #[inline]
-    #[cfg_attr(not(all(debug_assertions, feature = "std")), allow(unused_variables))]
+    #[cfg_attr(not(debug_assertions), allow(unused_variables))]
     pub(crate) fn enter(diag: &DiagHandle, active: bool) -> NonBlockSection {
-        #[cfg(all(debug_assertions, feature = "std"))]
+        #[cfg(debug_assertions)]
         {
-            if active {
-                let d = diag.clone();
-                CONTEXT.with(|c| c.borrow_mut().non_block.push(d));
-            }
+            // Only a section that was recorded pops on drop.
+            let active = active && with_context(|c| c.non_block.push(diag.clone())).is_some();
             NonBlockSection { active }
         }
-        #[cfg(not(all(debug_assertions, feature = "std")))]
+        #[cfg(not(debug_assertions))]
         NonBlockSection {}
     }
 }
@@ -163,9 +239,9 @@ impl NonBlockSection {
 impl Drop for NonBlockSection {
     #[inline]
     fn drop(&mut self) {
-        #[cfg(all(debug_assertions, feature = "std"))]
+        #[cfg(debug_assertions)]
         if self.active {
-            let _ = CONTEXT.try_with(|c| c.borrow_mut().non_block.pop());
+            let _ = with_context(|c| c.non_block.pop());
         }
     }
 }
@@ -173,31 +249,33 @@ impl Drop for NonBlockSection {
 /// Marks "this thread is in the invalidate path of address space `key`";
 /// entering it again from a callback reports [`Warning::Recursion`].
 pub(crate) struct InvalidateSection {
-    #[cfg(all(debug_assertions, feature = "std"))]
-    key: u64,
+    /// The address space recorded, `None` where no context was available.
+    #[cfg(debug_assertions)]
+    key: Option<u64>,
 }
 
 impl InvalidateSection {
     #[inline]
-    #[cfg_attr(not(all(debug_assertions, feature = "std")), allow(unused_variables))]
+    #[cfg_attr(not(debug_assertions), allow(unused_variables))]
     pub(crate) fn enter(key: u64, diag: &Diagnostics) -> InvalidateSection {
-        #[cfg(all(debug_assertions, feature = "std"))]
+        #[cfg(debug_assertions)]
         {
-            let recursed = CONTEXT.with(|c| {
-                let mut c = c.borrow_mut();
+            let recursed = with_context(|c| {
                 let r = c.invalidating.contains(&key);
                 c.invalidating.push(key);
                 r
             });
-            if recursed {
+            if recursed == Some(true) {
                 diag.report(
                     Warning::Recursion,
                     "recursion into the invalidate path of the same address space from a callback",
                 );
             }
-            InvalidateSection { key }
+            InvalidateSection {
+                key: recursed.map(|_| key),
+            }
         }
-        #[cfg(not(all(debug_assertions, feature = "std")))]
+        #[cfg(not(debug_assertions))]
         InvalidateSection {}
     }
 }
@@ -205,11 +283,9 @@ impl InvalidateSection {
 impl Drop for InvalidateSection {
     #[inline]
     fn drop(&mut self) {
-        #[cfg(all(debug_assertions, feature = "std"))]
-        {
-            let key = self.key;
-            let _ = CONTEXT.try_with(|c| {
-                let mut c = c.borrow_mut();
+        #[cfg(debug_assertions)]
+        if let Some(key) = self.key {
+            let _ = with_context(|c| {
                 if let Some(pos) = c.invalidating.iter().rposition(|k| *k == key) {
                     c.invalidating.remove(pos);
                 }

@@ -67,4 +67,8 @@ pub enum Error {
     /// a domain it does not belong to.
     #[error("the SRCU reader is inside a read-side section or belongs to another domain")]
     ReaderBusy,
+    /// [`debug::set_context_source`](crate::debug::set_context_source) was
+    /// called again; the first source stays installed.
+    #[error("a debug context source is already installed")]
+    ContextSourceSet,
 }

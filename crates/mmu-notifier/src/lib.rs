@@ -42,9 +42,13 @@
 //! with ([`Subscriptions::with_domain`]). Internal locks are spin locks held
 //! only for short sections that call no callback. Without std there is no
 //! `catch_unwind` (a panicking callback is not contained; with std it is
-//! contained only under `panic = "unwind"`), no thread-local debug context
-//! (the `might_sleep` and recursion checks are off; the counted warnings
-//! stay), and no `CheckedMutex` / `DriverLock` (they wrap std's mutex).
+//! contained only under `panic = "unwind"`), and no `CheckedMutex` /
+//! `DriverLock` (they wrap std's mutex). The debug checks (`might_sleep` in
+//! a non-blockable callback, recursion) keep their state in a
+//! [`debug::DebugContext`] per task: the embedder keeps one per task or CPU
+//! and installs a [`debug::ContextSource`] that finds the caller's
+//! ([`debug::set_context_source`]); until it does, they are off (the counted
+//! warnings stay).
 //! `crates/embed` in the repository is a complete embedding: a backend with
 //! readers registered by hand per CPU and a spin-wait, driving a shadow-MMU
 //! notifier under a spin lock.
