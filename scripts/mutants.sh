@@ -19,8 +19,9 @@
 # its real devices: each bug in mutants/devices/ must fail its test: the
 # io_uring end-to-end test (crates/uring-registrar/tests/end_to_end.rs)
 # reporting bad reads, a lifecycle test of crates/regcache, or the
-# userfaultfd monitor test timing out on a deadlock. It needs io_uring and
-# userfaultfd, as those tests do.
+# userfaultfd monitor test timing out on a deadlock, or the feed's race
+# tests (crates/mmfeed/tests/race.rs) counting stale lookups. It needs
+# io_uring, userfaultfd and BPF (root), as those tests do.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 work="$root/target/mutants"
@@ -34,7 +35,7 @@ if [ "${1:-}" = --whole-system ] || [ "${1:-}" = --devices ]; then
   shift
 fi
 
-# name | kind (std, loom, shuttle, embed, uring, uffd or regcache) | test target | test name (empty: every
+# name | kind (std, loom, shuttle, embed, uring, uffd, feed or regcache) | test target | test name (empty: every
 # test of the target) | what the mutant does
 race_mutants=(
   "3ad3d901|std|seed|seed_3ad3d901_release_runs_before_removal_from_list|exit takes notifiers off the list before calling release"
@@ -65,6 +66,8 @@ device_mutants=(
   "no-reap-on-hit|regcache|lifecycle|past_the_unreleased_bound_hits_tear_down_what_left_the_cache|invalidated registrations stay registered while the cache only hits"
   "process-interval-drop-leaks|uffd|process|dropping_a_process_interval_removes_its_notifier|dropping a ProcessInterval leaves its notifier in the tree"
   "reader-waits-for-handler|uffd|process|a_blocked_callback_does_not_stop_the_monitor_reading|the userfaultfd reader waits for the callbacks (a munmap under an allocator lock deadlocks)"
+  "feed-at-exit|feed|race|addresses_reused_across_threads_never_hit_a_stale_registration|the feed's STARTs take effect only at their END (publication at syscall exit, as userfaultfd)"
+  "feed-no-begin-wait|feed|race|a_registration_racing_an_munmap_in_flight_is_never_committed_stale|a flush applies a START and returns without waiting for its END (no begin-wait)"
 )
 if [ "$set_name" = race ]; then
   mutants=("${race_mutants[@]}")
@@ -98,6 +101,7 @@ cargo_test() { # kind target [test args...]
       cargo test -q --manifest-path crates/embed/Cargo.toml --test "$target" "$@") ;;
     uring) (cd "$tree" && cargo test -q -p uring-registrar --test "$target" "$@") ;;
     uffd) (cd "$tree" && cargo test -q -p uffd --test "$target" "$@") ;;
+    feed) (cd "$tree" && cargo test -q -p mmfeed --test "$target" "$@") ;;
     regcache) (cd "$tree" && cargo test -q -p regcache --test "$target" "$@") ;;
     *) (cd "$tree" && cargo test -q -p mmu-notifier --test "$target" "$@") ;;
   esac

@@ -1,0 +1,313 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+//
+// The start/end feed of a process's own address-space changes.
+//
+// One program set serves every process on the host. Each program runs at
+// the entry or the exit of a system call that can take memory away from a
+// process (munmap, mremap, mmap MAP_FIXED, madvise, brk, shmdt,
+// process_madvise), looks the calling process (tgid) up in `feeds` and, only
+// when the process asked for a feed, publishes a record into that process's
+// own feed: a one-element BPF_F_MMAPABLE array the process maps read-only.
+//
+// * START is published at syscall *entry*, before the kernel takes the mmap
+//   lock, so it is ordered before any other thread can be handed the
+//   addresses the call frees (record -> mmap_lock release by this call ->
+//   mmap_lock acquire by the other thread's mmap -> its lookup's acquire
+//   load of `head`): what Linux's invalidate_range_start gives a secondary.
+// * END is published at syscall *exit* of a call that published a START
+//   (the `pending` map remembers which threads did): what
+//   invalidate_range_end gives. Between the two the range is in flight, and
+//   a registration must neither start nor commit over it.
+//
+// Records are claimed with an atomic add on `head` and published with a
+// per-slot sequence written last (0 while the slot is being written), so a
+// reader can tell a complete record from a torn or overwritten one.
+//
+// Rebuild (clang and libbpf-dev from Debian): scripts/build-bpf.sh
+
+#include <linux/bpf.h>
+#include <linux/types.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+
+#define FEED_SLOTS 1024 /* a power of two */
+#define PAGE_MASK_ (~4095ULL)
+#define ALL_END (~0ULL)
+
+#define KIND_START 1
+#define KIND_END 2
+
+/* mmu_notifier events (Linux enum mmu_notifier_event) */
+#define EV_UNMAP 0
+#define EV_CLEAR 1
+
+struct record {
+	__u64 start;
+	__u64 end;
+	__u32 tid;
+	/* KIND_* in the low byte, for a START the mmu_notifier event above it */
+	__u32 kind;
+	/* index + 1 of the record the slot holds, 0 while it is written */
+	__u64 seq;
+};
+
+struct feed {
+	/* records claimed so far; record i lives in slot i % FEED_SLOTS */
+	__u64 head;
+	/* syscalls that published a START and have not yet reached their exit */
+	__u64 inflight;
+	__u64 reserved[6];
+	struct record slots[FEED_SLOTS];
+};
+
+/* Sizes rather than types: clang emits `struct feed` here as a forward
+ * declaration, which aya's BTF parser rejects. */
+struct feed_map {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(struct feed));
+};
+
+/* tgid -> that process's feed */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__array(values, struct feed_map);
+} feeds SEC(".maps");
+
+/* thread id -> 1 while its syscall published a START and has not exited */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u32);
+} pending SEC(".maps");
+
+/* The layout of every syscalls:sys_enter_* / sys_exit_* tracepoint. */
+struct sys_enter_args {
+	__u64 common;
+	__s32 nr;
+	__u32 pad;
+	__u64 args[6];
+};
+
+struct sys_exit_args {
+	__u64 common;
+	__s32 nr;
+	__u32 pad;
+	__s64 ret;
+};
+
+/* Only the fields brk needs, relocated against the running kernel's BTF. */
+struct mm_struct {
+	unsigned long start_brk;
+	unsigned long brk;
+} __attribute__((preserve_access_index));
+
+struct task_struct {
+	struct mm_struct *mm;
+} __attribute__((preserve_access_index));
+
+static __always_inline struct feed *my_feed(void)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	void *inner = bpf_map_lookup_elem(&feeds, &tgid);
+	__u32 zero = 0;
+
+	if (!inner)
+		return 0;
+	return bpf_map_lookup_elem(inner, &zero);
+}
+
+static __always_inline void publish(struct feed *f, __u64 start, __u64 end, __u32 kind)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u64 idx = __sync_fetch_and_add(&f->head, 1);
+	struct record *r = &f->slots[idx & (FEED_SLOTS - 1)];
+
+	__sync_lock_test_and_set(&r->seq, 0);
+	r->start = start;
+	r->end = end;
+	r->tid = tid;
+	r->kind = kind;
+	__sync_lock_test_and_set(&r->seq, idx + 1);
+}
+
+/* A START for [start, end), page-aligned outwards; once per syscall the
+ * thread is marked pending so its exit publishes the END. */
+static __always_inline void start(struct feed *f, __u64 start, __u64 end, __u32 event)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u32 one = 1;
+
+	if (end <= start)
+		return;
+	start &= PAGE_MASK_;
+	end = end > ALL_END - 4095 ? ALL_END : (end + 4095) & PAGE_MASK_;
+	if (!bpf_map_lookup_elem(&pending, &tid)) {
+		__sync_fetch_and_add(&f->inflight, 1);
+		if (bpf_map_update_elem(&pending, &tid, &one, BPF_ANY)) {
+			/* No room to remember the thread (65536 threads host-wide
+			 * inside these calls at once): flush everything and end it
+			 * at once; the range is then not held in flight. */
+			publish(f, 0, ALL_END, KIND_START | (event << 8));
+			publish(f, 0, 0, KIND_END);
+			__sync_fetch_and_add(&f->inflight, -1);
+			return;
+		}
+	}
+	publish(f, start, end, KIND_START | (event << 8));
+}
+
+static __always_inline int end_of_call(void)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct feed *f;
+
+	if (!bpf_map_lookup_elem(&pending, &tid))
+		return 0;
+	bpf_map_delete_elem(&pending, &tid);
+	f = my_feed();
+	if (!f)
+		return 0;
+	publish(f, 0, 0, KIND_END);
+	__sync_fetch_and_add(&f->inflight, -1);
+	return 0;
+}
+
+static __always_inline __u64 add_len(__u64 addr, __u64 len)
+{
+	return addr + len < addr ? ALL_END : addr + len;
+}
+
+SEC("tracepoint/syscalls/sys_enter_munmap")
+int enter_munmap(struct sys_enter_args *ctx)
+{
+	struct feed *f = my_feed();
+
+	if (f)
+		start(f, ctx->args[0], add_len(ctx->args[0], ctx->args[1]), EV_UNMAP);
+	return 0;
+}
+
+#define MREMAP_MAYMOVE 1
+#define MREMAP_FIXED 2
+
+SEC("tracepoint/syscalls/sys_enter_mremap")
+int enter_mremap(struct sys_enter_args *ctx)
+{
+	__u64 addr = ctx->args[0], old_len = ctx->args[1], new_len = ctx->args[2];
+	__u64 flags = ctx->args[3], new_addr = ctx->args[4];
+	struct feed *f = my_feed();
+
+	if (!f)
+		return 0;
+	if (flags & MREMAP_FIXED) {
+		/* Moved away, and whatever was mapped at the target replaced. */
+		start(f, addr, add_len(addr, old_len), EV_UNMAP);
+		start(f, new_addr, add_len(new_addr, new_len), EV_UNMAP);
+	} else if (new_len < old_len) {
+		/* Shrunk in place: the tail goes. */
+		start(f, addr + new_len, add_len(addr, old_len), EV_UNMAP);
+	} else if (flags & MREMAP_MAYMOVE) {
+		/* Grown, and it may move. */
+		start(f, addr, add_len(addr, old_len), EV_UNMAP);
+	}
+	return 0;
+}
+
+#define MAP_FIXED 0x10
+
+SEC("tracepoint/syscalls/sys_enter_mmap")
+int enter_mmap(struct sys_enter_args *ctx)
+{
+	struct feed *f;
+
+	/* MAP_FIXED replaces what was mapped; MAP_FIXED_NOREPLACE does not. */
+	if (!(ctx->args[3] & MAP_FIXED))
+		return 0;
+	f = my_feed();
+	if (f)
+		start(f, ctx->args[0], add_len(ctx->args[0], ctx->args[1]), EV_UNMAP);
+	return 0;
+}
+
+#define MADV_DONTNEED 4
+#define MADV_FREE 8
+#define MADV_REMOVE 9
+#define MADV_DONTNEED_LOCKED 24
+#define MADV_GUARD_INSTALL 102
+
+SEC("tracepoint/syscalls/sys_enter_madvise")
+int enter_madvise(struct sys_enter_args *ctx)
+{
+	__u64 advice = ctx->args[2];
+	struct feed *f;
+
+	if (advice != MADV_DONTNEED && advice != MADV_FREE && advice != MADV_REMOVE &&
+	    advice != MADV_DONTNEED_LOCKED && advice != MADV_GUARD_INSTALL)
+		return 0;
+	f = my_feed();
+	if (f)
+		start(f, ctx->args[0], add_len(ctx->args[0], ctx->args[1]), EV_CLEAR);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_brk")
+int enter_brk(struct sys_enter_args *ctx)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	__u64 want = ctx->args[0], brk, start_brk;
+	struct feed *f = my_feed();
+
+	if (!f || !want)
+		return 0;
+	brk = BPF_CORE_READ(task, mm, brk);
+	start_brk = BPF_CORE_READ(task, mm, start_brk);
+	/* A shrink frees the pages above the new break (rounded up, as the
+	 * kernel rounds it); below start_brk it fails. */
+	if (want < brk && want >= start_brk)
+		start(f, (want + 4095) & PAGE_MASK_, brk, EV_UNMAP);
+	return 0;
+}
+
+/* Calls whose ranges the feed does not decode: everything is flushed. */
+SEC("tracepoint/syscalls/sys_enter_shmdt")
+int enter_shmdt(struct sys_enter_args *ctx)
+{
+	struct feed *f = my_feed();
+
+	if (f)
+		start(f, 0, ALL_END, EV_UNMAP);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_process_madvise")
+int enter_process_madvise(struct sys_enter_args *ctx)
+{
+	struct feed *f = my_feed();
+
+	if (f)
+		start(f, 0, ALL_END, EV_CLEAR);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_munmap")
+int exit_munmap(struct sys_exit_args *ctx) { return end_of_call(); }
+SEC("tracepoint/syscalls/sys_exit_mremap")
+int exit_mremap(struct sys_exit_args *ctx) { return end_of_call(); }
+SEC("tracepoint/syscalls/sys_exit_mmap")
+int exit_mmap(struct sys_exit_args *ctx) { return end_of_call(); }
+SEC("tracepoint/syscalls/sys_exit_madvise")
+int exit_madvise(struct sys_exit_args *ctx) { return end_of_call(); }
+SEC("tracepoint/syscalls/sys_exit_brk")
+int exit_brk(struct sys_exit_args *ctx) { return end_of_call(); }
+SEC("tracepoint/syscalls/sys_exit_shmdt")
+int exit_shmdt(struct sys_exit_args *ctx) { return end_of_call(); }
+SEC("tracepoint/syscalls/sys_exit_process_madvise")
+int exit_process_madvise(struct sys_exit_args *ctx) { return end_of_call(); }
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";

@@ -1,0 +1,30 @@
+//! Why a feed could not be set up or read.
+
+/// Why a feed could not be set up, or stopped working.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FeedError {
+    /// The BPF object could not be loaded: the process lacks CAP_BPF and
+    /// CAP_PERFMON (or CAP_SYS_ADMIN), the kernel has no BTF
+    /// (`/sys/kernel/btf/vmlinux`), or it refused a program.
+    #[error("loading the feed's BPF programs failed (needs CAP_BPF + CAP_PERFMON or root, and a kernel with BTF): {0}")]
+    Load(String),
+    /// A program could not be attached to its tracepoint.
+    #[error("attaching to syscalls:{tracepoint} failed (is tracefs mounted at /sys/kernel/tracing?): {why}")]
+    Attach {
+        /// The tracepoint.
+        tracepoint: &'static str,
+        /// What the kernel or loader said.
+        why: String,
+    },
+    /// The feed could not be mapped into this process.
+    #[error("mapping the feed failed: {0}")]
+    Map(#[source] std::io::Error),
+    /// After setup, an munmap of a canary page produced no record: the
+    /// programs do not see this process's calls, so the feed is refused.
+    #[error("the canary munmap produced no record: the feed does not see this process")]
+    Canary,
+    /// The canary page could not be mapped or unmapped.
+    #[error("the canary mapping failed: {0}")]
+    CanaryMap(#[source] std::io::Error),
+}

@@ -1,0 +1,53 @@
+//! A start/end feed of this process's own address-space changes, from eBPF,
+//! driving [`mmu_notifier`]'s `invalidate_range_start` / `_end`.
+//!
+//! A user-space registration cache must drop a registration *before* the
+//! memory under it can be reused. userfaultfd reports an munmap only after
+//! the kernel freed the range and let go of the mmap lock (an *end*
+//! notification), so an exact lookup has to ask the kernel every time
+//! whether anything is still pending. Here, BPF programs on the system
+//! calls that take memory away publish a START record at syscall **entry**
+//! (before the call takes the mmap lock, so before any other thread can be
+//! handed the freed addresses) and an END record at syscall **exit**, into
+//! a feed this process maps. A lookup checks "anything new?" with one
+//! acquire load.
+//!
+//! * [`Feed`]: the programs attached and this process's feed mapped (one per
+//!   process).
+//! * [`FeedMm`]: the address space whose `Subscriptions` the feed drives,
+//!   and a [`regcache::AddressSpace`]: `RegCache<FeedMm, R>` is a
+//!   registration cache on real memory for any device `R`.
+//!
+//! # What is covered
+//! munmap; mremap (a shrink's tail, a move's source, the target a
+//! `MREMAP_FIXED` move replaces); mmap with `MAP_FIXED` over a mapping;
+//! madvise `DONTNEED`, `DONTNEED_LOCKED`, `FREE`, `REMOVE`, `GUARD_INSTALL`;
+//! brk shrinking the heap; and, as "everything changed", shmdt and
+//! process_madvise. Threads created later are covered (the programs filter
+//! by process). Not covered, as with userfaultfd: truncation or hole-punch
+//! of a shared file mapped here, compat (32-bit) system calls, io_uring's
+//! `IORING_OP_MADVISE`, `UFFDIO_MOVE`, and unmaps a driver makes itself.
+//!
+//! # Requirements
+//! Loading needs CAP_BPF and CAP_PERFMON (or root) and a kernel with BTF.
+//! Enabling the `syscalls` tracepoints makes **every** system call of
+//! **every** process on the host take the kernel's traced path; the README
+//! gives the measured cost and how to turn the feed off.
+#![warn(missing_docs)]
+// Every `unsafe` block lives in `sys` (the mapping of the feed), each with
+// a `// SAFETY:` argument; the other modules cannot add one.
+#![deny(unsafe_code)]
+
+mod error;
+mod feed;
+mod loader;
+mod ring;
+mod space;
+#[allow(unsafe_code)]
+mod sys;
+
+pub use error::FeedError;
+pub use feed::Feed;
+pub use loader::AttachPoint;
+pub use ring::{Kind, Record, SLOTS};
+pub use space::{FeedMm, FeedStats};

@@ -1,0 +1,146 @@
+//! Loading the shipped BPF object and attaching it: the programs of
+//! `bpf/mmfeed.bpf.c` on the `syscalls:*` tracepoints, and this process's
+//! feed registered under its tgid.
+
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use aya::maps::{Array, HashOfMaps, IterableMap, MapData};
+use aya::programs::TracePoint;
+use aya::{Ebpf, EbpfLoader};
+
+use crate::error::FeedError;
+use crate::ring::{Value, WORDS};
+use crate::sys::SharedWords;
+
+/// The object that ships, built from `bpf/mmfeed.bpf.c` by
+/// `scripts/build-bpf.sh`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/mmfeed.bpf.o");
+
+/// `BPF_F_MMAPABLE`: the array's values can be mapped by user space.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Each program and the `syscalls` tracepoint it runs on.
+pub(crate) const PROGRAMS: [(&str, &str); 14] = [
+    ("enter_munmap", "sys_enter_munmap"),
+    ("enter_mremap", "sys_enter_mremap"),
+    ("enter_mmap", "sys_enter_mmap"),
+    ("enter_madvise", "sys_enter_madvise"),
+    ("enter_brk", "sys_enter_brk"),
+    ("enter_shmdt", "sys_enter_shmdt"),
+    ("enter_process_madvise", "sys_enter_process_madvise"),
+    ("exit_munmap", "sys_exit_munmap"),
+    ("exit_mremap", "sys_exit_mremap"),
+    ("exit_mmap", "sys_exit_mmap"),
+    ("exit_madvise", "sys_exit_madvise"),
+    ("exit_brk", "sys_exit_brk"),
+    ("exit_shmdt", "sys_exit_shmdt"),
+    ("exit_process_madvise", "sys_exit_process_madvise"),
+];
+
+/// Where the programs run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AttachPoint {
+    /// The `syscalls:sys_enter_*` / `sys_exit_*` tracepoints. Enabling any
+    /// of them makes every system call of every process on the host take
+    /// the kernel's traced path (the host-wide tax the README states).
+    SyscallTracepoints,
+}
+
+/// The programs this process loaded and its feed, registered under its
+/// tgid; dropping it unregisters the feed and detaches the programs.
+pub(crate) struct Loaded {
+    /// Owns the programs and their links.
+    _ebpf: Ebpf,
+    feeds: HashOfMaps<MapData, u32>,
+    tgid: u32,
+    /// The feed's map (kept open while it is registered and mapped).
+    _feed: Array<MapData, Value>,
+}
+
+impl Loaded {
+    /// Loads the object, attaches every program, creates this process's
+    /// feed and registers it; returns the feed's mapping too.
+    pub(crate) fn load() -> Result<(Loaded, SharedWords), FeedError> {
+        ensure_tracefs();
+        let mut ebpf = EbpfLoader::new()
+            .load(OBJECT)
+            .map_err(|e| FeedError::Load(chain(&e)))?;
+        for (program, tracepoint) in PROGRAMS {
+            let attach = |ebpf: &mut Ebpf| -> Result<(), String> {
+                let p: &mut TracePoint = ebpf
+                    .program_mut(program)
+                    .ok_or("not in the object")?
+                    .try_into()
+                    .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+                p.load().map_err(|e| e.to_string())?;
+                p.attach("syscalls", tracepoint)
+                    .map_err(|e| e.to_string())?;
+                Ok(())
+            };
+            attach(&mut ebpf).map_err(|why| FeedError::Attach { tracepoint, why })?;
+        }
+        let feeds = ebpf
+            .take_map("feeds")
+            .ok_or_else(|| FeedError::Load("the object has no `feeds` map".into()))?;
+        let mut feeds: HashOfMaps<MapData, u32> =
+            HashOfMaps::try_from(feeds).map_err(|e| FeedError::Load(e.to_string()))?;
+        let feed = Array::<MapData, Value>::create(1, BPF_F_MMAPABLE)
+            .map_err(|e| FeedError::Load(format!("creating the feed map: {e}")))?;
+        let words = SharedWords::map(feed.map().fd().as_fd(), WORDS).map_err(FeedError::Map)?;
+        let tgid = rustix::process::getpid().as_raw_nonzero().get() as u32;
+        feeds
+            .insert(tgid, feed.map(), 0)
+            .map_err(|e| FeedError::Load(format!("registering the feed: {e}")))?;
+        Ok((
+            Loaded {
+                _ebpf: ebpf,
+                feeds,
+                tgid,
+                _feed: feed,
+            },
+            words,
+        ))
+    }
+
+    /// Where the programs run.
+    pub(crate) fn attach_point(&self) -> AttachPoint {
+        AttachPoint::SyscallTracepoints
+    }
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        let _ = self.feeds.remove(&self.tgid);
+    }
+}
+
+/// aya attaches tracepoints through tracefs; mount it where the machine has
+/// not (it needs the same privileges as loading, so a failure here shows as
+/// the attach error).
+fn ensure_tracefs() {
+    let tracing = Path::new("/sys/kernel/tracing");
+    if tracing.join("events").exists() || Path::new("/sys/kernel/debug/tracing/events").exists() {
+        return;
+    }
+    let _ = rustix::mount::mount(
+        "tracefs",
+        tracing,
+        "tracefs",
+        rustix::mount::MountFlags::empty(),
+        None,
+    );
+}
+
+/// An error and its sources, on one line (aya's errors nest the reason).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,121 @@
+//! Real mappings, raw system calls and the skip rule of the feed's tests.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use mmfeed::{Feed, FeedError, FeedMm, Kind, Record};
+
+pub const P: u64 = 4096;
+
+/// Why the feed cannot be attached here, if that is a refusal of the
+/// machine (no privileges), not a failure of ours. As root (CI) nothing is
+/// excused: the tests must run there.
+fn refused(e: &FeedError) -> bool {
+    let root = rustix::process::geteuid().is_root();
+    !root && matches!(e, FeedError::Load(_) | FeedError::Attach { .. })
+}
+
+/// The process's feed, or `None` (the reason printed) where the machine
+/// refuses BPF: the only case in which these tests skip.
+pub fn feed() -> Option<Arc<Feed>> {
+    match Feed::attach() {
+        Ok(f) => Some(f),
+        Err(e) if refused(&e) => {
+            eprintln!("SKIPPED: {e}");
+            None
+        }
+        Err(e) => panic!("Feed::attach: {e}"),
+    }
+}
+
+/// A `FeedMm`, or `None` as for [`feed`].
+pub fn feed_mm() -> Option<FeedMm> {
+    match FeedMm::new() {
+        Ok(m) => Some(m),
+        Err(e) if refused(&e) => {
+            eprintln!("SKIPPED: {e}");
+            None
+        }
+        Err(e) => panic!("FeedMm::new: {e}"),
+    }
+}
+
+pub fn gettid() -> u32 {
+    rustix::thread::gettid().as_raw_nonzero().get() as u32
+}
+
+/// The records this thread's calls in `f` published, read right after `f`
+/// returned (so: published before the calls returned).
+pub fn records_during(feed: &Feed, f: impl FnOnce()) -> Vec<Kind> {
+    let tid = gettid();
+    let from = feed.head();
+    f();
+    let to = feed.head();
+    (from..to)
+        .filter_map(|i| feed.record(i))
+        .filter(|r: &Record| r.tid == tid)
+        .map(|r| r.kind)
+        .collect()
+}
+
+/// Maps `pages` anonymous pages (read-write) with extra `flags`.
+pub fn map_flags(pages: u64, flags: libc::c_int) -> u64 {
+    // SAFETY: a new anonymous mapping at an address of the kernel's choosing
+    // replaces nothing.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            (pages * P) as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_ANONYMOUS | flags,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "mmap");
+    p as u64
+}
+
+pub fn map(pages: u64) -> u64 {
+    map_flags(pages, libc::MAP_PRIVATE)
+}
+
+/// The raw munmap system call (not libc's wrapper).
+pub fn raw_munmap(addr: u64, len: u64) -> i64 {
+    // SAFETY: the tests unmap only mappings they made, with no reference
+    // into them alive.
+    unsafe { libc::syscall(libc::SYS_munmap, addr, len) }
+}
+
+/// Writes `tag` into the first word of the page at `addr`.
+pub fn write_tag(addr: u64, tag: u64) {
+    // SAFETY: `addr` is a page this test mapped read-write and still maps.
+    unsafe { std::ptr::write_volatile(addr as *mut u64, tag) }
+}
+
+/// Reads the first word at `addr` through process_vm_readv: an error, not
+/// a fault, where nothing is mapped (what a device pinning the page sees).
+pub fn read_tag(addr: u64) -> Option<u64> {
+    let mut v = 0u64;
+    let local = libc::iovec {
+        iov_base: (&mut v as *mut u64).cast(),
+        iov_len: 8,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut _,
+        iov_len: 8,
+    };
+    // SAFETY: `local` is our own 8-byte buffer; the remote side is read by
+    // the kernel, which reports an unmapped address as an error.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    (n == 8).then_some(v)
+}
+
+/// A START covering exactly `[start, end)` for `Unmap`.
+pub fn unmap_start(start: u64, end: u64) -> Kind {
+    Kind::Start {
+        start,
+        end,
+        event: mmu_notifier::Event::Unmap,
+    }
+}

@@ -1,0 +1,202 @@
+//! The races the feed exists for, on real memory, each counted: a
+//! registration cache lookup must never return a registration of memory
+//! that was unmapped before the lookup started.
+//!
+//! The "device" registers a page by reading the tag its mapper wrote into
+//! it (through process_vm_readv, so an unmapped page is an error, as a pin
+//! would be): a registration's handle is the tag of the memory it holds.
+//! Every thread maps a page, writes a fresh tag, looks the page up and
+//! compares: a different tag is a registration of an earlier mapping at
+//! the same address, which a munmap ended before this mapping existed:
+//! stale. (A page is registered only once tagged, so a registration never
+//! holds the right memory under a tag about to change.)
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use mmfeed::FeedMm;
+use regcache::{Access, Config, RegCache, RegError, Registrar};
+
+/// Registers a page by reading its tag.
+struct TagDevice;
+
+impl Registrar for TagDevice {
+    type Handle = u64;
+    fn register(&self, start: u64, _end: u64, _: Access) -> Result<u64, RegError> {
+        match read_tag(start) {
+            None => Err(RegError::other("the page is not mapped")),
+            // Mapped, but its mapper has not tagged it yet: a registration
+            // now would hold the right memory under a tag that is about to
+            // change, which the check below could not tell from a stale one.
+            Some(0) => Err(RegError::other("the page is not tagged yet")),
+            Some(tag) => Ok(tag),
+        }
+    }
+    fn deregister(&self, _: u64) -> Result<(), RegError> {
+        Ok(())
+    }
+}
+
+static NEXT_TAG: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Default)]
+struct Tally {
+    lookups: AtomicU64,
+    hits: AtomicU64,
+    stale: AtomicU64,
+}
+
+/// Threads that map a page, tag it, look it up and unmap it, over and over,
+/// for `run`; `unmap_first` threads unmap the page right after registering
+/// it instead (so lookups race their munmaps).
+fn reuse_race(mm: FeedMm, threads: usize, run: Duration) -> Arc<Tally> {
+    let cache = Arc::new(RegCache::with_config(
+        mm,
+        TagDevice,
+        Config {
+            max_attempts: 1000,
+            ..Config::default()
+        },
+    ));
+    let tally = Arc::new(Tally::default());
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (cache, tally) = (cache.clone(), tally.clone());
+            std::thread::spawn(move || {
+                let until = Instant::now() + run;
+                while Instant::now() < until {
+                    let p = map(1);
+                    let tag = NEXT_TAG.fetch_add(1, Ordering::Relaxed);
+                    write_tag(p, tag);
+                    let hits_before = cache.stats().hits.load(Ordering::Relaxed);
+                    if let Ok(e) = cache.get(p, P, Access::READ) {
+                        tally.lookups.fetch_add(1, Ordering::Relaxed);
+                        if cache.stats().hits.load(Ordering::Relaxed) != hits_before {
+                            tally.hits.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if *e.handle() != tag {
+                            tally.stale.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    // The raw system call: no libc wrapper or allocator
+                    // between the unmap and the feed.
+                    assert_eq!(raw_munmap(p, P), 0);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    tally
+}
+
+fn seconds() -> Duration {
+    let s = std::env::var("MMFEED_RACE_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
+    Duration::from_secs_f64(s)
+}
+
+/// Threads reuse each other's freed addresses at once (the kernel hands a
+/// freed page to the next mmap): every lookup's flush must see the munmap
+/// that freed the address before the mmap that reused it returned.
+#[test]
+fn addresses_reused_across_threads_never_hit_a_stale_registration() {
+    let Some(mm) = feed_mm() else { return };
+    let t = reuse_race(mm, 3, seconds());
+    let (lookups, stale) = (
+        t.lookups.load(Ordering::Relaxed),
+        t.stale.load(Ordering::Relaxed),
+    );
+    let hits = t.hits.load(Ordering::Relaxed);
+    eprintln!("reuse race: {lookups} lookups ({hits} hits), {stale} stale");
+    assert!(lookups > 200, "the race ran ({lookups} lookups)");
+    assert_eq!(stale, 0, "{stale} stale registrations in {lookups} lookups");
+}
+
+/// A registration made while a munmap of its page is in flight (START
+/// published, the pages not yet gone) must not be committed: the flush
+/// before the commit waits for the munmap's END, so the collision check
+/// sees it. Thread B maps, tags and unmaps pages; threads A register
+/// whatever page B has right now; thread R maps pages of its own (reusing
+/// B's freed addresses) and checks every lookup.
+#[test]
+fn a_registration_racing_an_munmap_in_flight_is_never_committed_stale() {
+    let Some(mm) = feed_mm() else { return };
+    let cache = Arc::new(RegCache::with_config(
+        mm,
+        TagDevice,
+        Config {
+            max_attempts: 1000,
+            ..Config::default()
+        },
+    ));
+    let until = Instant::now() + seconds();
+    let current = Arc::new(AtomicU64::new(0));
+    let tally = Arc::new(Tally::default());
+    let unmapper = {
+        let current = current.clone();
+        std::thread::spawn(move || {
+            while Instant::now() < until {
+                let p = map(1);
+                write_tag(p, NEXT_TAG.fetch_add(1, Ordering::Relaxed));
+                current.store(p, Ordering::Release);
+                for _ in 0..200 {
+                    std::hint::spin_loop();
+                }
+                assert_eq!(raw_munmap(p, P), 0);
+            }
+        })
+    };
+    let registrars: Vec<_> = (0..2)
+        .map(|_| {
+            let (cache, current) = (cache.clone(), current.clone());
+            std::thread::spawn(move || {
+                while Instant::now() < until {
+                    let p = current.load(Ordering::Acquire);
+                    if p != 0 {
+                        let _ = cache.get(p, P, Access::READ);
+                    }
+                }
+            })
+        })
+        .collect();
+    let reuser = {
+        let (cache, tally) = (cache.clone(), tally.clone());
+        std::thread::spawn(move || {
+            while Instant::now() < until {
+                let q = map(1);
+                let tag = NEXT_TAG.fetch_add(1, Ordering::Relaxed);
+                write_tag(q, tag);
+                if let Ok(e) = cache.get(q, P, Access::READ) {
+                    tally.lookups.fetch_add(1, Ordering::Relaxed);
+                    if *e.handle() != tag {
+                        tally.stale.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                assert_eq!(raw_munmap(q, P), 0);
+            }
+        })
+    };
+    unmapper.join().unwrap();
+    for r in registrars {
+        r.join().unwrap();
+    }
+    reuser.join().unwrap();
+    let (lookups, stale) = (
+        tally.lookups.load(Ordering::Relaxed),
+        tally.stale.load(Ordering::Relaxed),
+    );
+    let retries = cache.stats().retries.load(Ordering::Relaxed);
+    eprintln!(
+        "registration race: {lookups} lookups, {stale} stale, {retries} registrations retried"
+    );
+    assert!(lookups > 200, "the race ran ({lookups} lookups)");
+    assert_eq!(stale, 0, "{stale} stale registrations in {lookups} lookups");
+}
