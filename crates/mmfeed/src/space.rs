@@ -41,9 +41,9 @@ pub struct FeedStats {
 
 /// This process's address space, with `invalidate_range_start` and `_end`
 /// driven by the feed: a START record (published when a call that takes
-/// memory away *enters* the kernel) opens a pair on [`subscriptions`]
-/// (Self::subscriptions), its thread's END record (published when the call
-/// returns) closes it.
+/// memory away *enters* the kernel) opens a pair on the
+/// [`subscriptions`](Self::subscriptions), and its thread's END record
+/// (published when the call returns) closes it.
 ///
 /// The pairs are run by [`flush`](Self::flush), which every lookup of a
 /// registration cache calls first: when nothing changed it is one acquire

@@ -110,9 +110,20 @@ impl AddressSpace for Blind {
     }
 }
 
-/// Runs the workload over this process (with `scope`), or over [`Blind`]
-/// when `invalidate` is false; returns (reads, bad reads).
-fn run(scope: FlushScope, reads_per_thread: u64, invalidate: bool) -> Option<(u64, u64)> {
+/// Where the cache learns about changes to the memory.
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    /// userfaultfd, with this flush scope.
+    Uffd(FlushScope),
+    /// The eBPF start/end feed.
+    Feed,
+    /// Nothing: a cache without invalidation.
+    Blind,
+}
+
+/// Runs the workload over this process with invalidations from `source`;
+/// returns (reads, bad reads), or `None` where the machine refuses.
+fn run(source: Source, reads_per_thread: u64) -> Option<(u64, u64)> {
     if let Err(why) = common::memlock_allows(THREADS * LIVE as u64 * MAX_BUF * 4) {
         skip(why);
         return None;
@@ -124,13 +135,6 @@ fn run(scope: FlushScope, reads_per_thread: u64, invalidate: bool) -> Option<(u6
             return None;
         }
     };
-    let mm = match ProcessMm::with_scope(scope) {
-        Ok(mm) => mm,
-        Err(e) => {
-            skip(format!("userfaultfd unavailable: {e}"));
-            return None;
-        }
-    };
     let registrar = ring
         .with(|r| UringRegistrar::new(r, 4096))
         .expect("sparse buffer table");
@@ -138,22 +142,36 @@ fn run(scope: FlushScope, reads_per_thread: u64, invalidate: bool) -> Option<(u6
         max_cached: 1024,
         ..Config::default()
     };
-    if invalidate {
-        workload(
-            RegCache::with_config(mm, registrar, config),
-            ring,
-            reads_per_thread,
-            &format!("{scope:?}"),
-        )
-    } else {
-        drop(mm);
-        let blind = Blind(mmu_notifier::Subscriptions::new());
-        workload(
-            RegCache::with_config(blind, registrar, config),
-            ring,
-            reads_per_thread,
-            "no invalidation",
-        )
+    match source {
+        Source::Uffd(scope) => {
+            let mm = match ProcessMm::with_scope(scope) {
+                Ok(mm) => mm,
+                Err(e) => {
+                    skip(format!("userfaultfd unavailable: {e}"));
+                    return None;
+                }
+            };
+            let cache = RegCache::with_config(mm, registrar, config);
+            workload(cache, ring, reads_per_thread, &format!("{scope:?}"))
+        }
+        Source::Feed => {
+            let mm = match mmfeed::FeedMm::new() {
+                Ok(mm) => mm,
+                // As root (CI) the feed must load; elsewhere BPF may be refused.
+                Err(e) if !rustix::process::geteuid().is_root() => {
+                    skip(format!("the eBPF feed is unavailable: {e}"));
+                    return None;
+                }
+                Err(e) => panic!("FeedMm::new: {e}"),
+            };
+            let cache = RegCache::with_config(mm, registrar, config);
+            workload(cache, ring, reads_per_thread, "eBPF feed")
+        }
+        Source::Blind => {
+            let blind = Blind(mmu_notifier::Subscriptions::new());
+            let cache = RegCache::with_config(blind, registrar, config);
+            workload(cache, ring, reads_per_thread, "no invalidation")
+        }
     }
 }
 
@@ -296,7 +314,20 @@ fn fixed_reads_through_the_cache_never_lose_data() {
         Ok("returned") => FlushScope::Returned,
         _ => FlushScope::default(),
     };
-    if let Some((reads, bad)) = run(scope, reads_per_thread(3000), true) {
+    if let Some((reads, bad)) = run(Source::Uffd(scope), reads_per_thread(3000)) {
+        assert!(reads >= THREADS * reads_per_thread(3000));
+        assert_eq!(
+            bad, 0,
+            "{bad} of {reads} reads went into stale fixed buffers"
+        );
+    }
+}
+
+/// The same guarantee with the eBPF start/end feed as the source of
+/// invalidations (no userfaultfd).
+#[test]
+fn fixed_reads_through_the_feed_never_lose_data() {
+    if let Some((reads, bad)) = run(Source::Feed, reads_per_thread(3000)) {
         assert!(reads >= THREADS * reads_per_thread(3000));
         assert_eq!(
             bad, 0,
@@ -312,8 +343,8 @@ fn fixed_reads_through_the_cache_never_lose_data() {
 #[ignore = "a measurement, not a check: prints the data-loss rates"]
 fn data_loss_rates_of_the_cheap_scope_and_of_no_invalidation() {
     let n = reads_per_thread(25_000);
-    for (scope, invalidate) in [(FlushScope::Returned, true), (FlushScope::Started, false)] {
-        if let Some((reads, bad)) = run(scope, n, invalidate) {
+    for source in [Source::Uffd(FlushScope::Returned), Source::Blind] {
+        if let Some((reads, bad)) = run(source, n) {
             println!(
                 "  -> {:.3}% of reads lost their data",
                 bad as f64 * 100.0 / reads as f64
