@@ -173,21 +173,12 @@ fn hooks(c: &mut Criterion, anchor: Option<&Path>) {
     g.finish();
 }
 
-/// The time per iteration criterion reports for `hooks/<id>` (its slope
-/// estimate, else the mean), in ns.
+#[path = "common/estimate.rs"]
+mod estimate;
+
+/// The time per iteration criterion reports for `hooks/<id>`, in ns.
 fn estimate_ns(id: &str) -> Option<f64> {
-    let path = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()?
-        .join("criterion/hooks")
-        .join(id)
-        .join("new/estimates.json");
-    let json = std::fs::read_to_string(path).ok()?;
-    let estimate = |key: &str| -> Option<f64> {
-        let at = &json[json.find(&format!("\"{key}\":{{"))?..];
-        let v = &at[at.find("\"point_estimate\":")? + 17..];
-        v[..v.find([',', '}'])?].trim().parse().ok()
-    };
-    estimate("slope").or_else(|| estimate("mean"))
+    estimate::estimate_ns(env!("CARGO_TARGET_TMPDIR"), "hooks", id)
 }
 
 fn main() {

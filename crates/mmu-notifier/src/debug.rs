@@ -110,10 +110,13 @@ impl Diagnostics {
 /// [`ContextSource`] installed with [`set_context_source`].
 #[derive(Debug, Default)]
 pub struct DebugContext {
+    // Read only by the checks, which exist in debug builds only.
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
     state: spin::Mutex<Context>,
 }
 
 #[derive(Debug, Default)]
+#[cfg_attr(not(debug_assertions), allow(dead_code))]
 struct Context {
     /// Diagnostics of the address spaces whose non-blockable callbacks are
     /// running in this context, innermost last.

@@ -6,7 +6,8 @@ use std::sync::{Arc, Weak};
 use mmu_notifier::sync::{AtomicBool, AtomicU64, Mutex, MutexGuard, Ordering};
 use mmu_notifier::{DriverLock, IntervalNotifier, IntervalOps, Range, PAGE_SIZE};
 
-use crate::entry::{Entry, Reg};
+use crate::entry::{Entry, Hit, Reg};
+use crate::hits::HitTable;
 use crate::index::{Index, Key};
 use crate::registrar::BoxError;
 use crate::{Access, AddressSpace, CacheError, Limits, RegError, Registrar};
@@ -87,6 +88,13 @@ pub(crate) struct CacheState<S: AddressSpace, R: Registrar> {
     /// The index, under the user lock of the interval protocol: callbacks
     /// take it to unlink, the registration path to commit.
     index: DriverLock<Index<S, R>>,
+    /// The lock-free read side: cached registrations by start page,
+    /// written next to the index under its lock.
+    pub(crate) hits: HitTable<S, R>,
+    /// The index's latest tick; a lock-free hit stamps the one after it as
+    /// its use (so LRU order among hits between two changes of the index
+    /// is by key, not by time).
+    pub(crate) clock: AtomicU64,
     /// `index.dead` is not empty (read without the lock on every lookup).
     dead_pending: AtomicBool,
     /// Bytes of registrations unlinked and not yet deregistered.
@@ -105,6 +113,7 @@ impl<S: AddressSpace, R: Registrar> CacheState<S, R> {
         let Some(len) = ix.unlink(r) else {
             return false;
         };
+        self.hits.remove(ix, r);
         self.unreleased_bytes.fetch_add(len, Ordering::Relaxed);
         self.dead_pending.store(true, Ordering::Release);
         true
@@ -140,6 +149,20 @@ impl<S: AddressSpace, R: Registrar> CacheState<S, R> {
             self.dead_pending.store(false, Ordering::Relaxed);
             std::mem::take(&mut ix.dead)
         };
+        if dead.is_empty() {
+            return;
+        }
+        // The hit table's slots of these registrations are freed after a
+        // grace period (a lock-free hit may still be using one): wait for
+        // those frees, so the last holder below is the dead list or a guard.
+        // Inside a read-side section (a `with_hit` closure on this thread)
+        // that wait could never end: leave them for the next reap.
+        if self.hits.domain().barrier().is_err() {
+            let mut ix = self.lock();
+            ix.dead.extend(dead);
+            self.dead_pending.store(true, Ordering::Release);
+            return;
+        }
         for r in dead {
             r.teardown();
             self.put(r);
@@ -253,6 +276,18 @@ impl<S: AddressSpace, R: Registrar> fmt::Debug for RegCache<S, R> {
     }
 }
 
+/// The end of a valid request, or why it is not one.
+fn check_request(start: u64, len: u64, access: Access) -> Result<u64, CacheError> {
+    let bad = |why| CacheError::InvalidRequest { start, len, why };
+    if len == 0 {
+        return Err(bad("empty range"));
+    }
+    if access.is_empty() {
+        return Err(bad("no access flag"));
+    }
+    start.checked_add(len).ok_or(bad("range wraps around"))
+}
+
 fn page_round(start: u64, end: u64) -> Option<(u64, u64)> {
     Some((
         start & !(PAGE_SIZE - 1),
@@ -276,12 +311,15 @@ impl<S: AddressSpace, R: Registrar> RegCache<S, R> {
             max_attempts: config.max_attempts.max(1),
             ..config
         };
+        let domain = space.subscriptions().domain();
         RegCache {
             shared: Arc::new(CacheState {
                 space,
                 registrar,
                 limits,
                 config,
+                hits: HitTable::new(config.max_cached, domain),
+                clock: AtomicU64::new(0),
                 index: DriverLock::new(Index::new()),
                 dead_pending: AtomicBool::new(false),
                 unreleased_bytes: AtomicU64::new(0),
@@ -340,14 +378,8 @@ impl<S: AddressSpace, R: Registrar> RegCache<S, R> {
     /// [`CacheError`]; [`CacheError::fall_back`] tells whether to do the I/O
     /// without a registration instead.
     pub fn get(&self, start: u64, len: u64, access: Access) -> Result<Entry<S, R>, CacheError> {
+        let end = check_request(start, len, access)?;
         let bad = |why| CacheError::InvalidRequest { start, len, why };
-        if len == 0 {
-            return Err(bad("empty range"));
-        }
-        if access.is_empty() {
-            return Err(bad("no access flag"));
-        }
-        let end = start.checked_add(len).ok_or(bad("range wraps around"))?;
         let sh = &self.shared;
         sh.space
             .flush()
@@ -357,14 +389,16 @@ impl<S: AddressSpace, R: Registrar> RegCache<S, R> {
         {
             sh.reap();
         }
+        if let Some(e) = self.hit(start, end, access, |h| h.entry()) {
+            sh.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(e);
+        }
         {
             let mut ix = sh.lock();
             if let Some(r) = ix.lookup(start, end, access).cloned() {
-                // Counted under the cache lock: a plain increment, not a
-                // read-modify-write on the hit path.
-                let hits = &sh.stats.hits;
-                hits.store(hits.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+                sh.clock.store(ix.tick(), Ordering::Relaxed);
                 drop(ix);
+                sh.stats.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(Entry {
                     shared: sh.clone(),
                     reg: Some(r),
@@ -375,6 +409,69 @@ impl<S: AddressSpace, R: Registrar> RegCache<S, R> {
         sh.reap();
         let (ps, pe) = page_round(start, end).ok_or(bad("range wraps around"))?;
         self.register(ps, pe, access)
+    }
+
+    /// Runs `f` on a cached registration covering `[start, start + len)`
+    /// with at least `access` that starts in the same page as `start`, if
+    /// there is one: the lock-free hit. Returns `Ok(None)` without calling
+    /// `f` otherwise (then [`get`](Self::get) finds or makes one).
+    ///
+    /// The hit takes no lock and writes no shared word (no reference count,
+    /// no statistics): the address space's flush (one load with the eBPF
+    /// feed), a read-side section of its SRCU domain (a thread-local
+    /// counter), and a probe of the hit table. The registration stays
+    /// registered while `f` runs; to keep it longer (until an I/O
+    /// completes, say) take an [`Entry`] with [`Hit::entry`].
+    ///
+    /// It gives [`get`](Self::get)'s guarantee: the registration was
+    /// coherent after every change that took effect before this call.
+    /// Hits here are not counted in [`CacheStats::hits`], and inside `f`
+    /// the thread is in a read-side section: a `get` there that misses
+    /// still works, but waits for nothing (teardown is left for later).
+    ///
+    /// # Errors
+    /// As [`get`](Self::get) for an invalid request or a failed flush.
+    #[inline]
+    pub fn with_hit<T>(
+        &self,
+        start: u64,
+        len: u64,
+        access: Access,
+        f: impl FnOnce(&Hit<'_, S, R>) -> T,
+    ) -> Result<Option<T>, CacheError> {
+        let end = check_request(start, len, access)?;
+        self.shared
+            .space
+            .flush()
+            .map_err(|e| CacheError::AddressSpace(Box::new(e)))?;
+        Ok(self.hit(start, end, access, f))
+    }
+
+    /// The lock-free probe behind [`with_hit`](Self::with_hit) and `get`.
+    #[inline]
+    fn hit<T>(
+        &self,
+        start: u64,
+        end: u64,
+        access: Access,
+        f: impl FnOnce(&Hit<'_, S, R>) -> T,
+    ) -> Option<T> {
+        let sh = &self.shared;
+        let section = sh.hits.read_lock();
+        let page = start & !(PAGE_SIZE - 1);
+        let slot = sh.hits.find(&section, page, |s| {
+            s.start <= start && end <= s.end && s.access.contains(access)
+        })?;
+        // Stamp the use for the LRU order: later than every tick queued so
+        // far (the clock is the latest), writing only when it changed.
+        let now = sh.clock.load(Ordering::Relaxed) + 1;
+        if slot.reg.last_use.load(Ordering::Relaxed) != now {
+            slot.reg.last_use.store(now, Ordering::Relaxed);
+        }
+        Some(f(&Hit {
+            shared: &self.shared,
+            reg: &slot.reg,
+        }))
     }
 
     /// The miss path: watch, insert the interval notifier, then register
@@ -483,10 +580,13 @@ impl<S: AddressSpace, R: Registrar> RegCache<S, R> {
                     sub: sub.clone(),
                     watch: Mutex::new(watch.take()),
                     valid: AtomicBool::new(false),
+                    hashed: AtomicBool::new(false),
                     last_use: AtomicU64::new(0),
                     queued: AtomicU64::new(0),
                 });
                 ix.insert(reg.clone());
+                sh.hits.insert(ix, &reg);
+                sh.clock.store(ix.tick(), Ordering::Relaxed);
                 let mut evicted = 0;
                 while ix.len() > sh.config.max_cached {
                     let Some(victim) = ix.lru_victim() else { break };

@@ -13,9 +13,10 @@ use crate::{Access, AddressSpace, Registrar};
 /// One device registration of `[start, end)` and what keeps it coherent:
 /// its interval notifier and the address space's watch of the range.
 ///
-/// Holders of an `Arc<Reg>`: the cache's index while it is cached, the
-/// cache's dead list between leaving the index and its teardown, and the
-/// [`Entry`] guards. Whoever drops the last one deregisters the device
+/// Holders of an `Arc<Reg>`: the cache's index while it is cached, its slot
+/// in the lock-free hit table (until a grace period after it left the
+/// cache), the cache's dead list between leaving the index and its
+/// teardown, and the [`Entry`] guards. Whoever drops the last one deregisters the device
 /// handle ([`CacheState::put`], through `Arc::into_inner`, so exactly once).
 /// The index and the dead list hold theirs until the registration left the
 /// cache and its notifier was removed, so the last holder is always a guard
@@ -35,6 +36,8 @@ pub(crate) struct Reg<S: AddressSpace, R: Registrar> {
     pub(crate) last_use: AtomicU64,
     /// Tick under which it sits in the LRU queue (under the cache lock).
     pub(crate) queued: AtomicU64,
+    /// The lock-free hit table holds it (written under the cache lock).
+    pub(crate) hashed: AtomicBool,
 }
 
 impl<S: AddressSpace, R: Registrar> Reg<S, R> {
@@ -165,6 +168,54 @@ impl<S: AddressSpace, R: Registrar> fmt::Debug for Entry<S, R> {
             .field("end", &format_args!("{:#x}", r.end))
             .field("access", &r.access)
             .field("valid", &r.is_valid())
+            .finish()
+    }
+}
+
+/// A lock-free hit ([`RegCache::with_hit`](crate::RegCache::with_hit)): the
+/// registration, borrowed for the closure it is passed to.
+pub struct Hit<'a, S: AddressSpace, R: Registrar> {
+    pub(crate) shared: &'a Arc<CacheState<S, R>>,
+    pub(crate) reg: &'a Arc<Reg<S, R>>,
+}
+
+impl<S: AddressSpace, R: Registrar> Hit<'_, S, R> {
+    /// The device's handle of the registration.
+    pub fn handle(&self) -> &R::Handle {
+        &self.reg.handle
+    }
+
+    /// Unique id of the registration (as [`Entry::id`]).
+    pub fn id(&self) -> u64 {
+        self.reg.id
+    }
+
+    /// First byte registered.
+    pub fn start(&self) -> u64 {
+        self.reg.start
+    }
+
+    /// One past the last byte registered.
+    pub fn end(&self) -> u64 {
+        self.reg.end
+    }
+
+    /// A guard that keeps the registration after the closure returns (two
+    /// reference-count increments).
+    pub fn entry(&self) -> Entry<S, R> {
+        Entry {
+            shared: self.shared.clone(),
+            reg: Some(self.reg.clone()),
+        }
+    }
+}
+
+impl<S: AddressSpace, R: Registrar> fmt::Debug for Hit<'_, S, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hit")
+            .field("id", &self.reg.id)
+            .field("start", &format_args!("{:#x}", self.reg.start))
+            .field("end", &format_args!("{:#x}", self.reg.end))
             .finish()
     }
 }

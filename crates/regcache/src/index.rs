@@ -1,11 +1,12 @@
 //! [`Index`]: the cached registrations, by address and by age, and the
-//! device usage counts. Everything here is under the cache lock.
+//! device usage counts. Everything here is under the cache lock; the
+//! lock-free read side is the `hits` module's table, which the cache
+//! updates next to this one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use mmu_notifier::sync::Ordering;
-use rustc_hash::FxHashMap;
 
 use crate::entry::Reg;
 use crate::{Access, AddressSpace, Limits, Registrar};
@@ -21,12 +22,11 @@ pub(crate) type Key = (u64, u64);
 pub(crate) struct Index<S: AddressSpace, R: Registrar> {
     /// Valid registrations by (start address, id).
     regs: BTreeMap<Key, Arc<Reg<S, R>>>,
-    /// The latest valid registration starting at each address: the hit
-    /// path for the common lookup of a buffer from its start.
-    by_start: FxHashMap<u64, Arc<Reg<S, R>>>,
-    /// LRU queue, lazily ordered: (tick when queued) -> key. A hit only
-    /// stamps `last_use`; eviction re-queues entries used since.
-    lru: BTreeMap<u64, Key>,
+    /// LRU queue, lazily ordered by (tick when queued, key). A hit only
+    /// stamps `last_use` (lock-free hits stamp the tick they read, so two
+    /// registrations can share one: the key keeps entries apart); eviction
+    /// re-queues entries used since.
+    lru: BTreeSet<(u64, Key)>,
     tick: u64,
     /// Left the cache, waiting for teardown outside callbacks.
     pub(crate) dead: Vec<Arc<Reg<S, R>>>,
@@ -40,8 +40,7 @@ impl<S: AddressSpace, R: Registrar> Index<S, R> {
     pub(crate) fn new() -> Self {
         Index {
             regs: BTreeMap::new(),
-            by_start: FxHashMap::default(),
-            lru: BTreeMap::new(),
+            lru: BTreeSet::new(),
             tick: 0,
             dead: Vec::new(),
             live_handles: 0,
@@ -53,31 +52,32 @@ impl<S: AddressSpace, R: Registrar> Index<S, R> {
         self.regs.len()
     }
 
+    /// The latest tick.
+    pub(crate) fn tick(&self) -> u64 {
+        self.tick
+    }
+
     fn next_tick(&mut self) -> u64 {
         self.tick += 1;
         self.tick
     }
 
     /// A valid registration covering `[start, end)` for `access`, stamped
-    /// as used.
+    /// as used: the locked lookup, for what the lock-free table did not
+    /// answer (a lookup from inside a registration, an overfull window).
     pub(crate) fn lookup(
         &mut self,
         start: u64,
         end: u64,
         access: Access,
     ) -> Option<&Arc<Reg<S, R>>> {
-        let page = start & !(mmu_notifier::PAGE_SIZE - 1);
-        let usable = |r: &Arc<Reg<S, R>>| r.covers(start, end, access) && r.is_valid();
-        let key = match self.by_start.get(&page) {
-            Some(r) if usable(r) => (r.start, r.id),
-            _ => self
-                .regs
-                .range(..=(start, u64::MAX))
-                .rev()
-                .take(SCAN_LIMIT)
-                .find(|(_, r)| usable(r))
-                .map(|(k, _)| *k)?,
-        };
+        let key = self
+            .regs
+            .range(..=(start, u64::MAX))
+            .rev()
+            .take(SCAN_LIMIT)
+            .find(|(_, r)| r.covers(start, end, access) && r.is_valid())
+            .map(|(k, _)| *k)?;
         let t = self.next_tick();
         let r = self.regs.get(&key)?;
         r.last_use.store(t, Ordering::Relaxed);
@@ -95,36 +95,27 @@ impl<S: AddressSpace, R: Registrar> Index<S, R> {
         r.queued.store(t, Ordering::Relaxed);
         r.valid.store(true, Ordering::Release);
         let k = (r.start, r.id);
-        self.lru.insert(t, k);
-        self.by_start.insert(r.start, r.clone());
+        self.lru.insert((t, k));
         self.regs.insert(k, r);
     }
 
     /// Takes `r` out of the cache (invalid from now on) and queues its
     /// teardown. Returns its length if it was cached.
     pub(crate) fn unlink(&mut self, r: &Arc<Reg<S, R>>) -> Option<u64> {
-        self.regs.remove(&(r.start, r.id))?;
-        if self
-            .by_start
-            .get(&r.start)
-            .is_some_and(|b| Arc::ptr_eq(b, r))
-        {
-            self.by_start.remove(&r.start);
-        }
-        self.lru.remove(&r.queued.load(Ordering::Relaxed));
+        let k = (r.start, r.id);
+        self.regs.remove(&k)?;
+        self.lru.remove(&(r.queued.load(Ordering::Relaxed), k));
         r.valid.store(false, Ordering::Release);
         self.dead.push(r.clone());
         Some(r.len())
     }
 
-    /// Whether nothing but the index holds `r` (no guard exists, and none
-    /// can be made without the cache lock).
+    /// Whether nothing but the index and the hit table hold `r` (no guard
+    /// exists, and none can be made without the cache lock or a hit). A
+    /// slot retired by the hit table still counts until its grace period
+    /// ends: `r` is then taken as used, which only delays its eviction.
     fn unused(&self, r: &Arc<Reg<S, R>>) -> bool {
-        let indexed = 1 + usize::from(
-            self.by_start
-                .get(&r.start)
-                .is_some_and(|b| Arc::ptr_eq(b, r)),
-        );
+        let indexed = 1 + usize::from(r.hashed.load(Ordering::Relaxed));
         Arc::strong_count(r) == indexed
     }
 
@@ -137,7 +128,7 @@ impl<S: AddressSpace, R: Registrar> Index<S, R> {
             let used = r.last_use.load(Ordering::Relaxed);
             if used != t {
                 r.queued.store(used, Ordering::Relaxed);
-                self.lru.insert(used, k);
+                self.lru.insert((used, k));
                 continue;
             }
             return Some(r);
@@ -151,7 +142,7 @@ impl<S: AddressSpace, R: Registrar> Index<S, R> {
     pub(crate) fn unused_victims(&self, room_for: Option<(&Limits, u64)>) -> Vec<Arc<Reg<S, R>>> {
         let (mut n, mut bytes) = (0, 0);
         let mut out = Vec::new();
-        for k in self.lru.values() {
+        for (_, k) in self.lru.iter() {
             if room_for.is_some_and(|(limits, len)| self.fits_after(limits, len, n, bytes)) {
                 break;
             }

@@ -101,13 +101,14 @@ mod access;
 mod cache;
 mod entry;
 mod error;
+mod hits;
 mod index;
 mod registrar;
 mod space;
 
 pub use access::Access;
 pub use cache::{CacheStats, Config, RegCache, Usage};
-pub use entry::Entry;
+pub use entry::{Entry, Hit};
 pub use error::CacheError;
 pub use registrar::{BoxError, Limits, RegError, Registrar};
 pub use space::AddressSpace;

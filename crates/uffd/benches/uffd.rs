@@ -4,6 +4,13 @@
 //!   pseudo-random one-page region, `RegCache<ProcessMm>::get` + drop
 //!   against UCX's `ucs_rcache_get` + `ucs_rcache_region_put` (Debian's
 //!   `libucx-dev`; skipped with a message when missing).
+//! * `lookup_hit/ours_feed/{1000,100000}`: the same hit with the eBPF
+//!   start/end feed (`mmfeed::FeedMm`) as the address space: the flush is
+//!   one load of the feed (skipped with a message where BPF is refused).
+//! * `feed_tax/{getppid,munmap}_{feed,no_feed}`: an unrelated system call
+//!   (getppid) and an munmap of an unregistered page with the feed attached
+//!   and without: what the feed costs every process on the host, and the
+//!   process itself.
 //! * `munmap_registered/{ours,c_monitor}`: munmap of a registered page, our
 //!   monitor (running the cache's invalidation) against a minimal C monitor
 //!   thread that only reads.
@@ -18,7 +25,7 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{BenchmarkId, Criterion};
 use regcache::Access;
 use uffd::{FlushScope, ProcessMm};
 
@@ -116,6 +123,44 @@ fn lookup_hit_ours(
 ) {
     let mm = ProcessMm::with_scope(scope).expect("userfaultfd");
     let cache = common::cache(&mm, n as usize + 16);
+    time_hits(g, name, &cache, n);
+    drop(cache);
+    mm.shutdown();
+}
+
+/// Hits on `n` cached one-page registrations with the eBPF feed as the
+/// address space.
+fn lookup_hit_feed(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    n: u64,
+) {
+    let Some(mm) = feed_mm() else { return };
+    let cache = regcache::RegCache::with_config(
+        mm,
+        uffd::Populate,
+        regcache::Config {
+            max_cached: n as usize + 16,
+            ..regcache::Config::default()
+        },
+    );
+    time_hits(g, "ours_feed", &cache, n);
+}
+
+/// The feed, or `None` with the reason printed.
+fn feed_mm() -> Option<mmfeed::FeedMm> {
+    mmfeed::FeedMm::new()
+        .map_err(|e| eprintln!("SKIPPED the feed rows: {e}"))
+        .ok()
+}
+
+/// Registers `n` one-page regions in `cache`, then times hits on them in
+/// the order harness.c uses.
+fn time_hits<S: regcache::AddressSpace>(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    cache: &regcache::RegCache<S, uffd::Populate>,
+    n: u64,
+) {
     let base = map(n);
     for i in 0..n {
         drop(cache.get(base + i * P, P, Access::READ_WRITE).unwrap());
@@ -131,6 +176,22 @@ fn lookup_hit_ours(
             t.elapsed()
         })
     });
+    // The lock-free hit: the handle used inside the closure, no guard.
+    g.bench_with_input(
+        BenchmarkId::new(format!("{name}_with_hit"), n),
+        &n,
+        |b, &n| {
+            b.iter_custom(|iters| {
+                let t = Instant::now();
+                for _ in 0..iters {
+                    let a = base + next_index(&mut x, n) * P;
+                    let h = cache.with_hit(a, P, Access::READ_WRITE, |h| *h.handle());
+                    std::hint::black_box(h.unwrap().unwrap());
+                }
+                t.elapsed()
+            })
+        },
+    );
     assert_eq!(
         cache
             .stats()
@@ -138,8 +199,6 @@ fn lookup_hit_ours(
             .load(std::sync::atomic::Ordering::Relaxed),
         n
     );
-    drop(cache);
-    mm.shutdown();
     unmap(base, n);
 }
 
@@ -149,6 +208,7 @@ fn lookup_hit(c: &mut Criterion) {
     for n in [1_000u64, 100_000] {
         lookup_hit_ours(&mut g, "ours", FlushScope::Returned, n);
         lookup_hit_ours(&mut g, "ours_started_scope", FlushScope::Started, n);
+        lookup_hit_feed(&mut g, n);
         if let Some((exe, true)) = &harness {
             let n_arg = n.to_string();
             let mut h = Harness::spawn(exe, &["ucx", &n_arg]);
@@ -218,5 +278,94 @@ fn munmap_unregistered(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, lookup_hit, munmap_registered, munmap_unregistered);
-criterion_main!(benches);
+/// getppid: a system call the feed does not decode, which every process on
+/// the host pays for while the `syscalls` tracepoints are enabled.
+fn timed_getppid(iters: u64) -> Duration {
+    let t = Instant::now();
+    for _ in 0..iters {
+        std::hint::black_box(rustix::process::getppid());
+    }
+    t.elapsed()
+}
+
+fn feed_tax(c: &mut Criterion) {
+    let mut g = c.benchmark_group("feed_tax");
+    g.bench_function("getppid_no_feed", |b| b.iter_custom(timed_getppid));
+    g.bench_function("munmap_no_feed", |b| b.iter_custom(timed_unmaps));
+    if let Some(mm) = feed_mm() {
+        g.bench_function("getppid_feed", |b| b.iter_custom(timed_getppid));
+        // Each munmap publishes a START and an END; the flush applies them
+        // (outside the timed part) so the feed never overruns.
+        g.bench_function("munmap_feed", |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let a = map(1);
+                    write_word(a, 1);
+                    let t = Instant::now();
+                    unmap(a, 1);
+                    total += t.elapsed();
+                    mm.flush();
+                }
+                total
+            })
+        });
+    }
+    g.finish();
+}
+
+#[path = "../../mmu-notifier/benches/common/estimate.rs"]
+mod estimate;
+
+/// A row of the summary: `group/id` in ns.
+fn ns(group: &str, id: &str) -> Option<f64> {
+    estimate::estimate_ns(env!("CARGO_TARGET_TMPDIR"), group, id)
+}
+
+fn summary() {
+    println!("\nsummary (same run): exact registration-cache hit (with_hit on the feed), ns and UCX's time over ours");
+    println!(
+        "{:<8} {:>10} {:>12} {:>10} {:>10} {:>12}",
+        "regions", "feed", "uffd exact", "UCX", "UCX/feed", "uffd/feed"
+    );
+    for n in [1_000u64, 100_000] {
+        let feed = ns("lookup_hit", &format!("ours_feed_with_hit/{n}"));
+        let exact = ns("lookup_hit", &format!("ours_started_scope_with_hit/{n}"));
+        let ucx = ns("lookup_hit", &format!("ucx/{n}"));
+        let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => format!("{:.2}x", a / b),
+            _ => "-".into(),
+        };
+        println!(
+            "{n:<8} {:>10} {:>12} {:>10} {:>10} {:>12}",
+            show(feed),
+            show(exact),
+            show(ucx),
+            ratio(ucx, feed),
+            ratio(exact, feed)
+        );
+    }
+    println!("the feed's tax (attached over not attached):");
+    for call in ["getppid", "munmap"] {
+        let with = ns("feed_tax", &format!("{call}_feed"));
+        let without = ns("feed_tax", &format!("{call}_no_feed"));
+        if let (Some(w), Some(o)) = (with, without) {
+            println!(
+                "  {call:<8} {o:>8.1} ns -> {w:>8.1} ns ({:+.1} ns, {:.2}x)",
+                w - o,
+                w / o
+            );
+        }
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    lookup_hit(&mut c);
+    munmap_registered(&mut c);
+    munmap_unregistered(&mut c);
+    feed_tax(&mut c);
+    c.final_summary();
+    summary();
+}
