@@ -42,6 +42,7 @@ race_mutants=(
   "751efd86|loom|loom|unregister_racing_exit_releases_exactly_once|release is not claimed: unregister racing exit runs it twice"
   "543bdb2d|loom|loom|rcu_publication_is_seen_whole|the notifier list is published without release ordering (a walk may see a half-built list)"
   "rcu-free-early|loom|loom|rcu_reader_keeps_the_old_value_until_the_grace_period|a replaced list is freed at once instead of after a grace period"
+  "rcu-slots-free-early|loom|loom|rcu_slots_reader_keeps_the_count_until_the_grace_period|a value unpublished from an RcuSlots slot is released at once instead of after a grace period"
   "c2655835|std|seed|seed_c2655835_end_called_for_all_after_failed_start|a failed start skips the ends of the starts that succeeded"
   "31956166|std|seed|seed_31956166_remove_waits_while_invalidating|remove returns while an invalidation still uses the notifier"
   "99cb252f|std|seed|seed_99cb252f_invalidate_overlapping_intervals_in_tree_order|read_retry checks for a running invalidation, not the sequence"
@@ -66,6 +67,8 @@ device_mutants=(
   "no-reap-on-hit|regcache|lifecycle|past_the_unreleased_bound_hits_tear_down_what_left_the_cache|invalidated registrations stay registered while the cache only hits"
   "process-interval-drop-leaks|uffd|process|dropping_a_process_interval_removes_its_notifier|dropping a ProcessInterval leaves its notifier in the tree"
   "reader-waits-for-handler|uffd|process|a_blocked_callback_does_not_stop_the_monitor_reading|the userfaultfd reader waits for the callbacks (a munmap under an allocator lock deadlocks)"
+  "hit-slot-kept|regcache|lifecycle|with_hit_finds_cached_registrations_and_not_invalidated_ones|an invalidated registration stays in the lock-free hit table"
+  "teardown-no-grace-period|regcache|lifecycle|a_registration_is_not_deregistered_under_a_running_hit|the teardown of a registration does not wait for the hit table's grace period"
   "feed-at-exit|feed|race|addresses_reused_across_threads_never_hit_a_stale_registration|the feed's STARTs take effect only at their END (publication at syscall exit, as userfaultfd)"
   "feed-no-begin-wait|feed|race|a_registration_racing_an_munmap_in_flight_is_never_committed_stale|a flush applies a START and returns without waiting for its END (no begin-wait)"
 )

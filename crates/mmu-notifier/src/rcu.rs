@@ -1,6 +1,8 @@
 //! The core's only `unsafe` code, all of it on the RCU read side:
 //!
 //! * [`RcuCell`]: a pointer published and retired with RCU semantics;
+//! * [`RcuSlots`]: a fixed array of RCU-published `Arc`s with keys (the
+//!   read side of a lock-free hash table);
 //! * [`Backend`]: the contract an embedder's reader lookup must keep;
 //! * `Anchored` (crate-private): a notifier reached with one load from the
 //!   list snapshot, kept alive by the entry that owns it;
@@ -306,6 +308,212 @@ impl<T: Send + Sync + 'static> Drop for RcuCell<T> {
         // not by the cell. `p` came from `Box::into_raw` and is freed once,
         // here.
         drop(unsafe { Box::from_raw(p) });
+    }
+}
+
+/// A fixed number of slots, each an RCU-published `Arc<T>` with a `u64` key
+/// beside it: the building block of a lock-free hash table (a registration
+/// cache's hit path) whose readers probe keys without dereferencing and
+/// reach a value with one more load.
+///
+/// * Readers inside a read-side section of the domain get `&T` from
+///   [`get`](Self::get) (one acquire load); [`key`](Self::key) is a hint to
+///   skip slots without dereferencing (key and value are not one atomic
+///   unit: check the value you find).
+/// * Writers take the writer lock ([`lock`](Self::lock)) and
+///   [`set`](RcuSlotsWriter::set) a slot: the new `Arc` is published with a
+///   release store, the old one is retired like an [`RcuCell`]'s value (its
+///   `Arc` is dropped by a function queued on the domain, after a grace
+///   period).
+///
+/// Soundness is [`RcuCell`]'s argument, per slot: the pointer came from
+/// `Arc::into_raw`, is retired only after it was unpublished, and the
+/// retired `Arc` is dropped only after a grace period that waits for every
+/// section that could have loaded it.
+pub struct RcuSlots<T: Send + Sync + 'static> {
+    slots: Box<[SlotCell<T>]>,
+    writer: Mutex<()>,
+    domain: &'static Domain,
+    _owns: PhantomData<alloc::sync::Arc<T>>,
+}
+
+struct SlotCell<T> {
+    key: crate::sync::AtomicU64,
+    /// From `Arc::into_raw`, or null for an empty slot.
+    ptr: AtomicPtr<T>,
+}
+
+impl<T: Send + Sync + 'static> core::fmt::Debug for RcuSlots<T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("RcuSlots")
+            .field("len", &self.slots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A value found in an [`RcuSlots`], borrowed for a read-side section.
+pub struct SlotRef<'a, T> {
+    value: &'a T,
+}
+
+impl<T> core::ops::Deref for SlotRef<'_, T> {
+    type Target = T;
+    #[inline(always)]
+    fn deref(&self) -> &T {
+        self.value
+    }
+}
+
+impl<T> SlotRef<'_, T> {
+    /// An owned `Arc` of the value, to keep it past the section (one
+    /// reference-count increment).
+    pub fn to_arc(&self) -> alloc::sync::Arc<T> {
+        let p: *const T = self.value;
+        // SAFETY: a `SlotRef` is made only by `RcuSlots::get` (inside a
+        // section) or `RcuSlotsWriter::get` (under the writer lock), from a
+        // pointer that came from `Arc::into_raw` and whose `Arc` stays alive
+        // (in its slot, or retired but not yet dropped) for as long as `'_`;
+        // so the count is at least one here, and the increment gives the new
+        // `Arc` its own.
+        unsafe {
+            alloc::sync::Arc::increment_strong_count(p);
+            alloc::sync::Arc::from_raw(p)
+        }
+    }
+}
+
+/// The writer lock of an [`RcuSlots`]: the slots' values cannot change
+/// under it except through [`set`](Self::set).
+#[must_use = "the writer lock is released when the guard is dropped"]
+pub struct RcuSlotsWriter<'a, T: Send + Sync + 'static> {
+    table: &'a RcuSlots<T>,
+    _lock: MutexGuard<'a, ()>,
+}
+
+/// An `Arc` unpublished from a slot, dropped after a grace period.
+struct RetiredArc<T>(NonNull<T>);
+
+// SAFETY: it owns one count of an `Arc<T>` with `T: Send + Sync`, which
+// may be dropped on any thread.
+unsafe impl<T: Send + Sync> Send for RetiredArc<T> {}
+
+impl<T> RetiredArc<T> {
+    fn release(self) {
+        // SAFETY: the pointer came from `Arc::into_raw` and this is the one
+        // count its slot owned, given up exactly once, after the grace
+        // period that began once it was unpublished.
+        drop(unsafe { alloc::sync::Arc::from_raw(self.0.as_ptr()) });
+    }
+}
+
+impl<T: Send + Sync + 'static> RcuSlots<T> {
+    /// `len` empty slots, read in sections of `domain`.
+    pub fn new(len: usize, domain: &'static Domain) -> Self {
+        RcuSlots {
+            slots: (0..len)
+                .map(|_| SlotCell {
+                    key: crate::sync::AtomicU64::new(0),
+                    ptr: AtomicPtr::new(core::ptr::null_mut()),
+                })
+                .collect(),
+            writer: Mutex::new(()),
+            domain,
+            _owns: PhantomData,
+        }
+    }
+
+    /// Number of slots.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether there are no slots at all.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The domain whose sections protect the values.
+    pub fn domain(&self) -> &'static Domain {
+        self.domain
+    }
+
+    /// The key last set in slot `i` (a hint: it may belong to a value being
+    /// replaced). Panics if `i` is out of bounds.
+    #[inline(always)]
+    pub fn key(&self, i: usize) -> u64 {
+        self.slots[i].key.load(Ordering::Relaxed)
+    }
+
+    /// The value in slot `i`, borrowed for `section` (of this table's
+    /// domain: checked, as [`RcuCell::read`]). Panics if `i` is out of
+    /// bounds.
+    #[inline(always)]
+    pub fn get<'a>(&'a self, section: &'a ReadGuard, i: usize) -> Option<SlotRef<'a, T>> {
+        assert!(
+            core::ptr::eq(section.domain(), self.domain),
+            "RcuSlots::get with a read-side section of another SRCU domain"
+        );
+        let p = self.slots[i].ptr.load(Ordering::Acquire);
+        // SAFETY: a non-null pointer came from `Arc::into_raw` (`set`), and
+        // its `Arc` is dropped only by `Drop` (exclusive access) or after a
+        // grace period that began after it was unpublished, which waits for
+        // `section` if this load saw it; the borrow lasts for the section.
+        (!p.is_null()).then(|| SlotRef {
+            value: unsafe { &*p },
+        })
+    }
+
+    /// Takes the writer lock.
+    pub fn lock(&self) -> RcuSlotsWriter<'_, T> {
+        RcuSlotsWriter {
+            table: self,
+            _lock: sync::lock(&self.writer),
+        }
+    }
+}
+
+impl<T: Send + Sync + 'static> RcuSlotsWriter<'_, T> {
+    /// The value in slot `i` (stable while the lock is held and the borrow
+    /// lasts: only `set`, which needs `&mut self`, replaces it).
+    pub fn get(&self, i: usize) -> Option<SlotRef<'_, T>> {
+        let p = self.table.slots[i].ptr.load(Ordering::Acquire);
+        // SAFETY: under the writer lock nothing else unpublishes slot `i`,
+        // and the `Arc` published there is dropped only after `set` retired
+        // it, which this shared borrow of the guard rules out meanwhile.
+        (!p.is_null()).then(|| SlotRef {
+            value: unsafe { &*p },
+        })
+    }
+
+    /// Publishes `value` with `key` in slot `i` (or empties it), retiring
+    /// the `Arc` it held.
+    pub fn set(&mut self, i: usize, value: Option<(u64, alloc::sync::Arc<T>)>) {
+        let slot = &self.table.slots[i];
+        let new = match value {
+            Some((key, v)) => {
+                slot.key.store(key, Ordering::Relaxed);
+                alloc::sync::Arc::into_raw(v).cast_mut()
+            }
+            None => core::ptr::null_mut(),
+        };
+        let old = slot.ptr.swap(new, Ordering::AcqRel);
+        if let Some(old) = NonNull::new(old) {
+            let retired = RetiredArc(old);
+            self.table.domain.call(move || retired.release());
+        }
+    }
+}
+
+impl<T: Send + Sync + 'static> Drop for RcuSlots<T> {
+    fn drop(&mut self) {
+        for slot in self.slots.iter() {
+            let p = slot.ptr.load(Ordering::Acquire);
+            if let Some(p) = NonNull::new(p) {
+                // `&mut self`: no reader borrows a value; each published
+                // pointer owns one count, given up here once.
+                RetiredArc(p).release();
+            }
+        }
     }
 }
 

@@ -444,3 +444,44 @@ fn rcu_reader_keeps_the_old_value_until_the_grace_period() {
         },
     );
 }
+
+/// `RcuSlots`: a reader that finds the value a writer published sees it
+/// whole, and the slot's `Arc` count is given up only after a grace period
+/// that waits for the reader: while the reader's section lasts, the count
+/// is still there (the model keeps a count of its own, so a broken
+/// retirement shows as a wrong count, never as a freed value).
+#[test]
+fn rcu_slots_reader_keeps_the_count_until_the_grace_period() {
+    use mmu_notifier::rcu::RcuSlots;
+    use mmu_notifier::srcu::Domain;
+    loom::model(|| {
+        let alive = Arc::new(AtomicUsize::new(1));
+        let keep = Arc::new(Val::new(1, &alive));
+        let table = Arc::new(RcuSlots::<Val>::new(2, Domain::global()));
+        let t = table.clone();
+        let published = keep.clone();
+        let reader = thread::spawn(move || {
+            let section = Domain::global().read_lock();
+            if let Some(v) = t.get(&section, 0) {
+                assert_eq!(v.data.load(Relaxed), 1, "saw a half-initialised value");
+                let own = v.to_arc();
+                thread::yield_now();
+                // The model's count, the slot's (retired or not), ours.
+                assert_eq!(
+                    Arc::strong_count(&own),
+                    3,
+                    "a slot's count was given up under a reader"
+                );
+            }
+        });
+        table.lock().set(0, Some((7, published)));
+        table.lock().set(0, None);
+        Domain::global().barrier().unwrap();
+        reader.join().unwrap();
+        assert_eq!(
+            Arc::strong_count(&keep),
+            1,
+            "the retired count was not given up"
+        );
+    });
+}

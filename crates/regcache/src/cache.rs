@@ -459,18 +459,18 @@ impl<S: AddressSpace, R: Registrar> RegCache<S, R> {
         let sh = &self.shared;
         let section = sh.hits.read_lock();
         let page = start & !(PAGE_SIZE - 1);
-        let slot = sh.hits.find(&section, page, |s| {
-            s.start <= start && end <= s.end && s.access.contains(access)
-        })?;
+        let reg = sh
+            .hits
+            .find(&section, page, |r| r.covers(start, end, access))?;
         // Stamp the use for the LRU order: later than every tick queued so
         // far (the clock is the latest), writing only when it changed.
         let now = sh.clock.load(Ordering::Relaxed) + 1;
-        if slot.reg.last_use.load(Ordering::Relaxed) != now {
-            slot.reg.last_use.store(now, Ordering::Relaxed);
+        if reg.last_use.load(Ordering::Relaxed) != now {
+            reg.last_use.store(now, Ordering::Relaxed);
         }
         Some(f(&Hit {
             shared: &self.shared,
-            reg: &slot.reg,
+            reg: &reg,
         }))
     }
 

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use mmu_notifier::rcu::SlotRef;
 use mmu_notifier::sync::{lock, AtomicBool, AtomicU64, Mutex, Ordering};
 use mmu_notifier::IntervalNotifier;
 
@@ -21,19 +22,25 @@ use crate::{Access, AddressSpace, Registrar};
 /// The index and the dead list hold theirs until the registration left the
 /// cache and its notifier was removed, so the last holder is always a guard
 /// being dropped or the reaper, never a notifier callback.
+// `repr(C)`, hot fields first, and cache-line aligned: a lock-free hit
+// reads `start`, `end`, `last_use`, `access` and `handle` (for a handle of
+// up to 24 bytes all in one line; the `Arc`'s counts sit in the line
+// before, touched only when a guard is taken).
+#[repr(C, align(64))]
 pub(crate) struct Reg<S: AddressSpace, R: Registrar> {
-    pub(crate) id: u64,
     pub(crate) start: u64,
     pub(crate) end: u64,
+    /// Cache tick of the last hit (written under the cache lock, or by a
+    /// lock-free hit when it changed).
+    pub(crate) last_use: AtomicU64,
     pub(crate) access: Access,
     pub(crate) handle: R::Handle,
+    pub(crate) id: u64,
     pub(crate) sub: IntervalNotifier,
     /// Dropped at teardown, after the notifier is removed.
     pub(crate) watch: Mutex<Option<S::Watch>>,
     /// In the cache and coherent with the address space.
     pub(crate) valid: AtomicBool,
-    /// Cache tick of the last hit (written under the cache lock).
-    pub(crate) last_use: AtomicU64,
     /// Tick under which it sits in the LRU queue (under the cache lock).
     pub(crate) queued: AtomicU64,
     /// The lock-free hit table holds it (written under the cache lock).
@@ -176,7 +183,7 @@ impl<S: AddressSpace, R: Registrar> fmt::Debug for Entry<S, R> {
 /// registration, borrowed for the closure it is passed to.
 pub struct Hit<'a, S: AddressSpace, R: Registrar> {
     pub(crate) shared: &'a Arc<CacheState<S, R>>,
-    pub(crate) reg: &'a Arc<Reg<S, R>>,
+    pub(crate) reg: &'a SlotRef<'a, Reg<S, R>>,
 }
 
 impl<S: AddressSpace, R: Registrar> Hit<'_, S, R> {
@@ -205,7 +212,7 @@ impl<S: AddressSpace, R: Registrar> Hit<'_, S, R> {
     pub fn entry(&self) -> Entry<S, R> {
         Entry {
             shared: self.shared.clone(),
-            reg: Some(self.reg.clone()),
+            reg: Some(self.reg.to_arc()),
         }
     }
 }

@@ -14,64 +14,54 @@
 
 use std::sync::Arc;
 
-use mmu_notifier::rcu::RcuCell;
+use mmu_notifier::rcu::{RcuCell, RcuSlots, SlotRef};
 use mmu_notifier::srcu::{Domain, ReadGuard};
-use mmu_notifier::sync::Ordering;
+use mmu_notifier::sync::{AtomicUsize, Ordering};
 use mmu_notifier::PAGE_SIZE;
 
 use crate::entry::Reg;
 use crate::index::Index;
-use crate::{Access, AddressSpace, Registrar};
+use crate::{AddressSpace, Registrar};
 
 /// Slots a key may live in: its home slot and the next ones.
 const WINDOW: usize = 8;
 
-/// One cached registration as the read side sees it: what a hit checks
-/// inline (one cache line), and the registration.
-pub(crate) struct Slot<S: AddressSpace, R: Registrar> {
-    pub(crate) start: u64,
-    pub(crate) end: u64,
-    pub(crate) access: Access,
-    pub(crate) reg: Arc<Reg<S, R>>,
-}
-
-type Cell<S, R> = RcuCell<Option<Slot<S, R>>>;
-
-struct Table<S: AddressSpace, R: Registrar> {
-    slots: Box<[Cell<S, R>]>,
-    mask: usize,
-}
-
 pub(crate) struct HitTable<S: AddressSpace, R: Registrar> {
-    table: RcuCell<Table<S, R>>,
+    /// The slots, keyed by start page; replaced whole when they double.
+    table: RcuCell<RcuSlots<Reg<S, R>>>,
+    /// Slots in use (written under the cache lock).
+    used: AtomicUsize,
     domain: &'static Domain,
 }
 
-fn home(page: u64, mask: usize) -> usize {
-    // Fibonacci hashing of the page number: consecutive pages spread out.
-    ((page / PAGE_SIZE).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) as usize & mask
+fn home(page: u64, len: usize) -> usize {
+    // The page number folded onto itself: neighbouring pages (buffers
+    // allocated together) land in neighbouring slots, as in a page table,
+    // while strides of a power of two still spread (the high bits vary).
+    let n = page / PAGE_SIZE;
+    let bits = len.trailing_zeros();
+    (n ^ (n >> bits) ^ (n >> (2 * bits).min(63))) as usize & (len - 1)
 }
 
-impl<S: AddressSpace, R: Registrar> Table<S, R> {
-    fn new(capacity: usize, domain: &'static Domain) -> Self {
-        let n = capacity.next_power_of_two().max(WINDOW * 2);
-        Table {
-            slots: (0..n).map(|_| RcuCell::new(None, domain)).collect(),
-            mask: n - 1,
-        }
-    }
+/// The slot indices of `page`'s window in a table of `len` slots.
+fn window(page: u64, len: usize) -> impl Iterator<Item = usize> {
+    let h = home(page, len);
+    (0..WINDOW).map(move |i| (h + i) & (len - 1))
+}
 
-    fn window(&self, page: u64) -> impl Iterator<Item = &Cell<S, R>> {
-        let h = home(page, self.mask);
-        (0..WINDOW).map(move |i| &self.slots[(h + i) & self.mask])
-    }
+fn slots<S: AddressSpace, R: Registrar>(
+    capacity: usize,
+    domain: &'static Domain,
+) -> RcuSlots<Reg<S, R>> {
+    RcuSlots::new(capacity.next_power_of_two().max(WINDOW * 2), domain)
 }
 
 impl<S: AddressSpace, R: Registrar> HitTable<S, R> {
     /// A table for about `capacity` registrations in `domain`'s sections.
     pub(crate) fn new(capacity: usize, domain: &'static Domain) -> Self {
         HitTable {
-            table: RcuCell::new(Table::new(capacity * 2, domain), domain),
+            table: RcuCell::new(slots(capacity * 2, domain), domain),
+            used: AtomicUsize::new(0),
             domain,
         }
     }
@@ -87,63 +77,61 @@ impl<S: AddressSpace, R: Registrar> HitTable<S, R> {
         self.domain.read_lock()
     }
 
-    /// The registration starting at `page` that `covers` accepts, if the
+    /// The registration starting in `page` that `covers` accepts, if the
     /// table holds one; valid while `section` lasts.
     #[inline]
     pub(crate) fn find<'a>(
         &'a self,
         section: &'a ReadGuard,
         page: u64,
-        covers: impl Fn(&Slot<S, R>) -> bool,
-    ) -> Option<&'a Slot<S, R>> {
+        covers: impl Fn(&Reg<S, R>) -> bool,
+    ) -> Option<SlotRef<'a, Reg<S, R>>> {
         let table = self.table.read(section);
-        table
-            .window(page)
-            .filter_map(|cell| cell.read(section).as_ref())
-            .find(|s| s.start & !(PAGE_SIZE - 1) == page && covers(s))
+        window(page, table.len())
+            .filter(|&i| table.key(i) == page)
+            .filter_map(|i| table.get(section, i))
+            .find(|r| r.start & !(PAGE_SIZE - 1) == page && covers(r))
     }
 
-    /// Adds `reg` (under the cache lock, `_held`), growing the table when
-    /// its window is full. Marks it as held by the table.
+    /// Adds `reg` (under the cache lock, `_held`) and marks it as held by
+    /// the table. A full window doubles the table when it is half full;
+    /// otherwise (many registrations starting in one page) `reg` stays out
+    /// of it and only the locked lookup finds it.
     pub(crate) fn insert(&self, _held: &Index<S, R>, reg: &Arc<Reg<S, R>>) {
-        let mut table = self.table.lock();
+        let page = reg.start & !(PAGE_SIZE - 1);
+        let mut cell = self.table.lock();
         loop {
-            if let Some(cell) = table
-                .get()
-                .window(reg.start)
-                .find(|c| c.lock().get().is_none())
-            {
-                cell.lock().replace(Some(Slot {
-                    start: reg.start,
-                    end: reg.end,
-                    access: reg.access,
-                    reg: reg.clone(),
-                }));
+            let table = cell.get();
+            let mut w = table.lock();
+            if let Some(i) = window(page, table.len()).find(|&i| w.get(i).is_none()) {
+                w.set(i, Some((page, reg.clone())));
                 reg.hashed.store(true, Ordering::Relaxed);
+                self.used.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if self.used.load(Ordering::Relaxed) * 2 < table.len() {
                 return;
             }
             // The window is full: double, moving every registration over.
-            let old = table.get();
-            let grown = Table::new(old.slots.len() * 2, self.domain);
-            for cell in old.slots.iter() {
-                if let Some(s) = cell.lock().get() {
-                    let dest = grown.window(s.start).find(|c| c.lock().get().is_none());
-                    // A window of the doubled table holds at most what the
-                    // old one did; if it is full anyway, the registration
-                    // is only found by the locked lookup (still correct).
-                    if let Some(dest) = dest {
-                        dest.lock().replace(Some(Slot {
-                            start: s.start,
-                            end: s.end,
-                            access: s.access,
-                            reg: s.reg.clone(),
-                        }));
-                    } else {
-                        s.reg.hashed.store(false, Ordering::Relaxed);
+            let grown = slots::<S, R>(table.len() * 2, self.domain);
+            {
+                let mut g = grown.lock();
+                for i in 0..table.len() {
+                    let Some(r) = w.get(i) else { continue };
+                    let p = r.start & !(PAGE_SIZE - 1);
+                    match window(p, grown.len()).find(|&j| g.get(j).is_none()) {
+                        Some(j) => g.set(j, Some((p, r.to_arc()))),
+                        // A window of the doubled table overfull anyway: the
+                        // registration is found by the locked lookup only.
+                        None => {
+                            r.hashed.store(false, Ordering::Relaxed);
+                            self.used.fetch_sub(1, Ordering::Relaxed);
+                        }
                     }
                 }
             }
-            table.replace(grown);
+            drop(w);
+            cell.replace(grown);
         }
     }
 
@@ -153,13 +141,15 @@ impl<S: AddressSpace, R: Registrar> HitTable<S, R> {
         if !reg.hashed.swap(false, Ordering::Relaxed) {
             return;
         }
-        let table = self.table.lock();
-        for cell in table.get().window(reg.start) {
-            let mut c = cell.lock();
-            if c.get().as_ref().is_some_and(|s| Arc::ptr_eq(&s.reg, reg)) {
-                c.replace(None);
-                return;
-            }
+        let page = reg.start & !(PAGE_SIZE - 1);
+        let cell = self.table.lock();
+        let table = cell.get();
+        let mut w = table.lock();
+        let found = window(page, table.len())
+            .find(|&i| w.get(i).is_some_and(|r| std::ptr::eq(&*r, &**reg)));
+        if let Some(i) = found {
+            w.set(i, None);
+            self.used.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

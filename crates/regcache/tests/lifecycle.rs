@@ -440,3 +440,95 @@ fn bad_requests_and_a_bad_align_hook_are_errors() {
         Err(CacheError::Device(_))
     ));
 }
+
+/// More registrations starting in one page than the lock-free table's
+/// probe window holds: the table does not grow for them (it would grow
+/// without end: they all hash alike), and every lookup still hits.
+#[test]
+fn many_registrations_starting_in_one_page_are_all_found() {
+    let c = cache(Device::default());
+    let guards: Vec<_> = (1..=20u64)
+        .map(|k| c.get(0x100000, k * P, Access::READ).unwrap())
+        .collect();
+    assert_eq!(c.len(), 20);
+    let registered = c.stats().registrations.load(Ordering::Relaxed);
+    for k in 1..=20u64 {
+        let e = c.get(0x100000, k * P, Access::READ).unwrap();
+        assert!(e.len() >= k * P);
+        let lock_free = c
+            .with_hit(0x100000, k * P, Access::READ, |h| h.end() - h.start())
+            .unwrap();
+        assert!(!matches!(lock_free, Some(len) if len < k * P));
+    }
+    assert_eq!(c.stats().registrations.load(Ordering::Relaxed), registered);
+    assert_eq!(c.stats().hits.load(Ordering::Relaxed), 20);
+    drop(guards);
+}
+
+/// The lock-free hit: it finds what `get` registered, never a registration
+/// an invalidation took out, and needs the same access and range.
+#[test]
+fn with_hit_finds_cached_registrations_and_not_invalidated_ones() {
+    let c = cache(Device::default());
+    let e = c.get(0x10000, 2 * P, Access::READ).unwrap();
+    let hit = |start, len, access| c.with_hit(start, len, access, |h| h.id()).unwrap();
+    assert_eq!(hit(0x10000, P, Access::READ), Some(e.id()));
+    assert_eq!(hit(0x10000 + 8, 2 * P - 8, Access::READ), Some(e.id()));
+    assert_eq!(hit(0x10000, 3 * P, Access::READ), None);
+    assert_eq!(hit(0x10000, P, Access::READ_WRITE), None);
+    // Not starting in the registration's first page: the locked lookup's.
+    assert_eq!(hit(0x11000, P, Access::READ), None);
+    assert_eq!(c.get(0x11000, P, Access::READ).unwrap().id(), e.id());
+    // An entry taken from a hit keeps the registration like any guard.
+    let kept = c
+        .with_hit(0x10000, P, Access::READ, |h| h.entry())
+        .unwrap()
+        .unwrap();
+    c.space().unmap(0x11000, 0x12000);
+    assert_eq!(hit(0x10000, P, Access::READ), None);
+    assert!(!kept.is_valid());
+    assert!(matches!(
+        c.with_hit(0x10000, 0, Access::READ, |_| ()),
+        Err(regcache::CacheError::InvalidRequest { .. })
+    ));
+    drop((e, kept));
+    c.reap();
+    assert_eq!(c.registrar().live(), 0);
+}
+
+/// A registration taken out of the cache while a lock-free hit uses it is
+/// deregistered only after the hit's closure returned: the teardown waits
+/// for the grace period that frees its slot in the hit table.
+#[test]
+fn a_registration_is_not_deregistered_under_a_running_hit() {
+    let c = Arc::new(cache(Device::default()));
+    drop(c.get(0x10000, P, Access::READ).unwrap());
+    let (inside_tx, inside_rx) = std::sync::mpsc::channel();
+    let hitter = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            c.with_hit(0x10000, P, Access::READ, |h| {
+                inside_tx.send(()).unwrap();
+                // Long enough for the other thread's invalidation and reap
+                // to deregister, if they did not wait for this section.
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                (
+                    *h.handle(),
+                    c.registrar().deregisters.load(Ordering::SeqCst),
+                )
+            })
+            .unwrap()
+            .unwrap()
+        })
+    };
+    inside_rx.recv().unwrap();
+    c.space().unmap(0x10000, 0x11000);
+    c.reap();
+    let (handle, deregistered_meanwhile) = hitter.join().unwrap();
+    assert_eq!(
+        deregistered_meanwhile, 0,
+        "deregistered under a running hit"
+    );
+    assert_eq!(c.registrar().deregisters.load(Ordering::SeqCst), 1);
+    assert!(!c.registrar().live.lock().unwrap().contains(&handle));
+}
