@@ -24,6 +24,11 @@ pub enum FeedError {
     /// programs do not see this process's calls, so the feed is refused.
     #[error("the canary munmap produced no record: the feed does not see this process")]
     Canary,
+    /// This is a child forked after the feed was set up: the feed records
+    /// the parent's calls, not this process's. Make a new `FeedMm` (and a
+    /// new cache) in the child.
+    #[error("forked child: the feed records the parent's calls, not this process's")]
+    Forked,
     /// The canary page could not be mapped or unmapped.
     #[error("the canary mapping failed: {0}")]
     CanaryMap(#[source] std::io::Error),

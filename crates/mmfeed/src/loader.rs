@@ -112,7 +112,11 @@ impl Loaded {
 
 impl Drop for Loaded {
     fn drop(&mut self) {
-        let _ = self.feeds.remove(&self.tgid);
+        // A forked child dropping its copy must not unregister the parent's
+        // feed (the key is the parent's tgid).
+        if rustix::process::getpid().as_raw_nonzero().get() as u32 == self.tgid {
+            let _ = self.feeds.remove(&self.tgid);
+        }
     }
 }
 

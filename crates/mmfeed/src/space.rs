@@ -11,6 +11,7 @@ use crate::error::FeedError;
 use crate::feed::{relax, Feed};
 use crate::loader::AttachPoint;
 use crate::ring::{Kind, Slot};
+use crate::sys::SharedWords;
 
 thread_local! {
     /// The address of the FeedMm whose records this thread is applying.
@@ -56,6 +57,8 @@ pub struct FeedStats {
 pub struct FeedMm {
     subs: Subscriptions,
     feed: Arc<Feed>,
+    /// Reads 0 in a forked child, which the feed does not see.
+    sentinel: SharedWords,
     /// Records applied so far (every pair they opened is closed).
     consumed: AtomicU64,
     /// Held while records are applied: one applier at a time, in order.
@@ -75,6 +78,7 @@ impl FeedMm {
             subs: Subscriptions::new(),
             consumed: AtomicU64::new(feed.head()),
             feed,
+            sentinel: SharedWords::fork_sentinel().map_err(FeedError::Map)?,
             drain: Mutex::new(()),
             stats: FeedStats::default(),
         };
@@ -110,12 +114,27 @@ impl FeedMm {
     /// Called from a notifier callback that this flush runs (the same
     /// thread, further up the stack), it returns at once: the records are
     /// being applied there, and waiting would wait for itself.
+    ///
+    /// # Errors
+    /// [`FeedError::Forked`] in a child forked after the feed was set up:
+    /// the programs record the parent's calls, not the child's, so nothing
+    /// looked up through this address space may be trusted there.
     #[inline]
-    pub fn flush(&self) {
-        if self.feed.head() == self.consumed.load(Ordering::Acquire) {
-            return;
+    pub fn flush(&self) -> Result<(), FeedError> {
+        if self.feed.head() == self.consumed.load(Ordering::Acquire) && !self.forked() {
+            return Ok(());
+        }
+        if self.forked() {
+            return Err(FeedError::Forked);
         }
         self.drain();
+        Ok(())
+    }
+
+    /// Whether this is a child forked after the feed was set up.
+    #[inline]
+    fn forked(&self) -> bool {
+        self.sentinel.words()[0].load(Ordering::Relaxed) == 0
     }
 
     #[cold]
@@ -220,7 +239,7 @@ impl FeedMm {
                         }
             })
         });
-        self.flush();
+        self.flush()?;
         if seen {
             Ok(())
         } else {
@@ -241,7 +260,7 @@ impl std::fmt::Debug for FeedMm {
 impl regcache::AddressSpace for FeedMm {
     /// The feed sees every call of the process: nothing to set up per range.
     type Watch = ();
-    type Error = std::convert::Infallible;
+    type Error = FeedError;
 
     fn subscriptions(&self) -> &Subscriptions {
         &self.subs
@@ -252,7 +271,6 @@ impl regcache::AddressSpace for FeedMm {
     }
 
     fn flush(&self) -> Result<(), Self::Error> {
-        FeedMm::flush(self);
-        Ok(())
+        FeedMm::flush(self)
     }
 }

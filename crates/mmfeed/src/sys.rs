@@ -1,8 +1,12 @@
-//! The crate's only `unsafe`: the shared mapping of a feed.
+//! The crate's only `unsafe`: mappings seen as atomic words.
 //!
-//! The kernel's BPF programs write the feed (an `BPF_F_MMAPABLE` array map);
-//! this process maps it read-only and reads every word through an atomic
-//! load. Nothing here interprets the words: that is `ring`'s job.
+//! * The feed: the kernel's BPF programs write it (a `BPF_F_MMAPABLE`
+//!   array map); this process maps it read-only and reads every word
+//!   through an atomic load. Nothing here interprets the words: that is
+//!   `ring`'s job.
+//! * The fork sentinel: one private `MADV_WIPEONFORK` page holding a
+//!   nonzero word, which a forked child sees as zero (one load, where
+//!   `getpid` would be a system call per lookup).
 
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
@@ -10,7 +14,8 @@ use std::sync::atomic::AtomicU64;
 
 use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
 
-/// A read-only shared mapping of a BPF array map's values, as 64-bit words.
+/// A mapping seen as 64-bit atomic words: a BPF array map's values
+/// (read-only, shared), or a private wipe-on-fork page.
 pub(crate) struct SharedWords {
     ptr: NonNull<AtomicU64>,
     words: usize,
@@ -51,11 +56,41 @@ impl SharedWords {
         // SAFETY: `ptr` is a live mapping of `bytes >= words * 8` readable
         // bytes, page-aligned (so aligned for AtomicU64, which has u64's
         // layout), unmapped only by Drop, so it outlives the borrow. The
-        // BPF programs change the words concurrently; every access from
-        // this side is an atomic load (the memory is read-only here, and an
+        // BPF programs change a feed's words concurrently; every access
+        // from this side is atomic (loads only on the read-only feed: an
         // AtomicU64 load of an aligned word never writes), so there is no
         // data race in Rust's sense and no `&u64` assumes the value fixed.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.words) }
+    }
+}
+
+impl SharedWords {
+    /// One private page with `MADV_WIPEONFORK`, its first word set to 1: a
+    /// child forked later sees 0 there.
+    pub(crate) fn fork_sentinel() -> std::io::Result<SharedWords> {
+        use rustix::mm::{madvise, mmap_anonymous, Advice};
+        let bytes = rustix::param::page_size();
+        // SAFETY: a new private mapping chosen by the kernel (no address
+        // hint, no MAP_FIXED): nothing of this process is replaced.
+        let p = unsafe {
+            mmap_anonymous(
+                std::ptr::null_mut(),
+                bytes,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE,
+            )
+        }?;
+        let ptr = NonNull::new(p.cast::<AtomicU64>()).ok_or(std::io::ErrorKind::Other)?;
+        // From here `Drop` unmaps it, whatever fails next.
+        let page = SharedWords {
+            ptr,
+            words: 1,
+            bytes,
+        };
+        // SAFETY: advice on the page mapped above, which nothing else uses.
+        unsafe { madvise(p, bytes, Advice::LinuxWipeOnFork) }?;
+        page.words()[0].store(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(page)
     }
 }
 

@@ -307,7 +307,7 @@ fn feed_tax(c: &mut Criterion) {
                     let t = Instant::now();
                     unmap(a, 1);
                     total += t.elapsed();
-                    mm.flush();
+                    mm.flush().expect("the feed");
                 }
                 total
             })
