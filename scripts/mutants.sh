@@ -72,6 +72,7 @@ device_mutants=(
   "feed-at-exit|feed|race|addresses_reused_across_threads_never_hit_a_stale_registration|the feed's STARTs take effect only at their END (publication at syscall exit, as userfaultfd)"
   "feed-fork-unseen|feed|fork|a_forked_child_drops_the_feed|a forked child keeps looking up through the parent's feed"
   "feed-child-unregisters|feed|fork|a_forked_child_drops_the_feed|a forked child dropping its copy unregisters the parent's feed"
+  "helper-wrong-process|feed|helper|a_client_without_capabilities_gets_its_own_feed_from_the_helper|the helper registers a client's feed under another process than the client's"
   "feed-no-begin-wait|feed|race|a_registration_racing_an_munmap_in_flight_is_never_committed_stale|a flush applies a START and returns without waiting for its END (no begin-wait)"
 )
 if [ "$set_name" = race ]; then

@@ -17,6 +17,14 @@ pub enum FeedError {
         /// What the kernel or loader said.
         why: String,
     },
+    /// The privileged helper could not be reached, or refused.
+    #[error("the mmfeed helper at {path:?}: {why}")]
+    Helper {
+        /// The socket tried.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        why: String,
+    },
     /// The feed could not be mapped into this process.
     #[error("mapping the feed failed: {0}")]
     Map(#[source] std::io::Error),

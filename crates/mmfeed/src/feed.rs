@@ -1,48 +1,146 @@
 //! [`Feed`]: this process's feed, attached once per process.
 
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use crate::error::FeedError;
 use crate::loader::{AttachPoint, Loaded};
-use crate::ring::{Record, Ring, Slot};
+use crate::ring::{Record, Ring, Slot, WORDS};
+use crate::sys::SharedWords;
 
 /// This process's start/end feed: the BPF programs attached and the feed
 /// they write for this process mapped read-only.
 ///
 /// One per process (the programs key feeds by tgid): [`Feed::attach`]
 /// returns the live one if there is one. Dropping the last `Arc` unregisters
-/// the feed and detaches the programs.
+/// the feed (and detaches the programs this process loaded).
 pub struct Feed {
     ring: Ring,
     // After `ring`: the mapping goes before the registration does.
-    loaded: Loaded,
+    source: Source,
 }
 
-/// The process's feed while anyone holds it.
-static LIVE: Mutex<Weak<Feed>> = Mutex::new(Weak::new());
+/// Where a process's feed comes from.
+enum Source {
+    /// Programs this process loaded for itself.
+    Loaded(Box<Loaded>),
+    /// The helper's; the feed stays registered while the connection is open.
+    Helper {
+        path: PathBuf,
+        _connection: UnixStream,
+        _map: OwnedFd,
+    },
+}
+
+/// Which way the feed was set up (what [`Feed::attach`] chose).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FeedSource {
+    /// From the privileged helper listening at this path: one host-wide
+    /// program set, and this process needs no capability.
+    Helper(PathBuf),
+    /// Programs this process loaded itself (it has CAP_BPF + CAP_PERFMON).
+    Loaded,
+}
+
+/// The process's feed while anyone holds it, with the process it is for: a
+/// forked child inherits the parent's and must not use it.
+static LIVE: Mutex<(u32, Weak<Feed>)> = Mutex::new((0, Weak::new()));
 
 impl Feed {
-    /// Attaches this process's feed, or returns the one already attached.
+    /// This process's feed: the live one if there is one; else from the
+    /// privileged helper if its socket ([`socket_path`](crate::socket_path):
+    /// `MMFEED_SOCKET`, else `/run/mmfeed.sock`) answers; else programs
+    /// loaded by this process. [`source`](Self::source) says which.
     ///
     /// # Errors
-    /// [`FeedError`] says what the machine or the process refused.
+    /// [`FeedError::Load`] (with the helper's failure, if it was tried)
+    /// when neither way works.
     pub fn attach() -> Result<Arc<Feed>, FeedError> {
+        Self::live_or(|| {
+            let path = crate::helper::socket_path();
+            let tried = if path.exists() {
+                match Self::from_helper(&path) {
+                    Ok(feed) => return Ok(feed),
+                    Err(e) => format!(" (after the helper: {e})"),
+                }
+            } else {
+                String::new()
+            };
+            Self::from_programs().map_err(|e| match e {
+                FeedError::Load(why) => FeedError::Load(format!("{why}{tried}")),
+                other => other,
+            })
+        })
+    }
+
+    /// This process's feed from the helper at `path` (or the live one).
+    ///
+    /// # Errors
+    /// [`FeedError::Helper`]: not reachable, or it refused.
+    pub fn connect(path: &std::path::Path) -> Result<Arc<Feed>, FeedError> {
+        Self::live_or(|| Self::from_helper(path))
+    }
+
+    /// This process's feed from programs it loads itself (or the live one).
+    ///
+    /// # Errors
+    /// [`FeedError::Load`] or [`FeedError::Attach`].
+    pub fn load() -> Result<Arc<Feed>, FeedError> {
+        Self::live_or(Self::from_programs)
+    }
+
+    fn live_or(make: impl FnOnce() -> Result<Feed, FeedError>) -> Result<Arc<Feed>, FeedError> {
+        let pid = rustix::process::getpid().as_raw_nonzero().get() as u32;
         let mut live = LIVE.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(feed) = live.upgrade() {
-            return Ok(feed);
+        if live.0 == pid {
+            if let Some(feed) = live.1.upgrade() {
+                return Ok(feed);
+            }
         }
-        let (loaded, words) = Loaded::load()?;
-        let feed = Arc::new(Feed {
-            ring: Ring::new(words),
-            loaded,
-        });
-        *live = Arc::downgrade(&feed);
+        let feed = Arc::new(make()?);
+        *live = (pid, Arc::downgrade(&feed));
         Ok(feed)
+    }
+
+    fn from_helper(path: &std::path::Path) -> Result<Feed, FeedError> {
+        let (connection, map) = crate::helper::connect(path)?;
+        let words = SharedWords::map(map.as_fd(), WORDS).map_err(FeedError::Map)?;
+        Ok(Feed {
+            ring: Ring::new(words),
+            source: Source::Helper {
+                path: path.to_path_buf(),
+                _connection: connection,
+                _map: map,
+            },
+        })
+    }
+
+    fn from_programs() -> Result<Feed, FeedError> {
+        let (loaded, words) = Loaded::load()?;
+        Ok(Feed {
+            ring: Ring::new(words),
+            source: Source::Loaded(Box::new(loaded)),
+        })
+    }
+
+    /// Which way the feed was set up.
+    pub fn source(&self) -> FeedSource {
+        match &self.source {
+            Source::Loaded(_) => FeedSource::Loaded,
+            Source::Helper { path, .. } => FeedSource::Helper(path.clone()),
+        }
     }
 
     /// Where the programs run.
     pub fn attach_point(&self) -> AttachPoint {
-        self.loaded.attach_point()
+        match &self.source {
+            Source::Loaded(l) => l.attach_point(),
+            // The shipped helper loads the same object the same way.
+            Source::Helper { .. } => AttachPoint::SyscallTracepoints,
+        }
     }
 
     /// Records published so far; the next record will have this index. One
@@ -79,6 +177,7 @@ impl Feed {
 impl std::fmt::Debug for Feed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Feed")
+            .field("source", &self.source())
             .field("attach_point", &self.attach_point())
             .field("head", &self.head())
             .finish()

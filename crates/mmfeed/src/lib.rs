@@ -17,6 +17,12 @@
 //! * [`FeedMm`]: the address space whose `Subscriptions` the feed drives,
 //!   and a [`regcache::AddressSpace`]: `RegCache<FeedMm, R>` is a
 //!   registration cache on real memory for any device `R`.
+//! * [`ProcessSpace`]: the best source this machine allows (the helper's
+//!   feed, a feed loaded here, else userfaultfd), with the choice reported
+//!   ([`ActivePath`]).
+//! * `mmfeed-helper` (a binary of this crate, [`serve`]): loads the
+//!   programs once for the host and hands each client process a feed of
+//!   its own calls over a Unix socket; clients need no capability.
 //!
 //! # What is covered
 //! munmap; mremap (a shrink's tail, a move's source, the target a
@@ -40,14 +46,18 @@
 
 mod error;
 mod feed;
+mod helper;
 mod loader;
+mod process;
 mod ring;
 mod space;
 #[allow(unsafe_code)]
 mod sys;
 
 pub use error::FeedError;
-pub use feed::Feed;
-pub use loader::AttachPoint;
+pub use feed::{Feed, FeedSource};
+pub use helper::{serve, socket_path, DEFAULT_SOCKET};
+pub use loader::{AttachPoint, FeedMap, Programs};
+pub use process::{ActivePath, NoSource, ProcessSpace, SpaceError};
 pub use ring::{Kind, Record, SLOTS};
 pub use space::{FeedMm, FeedStats};

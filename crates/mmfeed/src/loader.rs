@@ -48,21 +48,52 @@ pub enum AttachPoint {
     SyscallTracepoints,
 }
 
-/// The programs this process loaded and its feed, registered under its
-/// tgid; dropping it unregisters the feed and detaches the programs.
-pub(crate) struct Loaded {
+/// The program set, loaded and attached: what serves every process on the
+/// host. Loaded by a process for itself, or once by the privileged helper
+/// (`mmfeed-helper`) for all its clients.
+pub struct Programs {
     /// Owns the programs and their links.
     _ebpf: Ebpf,
     feeds: HashOfMaps<MapData, u32>,
-    tgid: u32,
-    /// The feed's map (kept open while it is registered and mapped).
-    _feed: Array<MapData, Value>,
 }
 
-impl Loaded {
-    /// Loads the object, attaches every program, creates this process's
-    /// feed and registers it; returns the feed's mapping too.
-    pub(crate) fn load() -> Result<(Loaded, SharedWords), FeedError> {
+impl std::fmt::Debug for Programs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Programs").finish_non_exhaustive()
+    }
+}
+
+/// One process's feed: the map the programs write for it.
+pub struct FeedMap {
+    map: Array<MapData, Value>,
+    tgid: u32,
+}
+
+impl std::fmt::Debug for FeedMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FeedMap").field("tgid", &self.tgid).finish()
+    }
+}
+
+impl FeedMap {
+    /// The map's descriptor (read-write: a read-only one cannot be mapped).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.map.map().fd().as_fd()
+    }
+
+    /// The process it serves.
+    pub fn tgid(&self) -> u32 {
+        self.tgid
+    }
+}
+
+impl Programs {
+    /// Loads the shipped object and attaches every program.
+    ///
+    /// # Errors
+    /// [`FeedError::Load`] or [`FeedError::Attach`]: what the machine
+    /// refused (privileges, BTF, tracefs).
+    pub fn load() -> Result<Programs, FeedError> {
         ensure_tracefs();
         let mut ebpf = EbpfLoader::new()
             .load(OBJECT)
@@ -84,29 +115,57 @@ impl Loaded {
         let feeds = ebpf
             .take_map("feeds")
             .ok_or_else(|| FeedError::Load("the object has no `feeds` map".into()))?;
-        let mut feeds: HashOfMaps<MapData, u32> =
+        let feeds: HashOfMaps<MapData, u32> =
             HashOfMaps::try_from(feeds).map_err(|e| FeedError::Load(e.to_string()))?;
-        let feed = Array::<MapData, Value>::create(1, BPF_F_MMAPABLE)
+        Ok(Programs { _ebpf: ebpf, feeds })
+    }
+
+    /// Where the programs run.
+    pub fn attach_point(&self) -> AttachPoint {
+        AttachPoint::SyscallTracepoints
+    }
+
+    /// Creates a feed for process `tgid` and registers it: from now on the
+    /// programs publish that process's calls into it (and only into it).
+    ///
+    /// # Errors
+    /// [`FeedError::Load`] when the map cannot be created or registered.
+    pub fn add_feed(&mut self, tgid: u32) -> Result<FeedMap, FeedError> {
+        let map = Array::<MapData, Value>::create(1, BPF_F_MMAPABLE)
             .map_err(|e| FeedError::Load(format!("creating the feed map: {e}")))?;
-        let words = SharedWords::map(feed.map().fd().as_fd(), WORDS).map_err(FeedError::Map)?;
-        let tgid = rustix::process::getpid().as_raw_nonzero().get() as u32;
-        feeds
-            .insert(tgid, feed.map(), 0)
+        self.feeds
+            .insert(tgid, map.map(), 0)
             .map_err(|e| FeedError::Load(format!("registering the feed: {e}")))?;
-        Ok((
-            Loaded {
-                _ebpf: ebpf,
-                feeds,
-                tgid,
-                _feed: feed,
-            },
-            words,
-        ))
+        Ok(FeedMap { map, tgid })
+    }
+
+    /// Unregisters the feed of `feed.tgid()` (if it is still that one's).
+    pub fn remove_feed(&mut self, feed: &FeedMap) {
+        let _ = self.feeds.remove(&feed.tgid);
+    }
+}
+
+/// The programs this process loaded and its feed, registered under its
+/// tgid; dropping it unregisters the feed and detaches the programs.
+pub(crate) struct Loaded {
+    programs: Programs,
+    feed: FeedMap,
+}
+
+impl Loaded {
+    /// Loads the programs for this process alone and registers its feed;
+    /// returns the feed's mapping too.
+    pub(crate) fn load() -> Result<(Loaded, SharedWords), FeedError> {
+        let mut programs = Programs::load()?;
+        let tgid = rustix::process::getpid().as_raw_nonzero().get() as u32;
+        let feed = programs.add_feed(tgid)?;
+        let words = SharedWords::map(feed.fd(), WORDS).map_err(FeedError::Map)?;
+        Ok((Loaded { programs, feed }, words))
     }
 
     /// Where the programs run.
     pub(crate) fn attach_point(&self) -> AttachPoint {
-        AttachPoint::SyscallTracepoints
+        self.programs.attach_point()
     }
 }
 
@@ -114,8 +173,8 @@ impl Drop for Loaded {
     fn drop(&mut self) {
         // A forked child dropping its copy must not unregister the parent's
         // feed (the key is the parent's tgid).
-        if rustix::process::getpid().as_raw_nonzero().get() as u32 == self.tgid {
-            let _ = self.feeds.remove(&self.tgid);
+        if rustix::process::getpid().as_raw_nonzero().get() as u32 == self.feed.tgid {
+            self.programs.remove_feed(&self.feed);
         }
     }
 }

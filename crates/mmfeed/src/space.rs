@@ -73,7 +73,15 @@ impl FeedMm {
     /// # Errors
     /// [`FeedError`]: what the machine refused, or [`FeedError::Canary`].
     pub fn new() -> Result<FeedMm, FeedError> {
-        let feed = Feed::attach()?;
+        Self::with_feed(Feed::attach()?)
+    }
+
+    /// An address space over `feed` (from [`Feed::connect`] or
+    /// [`Feed::load`], to choose the way), checked with the canary.
+    ///
+    /// # Errors
+    /// [`FeedError::Canary`], or the fork sentinel could not be mapped.
+    pub fn with_feed(feed: Arc<Feed>) -> Result<FeedMm, FeedError> {
         let mm = FeedMm {
             subs: Subscriptions::new(),
             consumed: AtomicU64::new(feed.head()),

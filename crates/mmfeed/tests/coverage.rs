@@ -231,3 +231,40 @@ fn a_thread_created_after_the_feed_is_covered() {
             .unwrap();
     assert_eq!(got, vec![unmap_start(a, a + 2 * P), Kind::End]);
 }
+
+/// `ProcessSpace` takes the best source this machine allows and says which:
+/// a feed where BPF is allowed (here, with no helper socket, one loaded by
+/// this process), userfaultfd otherwise; either way a cache over it drops
+/// a registration whose page was unmapped.
+#[test]
+fn process_space_reports_the_path_it_chose_and_keeps_a_cache_exact() {
+    use mmfeed::{ActivePath, ProcessSpace};
+    use regcache::{Access, RegCache};
+    let bpf = feed().is_some();
+    let space = match ProcessSpace::new() {
+        Ok(s) => s,
+        Err(e) if !bpf => {
+            eprintln!("SKIPPED: neither source is available: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    match space.path() {
+        ActivePath::Loaded | ActivePath::Helper(_) => assert!(bpf, "{:?}", space.path()),
+        ActivePath::Userfaultfd(why) => assert!(!bpf && !why.is_empty()),
+        other => panic!("{other:?}"),
+    }
+    assert!(!space.path().to_string().is_empty());
+    let cache = RegCache::new(space, uffd::Populate);
+    let a = map(1);
+    write_tag(a, 1);
+    let first = cache.get(a, P, Access::READ).unwrap().id();
+    assert_eq!(cache.get(a, P, Access::READ).unwrap().id(), first);
+    assert_eq!(raw_munmap(a, P), 0);
+    let b = map(1);
+    write_tag(b, 2);
+    if b == a {
+        assert_ne!(cache.get(b, P, Access::READ).unwrap().id(), first);
+    }
+    raw_munmap(b, P);
+}
