@@ -69,10 +69,11 @@ device_mutants=(
   "reader-waits-for-handler|uffd|process|a_blocked_callback_does_not_stop_the_monitor_reading|the userfaultfd reader waits for the callbacks (a munmap under an allocator lock deadlocks)"
   "hit-slot-kept|regcache|lifecycle|with_hit_finds_cached_registrations_and_not_invalidated_ones|an invalidated registration stays in the lock-free hit table"
   "teardown-no-grace-period|regcache|lifecycle|a_registration_is_not_deregistered_under_a_running_hit|the teardown of a registration does not wait for the hit table's grace period"
-  "feed-at-exit|feed|race|addresses_reused_across_threads_never_hit_a_stale_registration|the feed's STARTs take effect only at their END (publication at syscall exit, as userfaultfd)"
+  "feed-at-exit|feed|race|an_address_reused_before_its_munmap_returns_never_hits_stale|the feed's STARTs take effect only at their END (publication at syscall exit, as userfaultfd)"
   "feed-fork-unseen|feed|fork|a_forked_child_drops_the_feed|a forked child keeps looking up through the parent's feed"
   "feed-child-unregisters|feed|fork|a_forked_child_drops_the_feed|a forked child dropping its copy unregisters the parent's feed"
   "helper-wrong-process|feed|helper|a_client_without_capabilities_gets_its_own_feed_from_the_helper|the helper registers a client's feed under another process than the client's"
+  "feed-overrun-ignored|feed|coverage|an_overrun_invalidates_everything_and_is_counted|a reader that fell a whole feed behind goes on without invalidating everything"
   "feed-no-begin-wait|feed|race|a_registration_racing_an_munmap_in_flight_is_never_committed_stale|a flush applies a START and returns without waiting for its END (no begin-wait)"
 )
 if [ "$set_name" = race ]; then

@@ -50,18 +50,23 @@ struct Tally {
     stale: AtomicU64,
 }
 
-/// Threads that map a page, tag it, look it up and unmap it, over and over,
-/// for `run`; `unmap_first` threads unmap the page right after registering
-/// it instead (so lookups race their munmaps).
-fn reuse_race(mm: FeedMm, threads: usize, run: Duration) -> Arc<Tally> {
-    let cache = Arc::new(RegCache::with_config(
+/// A cache over `mm` registering with [`TagDevice`]; a registration raced
+/// by the races below may be retried many times.
+fn tag_cache(mm: FeedMm) -> Arc<RegCache<FeedMm, TagDevice>> {
+    Arc::new(RegCache::with_config(
         mm,
         TagDevice,
         Config {
             max_attempts: 1000,
             ..Config::default()
         },
-    ));
+    ))
+}
+
+/// Threads that map a page, tag it, look it up and unmap it, over and over,
+/// for `run`.
+fn reuse_race(mm: FeedMm, threads: usize, run: Duration) -> Arc<Tally> {
+    let cache = tag_cache(mm);
     let tally = Arc::new(Tally::default());
     let workers: Vec<_> = (0..threads)
         .map(|_| {
@@ -129,14 +134,7 @@ fn addresses_reused_across_threads_never_hit_a_stale_registration() {
 #[test]
 fn a_registration_racing_an_munmap_in_flight_is_never_committed_stale() {
     let Some(mm) = feed_mm() else { return };
-    let cache = Arc::new(RegCache::with_config(
-        mm,
-        TagDevice,
-        Config {
-            max_attempts: 1000,
-            ..Config::default()
-        },
-    ));
+    let cache = tag_cache(mm);
     let until = Instant::now() + seconds();
     let current = Arc::new(AtomicU64::new(0));
     let tally = Arc::new(Tally::default());
@@ -197,6 +195,75 @@ fn a_registration_racing_an_munmap_in_flight_is_never_committed_stale() {
     eprintln!(
         "registration race: {lookups} lookups, {stale} stale, {retries} registrations retried"
     );
+    assert!(lookups > 200, "the race ran ({lookups} lookups)");
+    assert_eq!(stale, 0, "{stale} stale registrations in {lookups} lookups");
+}
+
+/// The window itself: thread M registers a page and unmaps it; thread R
+/// keeps asking the kernel for that very address (a hint, no `MAP_FIXED`)
+/// and gets it the moment M's munmap lets go of it, while that munmap has
+/// not yet returned; R then looks it up. Only a feed published at syscall
+/// entry (and a flush that applies what it finds) keeps that lookup from
+/// hitting M's registration.
+#[test]
+fn an_address_reused_before_its_munmap_returns_never_hits_stale() {
+    use std::sync::atomic::AtomicBool;
+    let Some(mm) = feed_mm() else { return };
+    let cache = tag_cache(mm);
+    let until = Instant::now() + seconds();
+    // The address M registered and is about to unmap (0: none yet).
+    let target = Arc::new(AtomicU64::new(0));
+    // R took the address and looked it up: M may go on.
+    let done = Arc::new(AtomicBool::new(true));
+    let tally = Arc::new(Tally::default());
+    let reuser = {
+        let (cache, target, done, tally) =
+            (cache.clone(), target.clone(), done.clone(), tally.clone());
+        std::thread::spawn(move || {
+            while Instant::now() < until {
+                let a = target.load(Ordering::Acquire);
+                if a == 0 || done.load(Ordering::Acquire) {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                let q = map_at(a);
+                if q != a {
+                    assert_eq!(raw_munmap(q, P), 0);
+                    continue;
+                }
+                let tag = NEXT_TAG.fetch_add(1, Ordering::Relaxed);
+                write_tag(q, tag);
+                if let Ok(e) = cache.get(q, P, Access::READ) {
+                    tally.lookups.fetch_add(1, Ordering::Relaxed);
+                    if *e.handle() != tag {
+                        tally.stale.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                assert_eq!(raw_munmap(q, P), 0);
+                done.store(true, Ordering::Release);
+            }
+            done.store(true, Ordering::Release);
+        })
+    };
+    while Instant::now() < until {
+        if !done.load(Ordering::Acquire) {
+            std::hint::spin_loop();
+            continue;
+        }
+        let hint = target.load(Ordering::Relaxed);
+        let p = if hint == 0 { map(1) } else { map_at(hint) };
+        write_tag(p, NEXT_TAG.fetch_add(1, Ordering::Relaxed));
+        drop(cache.get(p, P, Access::READ));
+        target.store(p, Ordering::Release);
+        done.store(false, Ordering::Release);
+        assert_eq!(raw_munmap(p, P), 0);
+    }
+    reuser.join().unwrap();
+    let (lookups, stale) = (
+        tally.lookups.load(Ordering::Relaxed),
+        tally.stale.load(Ordering::Relaxed),
+    );
+    eprintln!("reuse in the window: {lookups} lookups, {stale} stale");
     assert!(lookups > 200, "the race ran ({lookups} lookups)");
     assert_eq!(stale, 0, "{stale} stale registrations in {lookups} lookups");
 }

@@ -15,29 +15,27 @@ fn refused(e: &FeedError) -> bool {
     !root && matches!(e, FeedError::Load(_) | FeedError::Attach { .. })
 }
 
-/// The process's feed, or `None` (the reason printed) where the machine
-/// refuses BPF: the only case in which these tests skip.
-pub fn feed() -> Option<Arc<Feed>> {
-    match Feed::attach() {
-        Ok(f) => Some(f),
+/// `made`, or `None` (the reason printed) where the machine refuses BPF:
+/// the only case in which these tests skip.
+fn or_skip<T>(made: Result<T, FeedError>, what: &str) -> Option<T> {
+    match made {
+        Ok(v) => Some(v),
         Err(e) if refused(&e) => {
             eprintln!("SKIPPED: {e}");
             None
         }
-        Err(e) => panic!("Feed::attach: {e}"),
+        Err(e) => panic!("{what}: {e}"),
     }
 }
 
-/// A `FeedMm`, or `None` as for [`feed`].
+/// The process's feed, or `None` where the machine refuses BPF.
+pub fn feed() -> Option<Arc<Feed>> {
+    or_skip(Feed::attach(), "Feed::attach")
+}
+
+/// A `FeedMm`, or `None` where the machine refuses BPF.
 pub fn feed_mm() -> Option<FeedMm> {
-    match FeedMm::new() {
-        Ok(m) => Some(m),
-        Err(e) if refused(&e) => {
-            eprintln!("SKIPPED: {e}");
-            None
-        }
-        Err(e) => panic!("FeedMm::new: {e}"),
-    }
+    or_skip(FeedMm::new(), "FeedMm::new")
 }
 
 pub fn gettid() -> u32 {
@@ -68,6 +66,25 @@ pub fn map_flags(pages: u64, flags: libc::c_int) -> u64 {
             (pages * P) as usize,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_ANONYMOUS | flags,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "mmap");
+    p as u64
+}
+
+/// Maps one anonymous page at `hint` if that address is free (no
+/// `MAP_FIXED`: nothing is replaced), else wherever the kernel chooses.
+pub fn map_at(hint: u64) -> u64 {
+    // SAFETY: a new anonymous mapping; without MAP_FIXED the hint never
+    // replaces an existing mapping.
+    let p = unsafe {
+        libc::mmap(
+            hint as *mut _,
+            P as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_ANONYMOUS | libc::MAP_PRIVATE,
             -1,
             0,
         )
