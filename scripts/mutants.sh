@@ -108,7 +108,10 @@ cargo_test() { # kind target [test args...]
       cargo test -q --manifest-path crates/embed/Cargo.toml --test "$target" "$@") ;;
     uring) (cd "$tree" && cargo test -q -p uring-registrar --test "$target" "$@") ;;
     uffd) (cd "$tree" && cargo test -q -p uffd --test "$target" "$@") ;;
-    feed) (cd "$tree" && cargo test -q -p mmfeed --test "$target" "$@") ;;
+    # The races run twice their default time here: a mutant's stale
+    # lookups come at a rate of a few per second.
+    feed) (cd "$tree" && MMFEED_RACE_SECONDS="${MMFEED_RACE_SECONDS:-6}" \
+      cargo test -q -p mmfeed --test "$target" "$@") ;;
     regcache) (cd "$tree" && cargo test -q -p regcache --test "$target" "$@") ;;
     *) (cd "$tree" && cargo test -q -p mmu-notifier --test "$target" "$@") ;;
   esac
