@@ -17,7 +17,20 @@
 //!   `ProcessMm`, a software MMU in tests, your kernel's page tables);
 //! * [`Registrar`]: the device (an io_uring fixed-buffer table in the
 //!   `uring-registrar` crate; `ibv_reg_mr`; `cudaHostRegister`; VFIO);
-//! * [`RegCache`]: the cache, which hands out [`Entry`] guards.
+//! * [`RegCache`]: the cache, which hands out [`Entry`] guards, and
+//!   lends a registration to a closure without a guard
+//!   ([`RegCache::with_hit`]).
+//!
+//! # The hit path
+//! A hit takes no lock and writes no shared word: the cache keeps its
+//! registrations by start page in a table whose slots are RCU-published
+//! (`mmu_notifier::rcu::RcuSlots`) and reads it inside a read-side section
+//! of the address space's SRCU domain, a thread-local counter.
+//! [`RegCache::with_hit`] is that hit alone; [`RegCache::get`] tries it
+//! first and takes a guard (two reference-count increments), then falls
+//! back to the locked index (a lookup that does not start in a
+//! registration's first page). A registration that left the cache is torn
+//! down only after a grace period, so never under a running hit.
 //!
 //! # Lifecycle
 //! * [`RegCache::get`] returns a guard; clones of it hold the registration
