@@ -93,7 +93,7 @@ impl Feed {
     }
 
     fn live_or(make: impl FnOnce() -> Result<Feed, FeedError>) -> Result<Arc<Feed>, FeedError> {
-        let pid = rustix::process::getpid().as_raw_nonzero().get() as u32;
+        let pid = crate::loader::this_tgid();
         let mut live = LIVE.lock().unwrap_or_else(PoisonError::into_inner);
         if live.0 == pid {
             if let Some(feed) = live.1.upgrade() {

@@ -26,7 +26,7 @@ use rustix::net::{
 };
 
 use crate::error::FeedError;
-use crate::loader::Programs;
+use crate::loader::{tgid_of, Programs};
 
 /// Where the helper listens, and where clients look, unless the environment
 /// variable `MMFEED_SOCKET` names another path.
@@ -68,8 +68,7 @@ pub fn serve(listener: UnixListener, programs: Programs) -> io::Result<()> {
 
 impl Server {
     fn client(&self, mut stream: UnixStream) -> io::Result<()> {
-        let pid = sockopt::socket_peercred(&stream)?.pid;
-        let tgid = pid.as_raw_nonzero().get() as u32;
+        let tgid = tgid_of(sockopt::socket_peercred(&stream)?.pid);
         if !self
             .clients
             .lock()

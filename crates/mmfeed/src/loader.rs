@@ -38,6 +38,17 @@ pub(crate) const PROGRAMS: [(&str, &str); 14] = [
     ("exit_process_madvise", "sys_exit_process_madvise"),
 ];
 
+/// The key the programs file a process's feed under: its tgid (what
+/// `getpid` returns, and what a peer credential carries).
+pub(crate) fn tgid_of(pid: rustix::process::Pid) -> u32 {
+    pid.as_raw_nonzero().get() as u32
+}
+
+/// This process's key ([`tgid_of`] of `getpid`).
+pub(crate) fn this_tgid() -> u32 {
+    tgid_of(rustix::process::getpid())
+}
+
 /// Where the programs run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -139,7 +150,7 @@ impl Programs {
         Ok(FeedMap { map, tgid })
     }
 
-    /// Unregisters the feed of `feed.tgid()` (if it is still that one's).
+    /// Unregisters the feed filed under `feed.tgid()`.
     pub fn remove_feed(&mut self, feed: &FeedMap) {
         let _ = self.feeds.remove(&feed.tgid);
     }
@@ -157,8 +168,7 @@ impl Loaded {
     /// returns the feed's mapping too.
     pub(crate) fn load() -> Result<(Loaded, SharedWords), FeedError> {
         let mut programs = Programs::load()?;
-        let tgid = rustix::process::getpid().as_raw_nonzero().get() as u32;
-        let feed = programs.add_feed(tgid)?;
+        let feed = programs.add_feed(this_tgid())?;
         let words = SharedWords::map(feed.fd(), WORDS).map_err(FeedError::Map)?;
         Ok((Loaded { programs, feed }, words))
     }
@@ -173,7 +183,7 @@ impl Drop for Loaded {
     fn drop(&mut self) {
         // A forked child dropping its copy must not unregister the parent's
         // feed (the key is the parent's tgid).
-        if rustix::process::getpid().as_raw_nonzero().get() as u32 == self.feed.tgid {
+        if this_tgid() == self.feed.tgid {
             self.programs.remove_feed(&self.feed);
         }
     }

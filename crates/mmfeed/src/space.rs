@@ -129,13 +129,12 @@ impl FeedMm {
     /// looked up through this address space may be trusted there.
     #[inline]
     pub fn flush(&self) -> Result<(), FeedError> {
-        if self.feed.head() == self.consumed.load(Ordering::Acquire) && !self.forked() {
-            return Ok(());
-        }
         if self.forked() {
             return Err(FeedError::Forked);
         }
-        self.drain();
+        if self.feed.head() != self.consumed.load(Ordering::Acquire) {
+            self.drain();
+        }
         Ok(())
     }
 

@@ -22,8 +22,9 @@ pub(crate) struct SharedWords {
     bytes: usize,
 }
 
-// SAFETY: the mapping is only ever read, through atomics, and owned by this
-// value; sharing or moving it between threads is what `&[AtomicU64]` allows.
+// SAFETY: the mapping is owned by this value and only ever accessed through
+// atomics (`words`); sharing or moving it between threads is what
+// `&[AtomicU64]` allows.
 unsafe impl Send for SharedWords {}
 // SAFETY: as for Send: `words` hands out `&[AtomicU64]`, which is Sync.
 unsafe impl Sync for SharedWords {}

@@ -458,10 +458,9 @@ impl<S: AddressSpace, R: Registrar> RegCache<S, R> {
     ) -> Option<T> {
         let sh = &self.shared;
         let section = sh.hits.read_lock();
-        let page = start & !(PAGE_SIZE - 1);
         let reg = sh
             .hits
-            .find(&section, page, |r| r.covers(start, end, access))?;
+            .find(&section, start, |r| r.covers(start, end, access))?;
         // Stamp the use for the LRU order: later than every tick queued so
         // far (the clock is the latest), writing only when it changed.
         let now = sh.clock.load(Ordering::Relaxed) + 1;

@@ -17,8 +17,9 @@ use crate::{Access, AddressSpace, Registrar};
 /// Holders of an `Arc<Reg>`: the cache's index while it is cached, its slot
 /// in the lock-free hit table (until a grace period after it left the
 /// cache), the cache's dead list between leaving the index and its
-/// teardown, and the [`Entry`] guards. Whoever drops the last one deregisters the device
-/// handle ([`CacheState::put`], through `Arc::into_inner`, so exactly once).
+/// teardown, and the [`Entry`] guards. Whoever drops the last one
+/// deregisters the device handle ([`CacheState::put`], through
+/// `Arc::into_inner`, so exactly once).
 /// The index and the dead list hold theirs until the registration left the
 /// cache and its notifier was removed, so the last holder is always a guard
 /// being dropped or the reaper, never a notifier callback.

@@ -43,6 +43,11 @@ fn home(page: u64, len: usize) -> usize {
     (n ^ (n >> bits) ^ (n >> (2 * bits).min(63))) as usize & (len - 1)
 }
 
+/// The page an address lies in: the table's key.
+fn page_of(addr: u64) -> u64 {
+    addr & !(PAGE_SIZE - 1)
+}
+
 /// The slot indices of `page`'s window in a table of `len` slots.
 fn window(page: u64, len: usize) -> impl Iterator<Item = usize> {
     let h = home(page, len);
@@ -77,20 +82,21 @@ impl<S: AddressSpace, R: Registrar> HitTable<S, R> {
         self.domain.read_lock()
     }
 
-    /// The registration starting in `page` that `covers` accepts, if the
-    /// table holds one; valid while `section` lasts.
+    /// The registration starting in the page of `addr` that `covers`
+    /// accepts, if the table holds one; valid while `section` lasts.
     #[inline]
     pub(crate) fn find<'a>(
         &'a self,
         section: &'a ReadGuard,
-        page: u64,
+        addr: u64,
         covers: impl Fn(&Reg<S, R>) -> bool,
     ) -> Option<SlotRef<'a, Reg<S, R>>> {
+        let page = page_of(addr);
         let table = self.table.read(section);
         window(page, table.len())
             .filter(|&i| table.key(i) == page)
             .filter_map(|i| table.get(section, i))
-            .find(|r| r.start & !(PAGE_SIZE - 1) == page && covers(r))
+            .find(|r| page_of(r.start) == page && covers(r))
     }
 
     /// Adds `reg` (under the cache lock, `_held`) and marks it as held by
@@ -98,7 +104,7 @@ impl<S: AddressSpace, R: Registrar> HitTable<S, R> {
     /// otherwise (many registrations starting in one page) `reg` stays out
     /// of it and only the locked lookup finds it.
     pub(crate) fn insert(&self, _held: &Index<S, R>, reg: &Arc<Reg<S, R>>) {
-        let page = reg.start & !(PAGE_SIZE - 1);
+        let page = page_of(reg.start);
         let mut cell = self.table.lock();
         loop {
             let table = cell.get();
@@ -118,7 +124,7 @@ impl<S: AddressSpace, R: Registrar> HitTable<S, R> {
                 let mut g = grown.lock();
                 for i in 0..table.len() {
                     let Some(r) = w.get(i) else { continue };
-                    let p = r.start & !(PAGE_SIZE - 1);
+                    let p = page_of(r.start);
                     match window(p, grown.len()).find(|&j| g.get(j).is_none()) {
                         Some(j) => g.set(j, Some((p, r.to_arc()))),
                         // A window of the doubled table overfull anyway: the
@@ -141,7 +147,7 @@ impl<S: AddressSpace, R: Registrar> HitTable<S, R> {
         if !reg.hashed.swap(false, Ordering::Relaxed) {
             return;
         }
-        let page = reg.start & !(PAGE_SIZE - 1);
+        let page = page_of(reg.start);
         let cell = self.table.lock();
         let table = cell.get();
         let mut w = table.lock();

@@ -56,13 +56,19 @@ pub fn records_during(feed: &Feed, f: impl FnOnce()) -> Vec<Kind> {
         .collect()
 }
 
-/// Maps `pages` anonymous pages (read-write) with extra `flags`.
-pub fn map_flags(pages: u64, flags: libc::c_int) -> u64 {
-    // SAFETY: a new anonymous mapping at an address of the kernel's choosing
-    // replaces nothing.
+/// Maps `pages` anonymous pages (read-write) with extra `flags`, at
+/// `hint` if that range is free, else wherever the kernel chooses.
+fn map_anonymous(hint: u64, pages: u64, flags: libc::c_int) -> u64 {
+    assert_eq!(
+        flags & libc::MAP_FIXED,
+        0,
+        "the helpers never replace a mapping"
+    );
+    // SAFETY: a new anonymous mapping without MAP_FIXED: a hint the kernel
+    // cannot honour is ignored, so nothing already mapped is replaced.
     let p = unsafe {
         libc::mmap(
-            std::ptr::null_mut(),
+            hint as *mut _,
             (pages * P) as usize,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_ANONYMOUS | flags,
@@ -74,23 +80,15 @@ pub fn map_flags(pages: u64, flags: libc::c_int) -> u64 {
     p as u64
 }
 
+/// Maps `pages` anonymous pages (read-write) with extra `flags`.
+pub fn map_flags(pages: u64, flags: libc::c_int) -> u64 {
+    map_anonymous(0, pages, flags)
+}
+
 /// Maps one anonymous page at `hint` if that address is free (no
 /// `MAP_FIXED`: nothing is replaced), else wherever the kernel chooses.
 pub fn map_at(hint: u64) -> u64 {
-    // SAFETY: a new anonymous mapping; without MAP_FIXED the hint never
-    // replaces an existing mapping.
-    let p = unsafe {
-        libc::mmap(
-            hint as *mut _,
-            P as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_ANONYMOUS | libc::MAP_PRIVATE,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED, "mmap");
-    p as u64
+    map_anonymous(hint, 1, libc::MAP_PRIVATE)
 }
 
 pub fn map(pages: u64) -> u64 {
