@@ -73,8 +73,10 @@ device_mutants=(
   "feed-fork-unseen|feed|fork|a_forked_child_drops_the_feed|a forked child keeps looking up through the parent's feed"
   "feed-child-unregisters|feed|fork|a_forked_child_drops_the_feed|a forked child dropping its copy unregisters the parent's feed"
   "helper-wrong-process|feed|helper|a_client_without_capabilities_gets_its_own_feed_from_the_helper|the helper registers a client's feed under another process than the client's"
-  "feed-overrun-ignored|feed|coverage|an_overrun_invalidates_everything_and_is_counted|a reader that fell a whole feed behind goes on without invalidating everything"
+  "feed-overrun-ignored|feed|overrun|an_overrun_invalidates_everything_and_is_counted|a reader that fell a whole feed behind goes on without invalidating everything"
   "feed-no-begin-wait|feed|race|a_registration_racing_an_munmap_in_flight_is_never_committed_stale|a flush applies a START and returns without waiting for its END (no begin-wait)"
+  "uring-madvise-unseen|feed|uring|an_io_uring_madvise_drops_the_registration_of_its_pages|io_uring's MADVISE is not fed (its programs are left unattached)"
+  "unpaired-trusted|feed|uring_unpaired|an_io_uring_madvise_that_posts_no_completion_makes_the_feed_untrusted|a MADVISE whose end cannot be seen is invalidated and the feed still trusted"
 )
 if [ "$set_name" = race ]; then
   mutants=("${race_mutants[@]}")

@@ -4,8 +4,9 @@
 //
 // One program set serves every process on the host. Each program runs at
 // the entry or the exit of a system call that can take memory away from a
-// process (munmap, mremap, mmap MAP_FIXED, madvise, brk, shmdt,
-// process_madvise), looks the calling process (tgid) up in `feeds` and, only
+// process (munmap, mremap, mmap MAP_FIXED, madvise, brk, shmdt, shmat
+// SHM_REMAP, io_destroy, process_madvise, and io_uring's IORING_OP_MADVISE),
+// looks the calling process (tgid) up in `feeds` and, only
 // when the process asked for a feed, publishes a record into that process's
 // own feed: a one-element BPF_F_MMAPABLE array the process maps read-only.
 //
@@ -18,6 +19,11 @@
 //   (the `pending` map remembers which threads did): what
 //   invalidate_range_end gives. Between the two the range is in flight, and
 //   a registration must neither start nor commit over it.
+// * io_uring's MADVISE runs on an io-wq worker, not in a system call: its
+//   START is published when the request is queued for the worker (after any
+//   link it waits on), its END when its completion is posted; the two are
+//   paired by the request, under an owner token taken from the feed's
+//   `tokens` counter instead of a thread id.
 //
 // Records are claimed with an atomic add on `head` and published with a
 // per-slot sequence written last (0 while the slot is being written), so a
@@ -36,6 +42,13 @@
 
 #define KIND_START 1
 #define KIND_END 2
+/* A START whose END the kernel will not report (an io_uring MADVISE with
+ * IOSQE_CQE_SKIP_SUCCESS posts no completion when it succeeds). */
+#define KIND_UNPAIRED 3
+
+/* Owner tokens of io_uring requests: above every thread id (pid_max is at
+ * most 2^22). */
+#define TOKEN_BIT 0x80000000u
 
 /* mmu_notifier events (Linux enum mmu_notifier_event) */
 #define EV_UNMAP 0
@@ -44,6 +57,7 @@
 struct record {
 	__u64 start;
 	__u64 end;
+	/* the thread that made the call, or an io_uring request's token */
 	__u32 tid;
 	/* KIND_* in the low byte, for a START the mmu_notifier event above it */
 	__u32 kind;
@@ -56,7 +70,9 @@ struct feed {
 	__u64 head;
 	/* syscalls that published a START and have not yet reached their exit */
 	__u64 inflight;
-	__u64 reserved[6];
+	/* owner tokens handed to io_uring requests so far */
+	__u64 tokens;
+	__u64 reserved[5];
 	struct record slots[FEED_SLOTS];
 };
 
@@ -85,6 +101,23 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } pending SEC(".maps");
+
+/* An io_uring request with a START and no END yet. */
+struct pending_owner {
+	/* the START's owner token */
+	__u32 token;
+	/* the process whose feed has it */
+	__u32 tgid;
+};
+
+/* io_uring request (its address) -> its START's owner, while the request
+ * is queued or running */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct pending_owner);
+} pending_req SEC(".maps");
 
 /* The layout of every syscalls:sys_enter_* / sys_exit_* tracepoint. */
 struct sys_enter_args {
@@ -122,18 +155,33 @@ static __always_inline struct feed *my_feed(void)
 	return bpf_map_lookup_elem(inner, &zero);
 }
 
-static __always_inline void publish(struct feed *f, __u64 start, __u64 end, __u32 kind)
+static __always_inline void publish_as(struct feed *f, __u32 owner, __u64 start, __u64 end,
+				       __u32 kind)
 {
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	__u64 idx = __sync_fetch_and_add(&f->head, 1);
 	struct record *r = &f->slots[idx & (FEED_SLOTS - 1)];
 
 	__sync_lock_test_and_set(&r->seq, 0);
 	r->start = start;
 	r->end = end;
-	r->tid = tid;
+	r->tid = owner;
 	r->kind = kind;
 	__sync_lock_test_and_set(&r->seq, idx + 1);
+}
+
+static __always_inline void publish(struct feed *f, __u64 start, __u64 end, __u32 kind)
+{
+	publish_as(f, (__u32)bpf_get_current_pid_tgid(), start, end, kind);
+}
+
+/* [start, end) rounded outwards to pages; false when empty. */
+static __always_inline int page_range(__u64 *start, __u64 *end)
+{
+	if (*end <= *start)
+		return 0;
+	*start &= PAGE_MASK_;
+	*end = *end > ALL_END - 4095 ? ALL_END : (*end + 4095) & PAGE_MASK_;
+	return 1;
 }
 
 /* A START for [start, end), page-aligned outwards; once per syscall the
@@ -143,10 +191,8 @@ static __always_inline void start(struct feed *f, __u64 start, __u64 end, __u32 
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	__u32 one = 1;
 
-	if (end <= start)
+	if (!page_range(&start, &end))
 		return;
-	start &= PAGE_MASK_;
-	end = end > ALL_END - 4095 ? ALL_END : (end + 4095) & PAGE_MASK_;
 	if (!bpf_map_lookup_elem(&pending, &tid)) {
 		__sync_fetch_and_add(&f->inflight, 1);
 		if (bpf_map_update_elem(&pending, &tid, &one, BPF_ANY)) {
@@ -241,14 +287,19 @@ int enter_mmap(struct sys_enter_args *ctx)
 #define MADV_DONTNEED_LOCKED 24
 #define MADV_GUARD_INSTALL 102
 
+/* The advice values that take pages away. */
+static __always_inline int drops_pages(__u64 advice)
+{
+	return advice == MADV_DONTNEED || advice == MADV_FREE || advice == MADV_REMOVE ||
+	       advice == MADV_DONTNEED_LOCKED || advice == MADV_GUARD_INSTALL;
+}
+
 SEC("tracepoint/syscalls/sys_enter_madvise")
 int enter_madvise(struct sys_enter_args *ctx)
 {
-	__u64 advice = ctx->args[2];
 	struct feed *f;
 
-	if (advice != MADV_DONTNEED && advice != MADV_FREE && advice != MADV_REMOVE &&
-	    advice != MADV_DONTNEED_LOCKED && advice != MADV_GUARD_INSTALL)
+	if (!drops_pages(ctx->args[2]))
 		return 0;
 	f = my_feed();
 	if (f)
@@ -285,6 +336,34 @@ int enter_shmdt(struct sys_enter_args *ctx)
 	return 0;
 }
 
+#define SHM_REMAP 040000
+
+/* shmat with SHM_REMAP replaces whatever was mapped where the segment goes
+ * (its size is not an argument). */
+SEC("tracepoint/syscalls/sys_enter_shmat")
+int enter_shmat(struct sys_enter_args *ctx)
+{
+	struct feed *f;
+
+	if (!(ctx->args[2] & SHM_REMAP))
+		return 0;
+	f = my_feed();
+	if (f)
+		start(f, 0, ALL_END, EV_UNMAP);
+	return 0;
+}
+
+/* io_destroy unmaps the AIO context's ring. */
+SEC("tracepoint/syscalls/sys_enter_io_destroy")
+int enter_io_destroy(struct sys_enter_args *ctx)
+{
+	struct feed *f = my_feed();
+
+	if (f)
+		start(f, 0, ALL_END, EV_UNMAP);
+	return 0;
+}
+
 SEC("tracepoint/syscalls/sys_enter_process_madvise")
 int enter_process_madvise(struct sys_enter_args *ctx)
 {
@@ -307,7 +386,114 @@ SEC("tracepoint/syscalls/sys_exit_brk")
 int exit_brk(struct sys_exit_args *ctx) { return end_of_call(); }
 SEC("tracepoint/syscalls/sys_exit_shmdt")
 int exit_shmdt(struct sys_exit_args *ctx) { return end_of_call(); }
+SEC("tracepoint/syscalls/sys_exit_shmat")
+int exit_shmat(struct sys_exit_args *ctx) { return end_of_call(); }
+SEC("tracepoint/syscalls/sys_exit_io_destroy")
+int exit_io_destroy(struct sys_exit_args *ctx) { return end_of_call(); }
 SEC("tracepoint/syscalls/sys_exit_process_madvise")
 int exit_process_madvise(struct sys_exit_args *ctx) { return end_of_call(); }
+
+/* io_uring's MADVISE. */
+
+#define IORING_OP_MADVISE 25
+/* REQ_F_CQE_SKIP: the request's IOSQE_CQE_SKIP_SUCCESS flag, same bit */
+#define REQ_F_CQE_SKIP (1ULL << 6)
+
+/* io_uring:io_uring_queue_async_work */
+struct uring_queue_args {
+	__u64 common;
+	void *ctx;
+	void *req;
+	__u64 user_data;
+	__u8 opcode;
+	__u8 pad[7];
+	__u64 flags;
+	void *work;
+	__s32 rw;
+};
+
+/* io_uring:io_uring_complete */
+struct uring_complete_args {
+	__u64 common;
+	void *ctx;
+	void *req;
+};
+
+/* The request's command, relocated against the running kernel's BTF. It
+ * sits at the start of struct io_kiocb (every command begins with the file
+ * pointer the request's union shares). */
+struct io_madvise {
+	__u64 addr;
+	__u64 len;
+	__u32 advice;
+} __attribute__((preserve_access_index));
+
+/* A MADVISE is queued for an io-wq worker, which will run it: START. */
+SEC("tracepoint/io_uring/io_uring_queue_async_work")
+int uring_queue(struct uring_queue_args *ctx)
+{
+	struct io_madvise *m = ctx->req;
+	__u64 req = (__u64)ctx->req, start_, end_, len;
+	struct pending_owner owner;
+	__u32 advice, token;
+	struct feed *f;
+
+	if (ctx->opcode != IORING_OP_MADVISE)
+		return 0;
+	f = my_feed();
+	if (!f)
+		return 0;
+	start_ = BPF_CORE_READ(m, addr);
+	len = BPF_CORE_READ(m, len);
+	advice = BPF_CORE_READ(m, advice);
+	if (!drops_pages(advice))
+		return 0;
+	end_ = add_len(start_, len);
+	if (!page_range(&start_, &end_))
+		return 0;
+	token = TOKEN_BIT | ((__u32)__sync_fetch_and_add(&f->tokens, 1) & ~TOKEN_BIT);
+	if (ctx->flags & REQ_F_CQE_SKIP) {
+		/* Its success posts no completion: no END will come. */
+		publish_as(f, token, start_, end_, KIND_UNPAIRED | (EV_CLEAR << 8));
+		return 0;
+	}
+	owner.token = token;
+	owner.tgid = bpf_get_current_pid_tgid() >> 32;
+	__sync_fetch_and_add(&f->inflight, 1);
+	if (bpf_map_update_elem(&pending_req, &req, &owner, BPF_ANY)) {
+		/* No room to remember the request: as for a thread above. */
+		publish_as(f, token, 0, ALL_END, KIND_START | (EV_CLEAR << 8));
+		publish_as(f, token, 0, 0, KIND_END);
+		__sync_fetch_and_add(&f->inflight, -1);
+		return 0;
+	}
+	publish_as(f, token, start_, end_, KIND_START | (EV_CLEAR << 8));
+	return 0;
+}
+
+/* A completion is posted: the END of a MADVISE that published a START. */
+SEC("tracepoint/io_uring/io_uring_complete")
+int uring_complete(struct uring_complete_args *ctx)
+{
+	__u64 req = (__u64)ctx->req;
+	struct pending_owner *p = bpf_map_lookup_elem(&pending_req, &req);
+	__u32 token;
+	struct feed *f;
+
+	if (!p)
+		return 0;
+	token = p->token;
+	/* Only the process that queued it (a request freed unseen, and its
+	 * address reused by another process, must not end anything there). */
+	if (p->tgid != bpf_get_current_pid_tgid() >> 32)
+		return 0;
+	bpf_map_delete_elem(&pending_req, &req);
+	f = my_feed();
+	if (!f)
+		return 0;
+	publish_as(f, token, 0, 0, KIND_END);
+	__sync_fetch_and_add(&f->inflight, -1);
+	return 0;
+}
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";

@@ -10,8 +10,10 @@ pub enum FeedError {
     #[error("loading the feed's BPF programs failed (needs CAP_BPF + CAP_PERFMON or root, and a kernel with BTF): {0}")]
     Load(String),
     /// A program could not be attached to its tracepoint.
-    #[error("attaching to syscalls:{tracepoint} failed (is tracefs mounted at /sys/kernel/tracing?): {why}")]
+    #[error("attaching to {category}:{tracepoint} failed (is tracefs mounted at /sys/kernel/tracing?): {why}")]
     Attach {
+        /// The tracepoint's category (`syscalls`, `io_uring`).
+        category: &'static str,
         /// The tracepoint.
         tracepoint: &'static str,
         /// What the kernel or loader said.
@@ -37,6 +39,14 @@ pub enum FeedError {
     /// new cache) in the child.
     #[error("forked child: the feed records the parent's calls, not this process's")]
     Forked,
+    /// An io_uring `IORING_OP_MADVISE` that drops pages was submitted with
+    /// `IOSQE_CQE_SKIP_SUCCESS`: the kernel posts no completion for it, so
+    /// the feed cannot tell when its pages are gone, and no lookup through
+    /// this address space can be trusted again. Submit such requests
+    /// without the flag; a new `FeedMm` made after the request completed
+    /// is exact again.
+    #[error("an io_uring MADVISE was submitted with IOSQE_CQE_SKIP_SUCCESS: its end cannot be seen, so this feed can no longer be trusted")]
+    Unpaired,
     /// The canary page could not be mapped or unmapped.
     #[error("the canary mapping failed: {0}")]
     CanaryMap(#[source] std::io::Error),

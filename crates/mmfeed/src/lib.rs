@@ -28,11 +28,21 @@
 //! munmap; mremap (a shrink's tail, a move's source, the target a
 //! `MREMAP_FIXED` move replaces); mmap with `MAP_FIXED` over a mapping;
 //! madvise `DONTNEED`, `DONTNEED_LOCKED`, `FREE`, `REMOVE`, `GUARD_INSTALL`;
-//! brk shrinking the heap; and, as "everything changed", shmdt and
-//! process_madvise. Threads created later are covered (the programs filter
-//! by process). Not covered, as with userfaultfd: truncation or hole-punch
-//! of a shared file mapped here, compat (32-bit) system calls, io_uring's
-//! `IORING_OP_MADVISE`, `UFFDIO_MOVE`, and unmaps a driver makes itself.
+//! brk shrinking the heap; as "everything changed", shmdt, shmat with
+//! `SHM_REMAP`, io_destroy (the AIO ring) and process_madvise; and
+//! io_uring's `IORING_OP_MADVISE` with the same advice values, whose START
+//! is published when the request is queued for its io-wq worker and whose
+//! END when its completion is posted. Threads created later, io-wq workers
+//! and SQPOLL threads are covered (the programs filter by process).
+//!
+//! A MADVISE submitted with `IOSQE_CQE_SKIP_SUCCESS` posts no completion
+//! when it succeeds, so its end cannot be seen: the feed invalidates its
+//! range and from then on [`FeedMm::flush`] fails with
+//! [`FeedError::Unpaired`] rather than pretend to be exact.
+//!
+//! Not covered, as with userfaultfd: truncation or hole-punch of a shared
+//! file mapped here, compat (32-bit) system calls, `UFFDIO_MOVE`, and
+//! unmaps a driver makes itself.
 //!
 //! # Requirements
 //! Loading needs CAP_BPF and CAP_PERFMON (or root) and a kernel with BTF.

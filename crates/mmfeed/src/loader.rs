@@ -20,22 +20,37 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/mmfeed.bpf.o");
 /// `BPF_F_MMAPABLE`: the array's values can be mapped by user space.
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// Each program and the `syscalls` tracepoint it runs on.
-pub(crate) const PROGRAMS: [(&str, &str); 14] = [
-    ("enter_munmap", "sys_enter_munmap"),
-    ("enter_mremap", "sys_enter_mremap"),
-    ("enter_mmap", "sys_enter_mmap"),
-    ("enter_madvise", "sys_enter_madvise"),
-    ("enter_brk", "sys_enter_brk"),
-    ("enter_shmdt", "sys_enter_shmdt"),
-    ("enter_process_madvise", "sys_enter_process_madvise"),
-    ("exit_munmap", "sys_exit_munmap"),
-    ("exit_mremap", "sys_exit_mremap"),
-    ("exit_mmap", "sys_exit_mmap"),
-    ("exit_madvise", "sys_exit_madvise"),
-    ("exit_brk", "sys_exit_brk"),
-    ("exit_shmdt", "sys_exit_shmdt"),
-    ("exit_process_madvise", "sys_exit_process_madvise"),
+/// Each program and the tracepoint (category, name) it runs on.
+pub(crate) const PROGRAMS: [(&str, &str, &str); 20] = [
+    ("enter_munmap", "syscalls", "sys_enter_munmap"),
+    ("enter_mremap", "syscalls", "sys_enter_mremap"),
+    ("enter_mmap", "syscalls", "sys_enter_mmap"),
+    ("enter_madvise", "syscalls", "sys_enter_madvise"),
+    ("enter_brk", "syscalls", "sys_enter_brk"),
+    ("enter_shmdt", "syscalls", "sys_enter_shmdt"),
+    ("enter_shmat", "syscalls", "sys_enter_shmat"),
+    ("enter_io_destroy", "syscalls", "sys_enter_io_destroy"),
+    (
+        "enter_process_madvise",
+        "syscalls",
+        "sys_enter_process_madvise",
+    ),
+    ("exit_munmap", "syscalls", "sys_exit_munmap"),
+    ("exit_mremap", "syscalls", "sys_exit_mremap"),
+    ("exit_mmap", "syscalls", "sys_exit_mmap"),
+    ("exit_madvise", "syscalls", "sys_exit_madvise"),
+    ("exit_brk", "syscalls", "sys_exit_brk"),
+    ("exit_shmdt", "syscalls", "sys_exit_shmdt"),
+    ("exit_shmat", "syscalls", "sys_exit_shmat"),
+    ("exit_io_destroy", "syscalls", "sys_exit_io_destroy"),
+    (
+        "exit_process_madvise",
+        "syscalls",
+        "sys_exit_process_madvise",
+    ),
+    // io_uring's MADVISE: queued for its worker (START), completed (END).
+    ("uring_queue", "io_uring", "io_uring_queue_async_work"),
+    ("uring_complete", "io_uring", "io_uring_complete"),
 ];
 
 /// The key the programs file a process's feed under: its tgid (what
@@ -109,7 +124,7 @@ impl Programs {
         let mut ebpf = EbpfLoader::new()
             .load(OBJECT)
             .map_err(|e| FeedError::Load(chain(&e)))?;
-        for (program, tracepoint) in PROGRAMS {
+        for (program, category, tracepoint) in PROGRAMS {
             let attach = |ebpf: &mut Ebpf| -> Result<(), String> {
                 let p: &mut TracePoint = ebpf
                     .program_mut(program)
@@ -117,11 +132,14 @@ impl Programs {
                     .try_into()
                     .map_err(|e: aya::programs::ProgramError| e.to_string())?;
                 p.load().map_err(|e| e.to_string())?;
-                p.attach("syscalls", tracepoint)
-                    .map_err(|e| e.to_string())?;
+                p.attach(category, tracepoint).map_err(|e| e.to_string())?;
                 Ok(())
             };
-            attach(&mut ebpf).map_err(|why| FeedError::Attach { tracepoint, why })?;
+            attach(&mut ebpf).map_err(|why| FeedError::Attach {
+                category,
+                tracepoint,
+                why,
+            })?;
         }
         let feeds = ebpf
             .take_map("feeds")

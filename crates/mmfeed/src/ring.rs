@@ -2,9 +2,11 @@
 //! one record.
 //!
 //! The feed is one array value: a header of 8 words (`head`: records claimed
-//! so far; `inflight`: calls that published a START and have not exited),
-//! then [`SLOTS`] records of 4 words (`start`, `end`, `tid | kind << 32`,
-//! `seq`). Record `i` lives in slot `i % SLOTS`. A writer claims `i` with an
+//! so far; `inflight`: calls that published a START and have not exited;
+//! `tokens`: owner tokens handed to io_uring requests), then [`SLOTS`]
+//! records of 4 words (`start`, `end`, `owner | kind << 32`, `seq`). The
+//! owner is the calling thread's id, or for an io_uring request a token with
+//! the top bit set. Record `i` lives in slot `i % SLOTS`. A writer claims `i` with an
 //! atomic add on `head`, sets the slot's `seq` to 0, writes the fields, and
 //! sets `seq` to `i + 1`, both with full barriers (BPF atomic exchange).
 
@@ -25,6 +27,7 @@ pub(crate) type Value = [u64; WORDS];
 
 const KIND_START: u32 = 1;
 const KIND_END: u32 = 2;
+const KIND_UNPAIRED: u32 = 3;
 
 /// What a record says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,8 +41,19 @@ pub enum Kind {
         /// Why (munmap and friends: `Unmap`; madvise: `Clear`).
         event: Event,
     },
-    /// That thread's call returned: `invalidate_range_end` of its STARTs.
+    /// That thread's call returned (or that io_uring request completed):
+    /// `invalidate_range_end` of its STARTs.
     End,
+    /// A START whose end the kernel will not report: an io_uring
+    /// `IORING_OP_MADVISE` submitted with `IOSQE_CQE_SKIP_SUCCESS` posts no
+    /// completion when it succeeds, so when its pages are gone cannot be
+    /// known.
+    Unpaired {
+        /// The first byte (page-aligned).
+        start: u64,
+        /// One past the last byte (page-aligned).
+        end: u64,
+    },
 }
 
 /// One record of the feed.
@@ -47,7 +61,8 @@ pub enum Kind {
 pub struct Record {
     /// Its position in the feed (0 for the first record ever published).
     pub index: u64,
-    /// The thread that made the call.
+    /// The thread that made the call, or for an io_uring request the token
+    /// (top bit set) its START and END share.
     pub tid: u32,
     /// What happened.
     pub kind: Kind,
@@ -118,6 +133,7 @@ impl Ring {
                 event: event_of(kind >> 8),
             },
             KIND_END => Kind::End,
+            KIND_UNPAIRED => Kind::Unpaired { start, end },
             // Not written by the shipped programs: treat as "everything".
             _ => Kind::Start {
                 start: 0,

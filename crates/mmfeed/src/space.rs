@@ -13,6 +13,10 @@ use crate::loader::AttachPoint;
 use crate::ring::{Kind, Slot};
 use crate::sys::SharedWords;
 
+/// `consumed` of a feed that cannot be trusted any more: no head equals it,
+/// so every flush takes the slow path, which reports the error.
+const UNTRUSTED: u64 = u64::MAX;
+
 thread_local! {
     /// The address of the FeedMm whose records this thread is applying.
     static DRAINING: Cell<usize> = const { Cell::new(0) };
@@ -59,7 +63,8 @@ pub struct FeedMm {
     feed: Arc<Feed>,
     /// Reads 0 in a forked child, which the feed does not see.
     sentinel: SharedWords,
-    /// Records applied so far (every pair they opened is closed).
+    /// Records applied so far (every pair they opened is closed), or
+    /// [`UNTRUSTED`] once a record said the feed cannot be trusted.
     consumed: AtomicU64,
     /// Held while records are applied: one applier at a time, in order.
     drain: Mutex<()>,
@@ -127,13 +132,16 @@ impl FeedMm {
     /// [`FeedError::Forked`] in a child forked after the feed was set up:
     /// the programs record the parent's calls, not the child's, so nothing
     /// looked up through this address space may be trusted there.
+    /// [`FeedError::Unpaired`] from the first flush that saw an io_uring
+    /// MADVISE whose end the kernel does not report, on: the change was
+    /// invalidated, but when its pages are gone cannot be known.
     #[inline]
     pub fn flush(&self) -> Result<(), FeedError> {
         if self.forked() {
             return Err(FeedError::Forked);
         }
         if self.feed.head() != self.consumed.load(Ordering::Acquire) {
-            self.drain();
+            return self.drain();
         }
         Ok(())
     }
@@ -145,22 +153,27 @@ impl FeedMm {
     }
 
     #[cold]
-    fn drain(&self) {
+    fn drain(&self) -> Result<(), FeedError> {
         let me = self as *const FeedMm as usize;
         if DRAINING.with(|d| d.get() == me) {
-            return;
+            return Ok(());
         }
         let _one = self.drain.lock().unwrap_or_else(PoisonError::into_inner);
         DRAINING.with(|d| d.set(me));
         let _reset = Reset;
         let ring = self.feed.ring();
         let mut next = self.consumed.load(Ordering::Relaxed);
+        if next == UNTRUSTED {
+            return Err(FeedError::Unpaired);
+        }
         if ring.head() == next {
-            return; // another thread applied them
+            return Ok(()); // another thread applied them
         }
         self.stats.drains.fetch_add(1, Ordering::Relaxed);
-        // Pairs whose END has not arrived, with the thread that owns them.
+        // Pairs whose END has not arrived, with the thread (or io_uring
+        // request token) that owns them.
         let mut open: Vec<(u32, ActiveInvalidation<'_>)> = Vec::new();
+        let mut untrusted = false;
         let mut round = 0;
         loop {
             if next == ring.head() {
@@ -184,6 +197,15 @@ impl FeedMm {
                                 open.push((rec.tid, self.subs.invalidate_range_start(r)));
                             }
                         }
+                        Kind::Unpaired { start, end } => {
+                            // Invalidate it now; but it may still be running
+                            // after any wait, so nothing later is exact.
+                            if let Ok(r) = Range::new(start, end, Event::Clear) {
+                                self.stats.starts.fetch_add(1, Ordering::Relaxed);
+                                self.subs.invalidate_range_start(r).end();
+                            }
+                            untrusted = true;
+                        }
                         Kind::End => {
                             self.stats.ends.fetch_add(1, Ordering::Relaxed);
                             // Close this thread's pairs, last opened first.
@@ -199,7 +221,13 @@ impl FeedMm {
                 }
             }
         }
+        if untrusted {
+            self.consumed.store(UNTRUSTED, Ordering::Release);
+            tracing::error!("mmfeed: {}", FeedError::Unpaired);
+            return Err(FeedError::Unpaired);
+        }
         self.consumed.store(next, Ordering::Release);
+        Ok(())
     }
 
     /// The reader fell a whole feed behind: records are lost, so which

@@ -222,6 +222,52 @@ fn shmdt_and_process_madvise_flush_everything() {
 }
 
 #[test]
+fn shmat_remap_and_io_destroy_flush_everything() {
+    let Some(feed) = feed() else { return };
+    let everything = Kind::Start {
+        start: 0,
+        end: u64::MAX,
+        event: Event::Unmap,
+    };
+    // SAFETY: a private segment of one page, removed below.
+    let id = unsafe { libc::shmget(libc::IPC_PRIVATE, P as usize, libc::IPC_CREAT | 0o600) };
+    assert!(id >= 0, "shmget");
+    let a = map(1);
+    let mut at = std::ptr::null_mut();
+    let got = records_during(&feed, || {
+        // SAFETY: attaches the segment over the test's own page, which no
+        // reference observes (SHM_REMAP replaces it).
+        at = unsafe { libc::shmat(id, a as *const _, libc::SHM_REMAP) };
+    });
+    assert_eq!(at as u64, a, "shmat SHM_REMAP");
+    assert_eq!(got, vec![everything, Kind::End]);
+    // Without SHM_REMAP nothing is replaced: nothing is published.
+    let got = records_during(&feed, || {
+        // SAFETY: attaches the segment where the kernel chooses.
+        let b = unsafe { libc::shmat(id, std::ptr::null(), 0) };
+        assert_ne!(b as isize, -1);
+        // SAFETY: detaches the attachment made just above.
+        unsafe { libc::shmdt(b) };
+    });
+    assert_eq!(got, vec![everything, Kind::End], "only the shmdt");
+    // SAFETY: detaches the first attachment and removes the segment.
+    unsafe {
+        libc::shmdt(at);
+        libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut());
+    }
+
+    let mut ctx: libc::c_ulong = 0;
+    // SAFETY: io_setup writes the new AIO context's id into `ctx`.
+    let r = unsafe { libc::syscall(libc::SYS_io_setup, 1, &mut ctx as *mut libc::c_ulong) };
+    assert_eq!(r, 0, "io_setup");
+    let got = records_during(&feed, || {
+        // SAFETY: destroys the context made above, which has no I/O.
+        assert_eq!(unsafe { libc::syscall(libc::SYS_io_destroy, ctx) }, 0);
+    });
+    assert_eq!(got, vec![everything, Kind::End]);
+}
+
+#[test]
 fn a_thread_created_after_the_feed_is_covered() {
     let Some(feed) = feed() else { return };
     let a = map(2);
@@ -267,30 +313,4 @@ fn process_space_reports_the_path_it_chose_and_keeps_a_cache_exact() {
         assert_ne!(cache.get(b, P, Access::READ).unwrap().id(), first);
     }
     raw_munmap(b, P);
-}
-
-/// A reader that falls more than a feed behind cannot know what changed:
-/// it invalidates everything, once, and counts it.
-#[test]
-fn an_overrun_invalidates_everything_and_is_counted() {
-    use regcache::{Access, RegCache};
-    use std::sync::atomic::Ordering;
-    let Some(mm) = feed_mm() else { return };
-    let cache = RegCache::new(mm, uffd::Populate);
-    let a = map(1);
-    write_tag(a, 1);
-    let kept = cache.get(a, P, Access::READ).unwrap();
-    // Two records per munmap, none applied: the feed laps this reader.
-    for _ in 0..mmfeed::SLOTS {
-        let p = map(1);
-        assert_eq!(raw_munmap(p, P), 0);
-    }
-    assert!(kept.is_valid(), "nothing applied yet");
-    let again = cache.get(a, P, Access::READ).unwrap();
-    let stats = cache.space().stats();
-    assert_eq!(stats.overruns.load(Ordering::Relaxed), 1);
-    assert!(!kept.is_valid(), "the overrun invalidated everything");
-    assert_ne!(again.id(), kept.id());
-    drop((kept, again));
-    raw_munmap(a, P);
 }

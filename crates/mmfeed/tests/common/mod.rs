@@ -134,3 +134,36 @@ pub fn unmap_start(start: u64, end: u64) -> Kind {
         event: mmu_notifier::Event::Unmap,
     }
 }
+
+/// Submits one MADVISE of `[addr, addr + len)` with `flags`, then a NOP,
+/// and waits for the NOP's completion (a ring completes in order here: the
+/// madvise's worker is done when its completion, if any, is posted; the NOP
+/// makes a skipped one's submission certain).
+pub fn uring_madvise(
+    addr: u64,
+    len: u64,
+    advice: i32,
+    flags: io_uring::squeue::Flags,
+) -> Vec<(u64, i32)> {
+    let mut ring = io_uring::IoUring::new(8).expect("io_uring_setup");
+    let madvise = io_uring::opcode::Madvise::new(addr as *const libc::c_void, len as _, advice)
+        .build()
+        .flags(flags)
+        .user_data(1);
+    // SAFETY: the madvise names the test's own mapping, which no reference
+    // observes; nothing else is referenced by the entry.
+    unsafe { ring.submission().push(&madvise).expect("room for one") };
+    ring.submit().expect("submit");
+    let mut got = Vec::new();
+    // The madvise's completion (when it posts one) comes from its worker.
+    if !flags.contains(io_uring::squeue::Flags::SKIP_SUCCESS) {
+        ring.submit_and_wait(1).expect("wait");
+        got.extend(ring.completion().map(|c| (c.user_data(), c.result())));
+    }
+    let nop = io_uring::opcode::Nop::new().build().user_data(2);
+    // SAFETY: a NOP references nothing.
+    unsafe { ring.submission().push(&nop).expect("room for one") };
+    ring.submit_and_wait(1).expect("wait");
+    got.extend(ring.completion().map(|c| (c.user_data(), c.result())));
+    got
+}
