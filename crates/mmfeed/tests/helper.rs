@@ -1,11 +1,13 @@
-//! The privileged helper: a client without any capability gets a feed of
-//! its own calls (and only its own) from the helper, with no `bpf()` call.
+//! The privileged helper, running with only CAP_BPF and CAP_PERFMON: a
+//! client without any capability gets a feed of its own calls (and only its
+//! own) from the helper, with no `bpf()` call.
 //! A test binary of its own: the client is a forked child, which must not
 //! inherit locks held by other test threads.
 
 mod common;
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use common::*;
@@ -17,6 +19,42 @@ const STILL_PRIVILEGED: i32 = 10;
 const CONNECT_FAILED: i32 = 11;
 const NO_RECORD: i32 = 12;
 const WRONG_SOURCE: i32 = 13;
+
+/// CAP_PERFMON and CAP_BPF: all the helper is given.
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// The helper, started with every capability but CAP_BPF and CAP_PERFMON
+/// dropped from its bounding set, so that its exec (as uid 0) grants it
+/// those two and nothing else.
+fn helper_with_two_capabilities(socket: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mmfeed-helper"));
+    cmd.arg(socket).stdout(Stdio::piped());
+    // SAFETY: the closure runs in the forked child before exec and makes
+    // only prctl calls (async-signal-safe, no allocation, no lock).
+    unsafe {
+        cmd.pre_exec(|| {
+            for cap in 0..64u32 {
+                if cap != CAP_BPF && cap != CAP_PERFMON {
+                    // Past the kernel's last capability this fails: fine.
+                    libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// The effective capability set of process `pid`, from /proc.
+fn effective_capabilities(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap();
+    u64::from_str_radix(line.trim(), 16).unwrap()
+}
 
 fn child(socket: &std::path::Path) -> i32 {
     // Drop every privilege: root's capabilities go with the uid.
@@ -63,9 +101,7 @@ fn a_client_without_capabilities_gets_its_own_feed_from_the_helper() {
         return;
     }
     let socket = std::env::temp_dir().join(format!("mmfeed-test-{}.sock", std::process::id()));
-    let mut helper = Command::new(env!("CARGO_BIN_EXE_mmfeed-helper"))
-        .arg(&socket)
-        .stdout(Stdio::piped())
+    let mut helper = helper_with_two_capabilities(&socket)
         .spawn()
         .expect("start the helper");
     let mut line = String::new();
@@ -73,6 +109,11 @@ fn a_client_without_capabilities_gets_its_own_feed_from_the_helper() {
         .read_line(&mut line)
         .unwrap();
     assert_eq!(line.trim(), "ready", "the helper did not start");
+    assert_eq!(
+        effective_capabilities(helper.id()),
+        (1 << CAP_BPF) | (1 << CAP_PERFMON),
+        "the helper runs with CAP_BPF and CAP_PERFMON only"
+    );
 
     // The parent is a client too; the child's calls must not reach it.
     let parent = Feed::connect(&socket).expect("the parent's feed");
