@@ -27,6 +27,15 @@ pub enum FeedError {
         /// What went wrong.
         why: String,
     },
+    /// A program set could not be pinned in, or reused from, a bpffs
+    /// directory.
+    #[error("the pinned program set at {dir:?}: {why}")]
+    Pins {
+        /// The pin directory.
+        dir: std::path::PathBuf,
+        /// What was missing or refused.
+        why: String,
+    },
     /// The feed could not be mapped into this process.
     #[error("mapping the feed failed: {0}")]
     Map(#[source] std::io::Error),

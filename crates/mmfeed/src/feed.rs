@@ -26,6 +26,8 @@ pub struct Feed {
 enum Source {
     /// Programs this process loaded for itself.
     Loaded(Box<Loaded>),
+    /// The set pinned in this directory, with this process's feed added.
+    Pinned(Box<Loaded>, PathBuf),
     /// The helper's; the feed stays registered while the connection is open.
     Helper {
         path: PathBuf,
@@ -41,6 +43,9 @@ pub enum FeedSource {
     /// From the privileged helper listening at this path: one host-wide
     /// program set, and this process needs no capability.
     Helper(PathBuf),
+    /// The program set another process pinned in this bpffs directory
+    /// (this process has CAP_BPF, to add its feed, and loads nothing).
+    Pinned(PathBuf),
     /// Programs this process loaded itself (it has CAP_BPF + CAP_PERFMON).
     Loaded,
 }
@@ -52,23 +57,31 @@ static LIVE: Mutex<(u32, Weak<Feed>)> = Mutex::new((0, Weak::new()));
 impl Feed {
     /// This process's feed: the live one if there is one; else from the
     /// privileged helper if its socket ([`socket_path`](crate::socket_path):
-    /// `MMFEED_SOCKET`, else `/run/mmfeed.sock`) answers; else programs
-    /// loaded by this process. [`source`](Self::source) says which.
+    /// `MMFEED_SOCKET`, else `/run/mmfeed.sock`) answers; else from the
+    /// program set pinned in [`pin_dir`](crate::pin_dir) (`MMFEED_PIN_DIR`,
+    /// else `/sys/fs/bpf/mmfeed`) if there is one; else programs loaded by
+    /// this process. [`source`](Self::source) says which.
     ///
     /// # Errors
-    /// [`FeedError::Load`] (with the helper's failure, if it was tried)
-    /// when neither way works.
+    /// [`FeedError::Load`] (with the helper's and the pins' failures, where
+    /// they were tried) when no way works.
     pub fn attach() -> Result<Arc<Feed>, FeedError> {
         Self::live_or(|| {
+            let mut tried = String::new();
             let path = crate::helper::socket_path();
-            let tried = if path.exists() {
+            if path.exists() {
                 match Self::from_helper(&path) {
                     Ok(feed) => return Ok(feed),
-                    Err(e) => format!(" (after the helper: {e})"),
+                    Err(e) => tried.push_str(&format!(" (after the helper: {e})")),
                 }
-            } else {
-                String::new()
-            };
+            }
+            let pins = crate::loader::pin_dir();
+            if pins.exists() {
+                match Self::from_pins(&pins) {
+                    Ok(feed) => return Ok(feed),
+                    Err(e) => tried.push_str(&format!(" (after the pins: {e})")),
+                }
+            }
             Self::from_programs().map_err(|e| match e {
                 FeedError::Load(why) => FeedError::Load(format!("{why}{tried}")),
                 other => other,
@@ -82,6 +95,16 @@ impl Feed {
     /// [`FeedError::Helper`]: not reachable, or it refused.
     pub fn connect(path: &std::path::Path) -> Result<Arc<Feed>, FeedError> {
         Self::live_or(|| Self::from_helper(path))
+    }
+
+    /// This process's feed from the program set pinned in `dir` (or the
+    /// live one).
+    ///
+    /// # Errors
+    /// [`FeedError::Pins`] (no complete set there), or [`FeedError::Load`]
+    /// (this process may not add its feed: it needs CAP_BPF).
+    pub fn reuse_pins(dir: &std::path::Path) -> Result<Arc<Feed>, FeedError> {
+        Self::live_or(|| Self::from_pins(dir))
     }
 
     /// This process's feed from programs it loads itself (or the live one).
@@ -118,6 +141,14 @@ impl Feed {
         })
     }
 
+    fn from_pins(dir: &std::path::Path) -> Result<Feed, FeedError> {
+        let (loaded, words) = Loaded::from_pins(dir)?;
+        Ok(Feed {
+            ring: Ring::new(words),
+            source: Source::Pinned(Box::new(loaded), dir.to_path_buf()),
+        })
+    }
+
     fn from_programs() -> Result<Feed, FeedError> {
         let (loaded, words) = Loaded::load()?;
         Ok(Feed {
@@ -130,6 +161,7 @@ impl Feed {
     pub fn source(&self) -> FeedSource {
         match &self.source {
             Source::Loaded(_) => FeedSource::Loaded,
+            Source::Pinned(_, dir) => FeedSource::Pinned(dir.clone()),
             Source::Helper { path, .. } => FeedSource::Helper(path.clone()),
         }
     }
@@ -137,7 +169,7 @@ impl Feed {
     /// Where the programs run.
     pub fn attach_point(&self) -> AttachPoint {
         match &self.source {
-            Source::Loaded(l) => l.attach_point(),
+            Source::Loaded(l) | Source::Pinned(l, _) => l.attach_point(),
             // The shipped helper loads the same object the same way.
             Source::Helper { .. } => AttachPoint::SyscallTracepoints,
         }

@@ -18,8 +18,8 @@
 //!   and a [`regcache::AddressSpace`]: `RegCache<FeedMm, R>` is a
 //!   registration cache on real memory for any device `R`.
 //! * [`ProcessSpace`]: the best source this machine allows (the helper's
-//!   feed, a feed loaded here, else userfaultfd), with the choice reported
-//!   ([`ActivePath`]).
+//!   feed, a program set pinned in bpffs, a feed loaded here, else
+//!   userfaultfd), with the choice reported ([`ActivePath`]).
 //! * `mmfeed-helper` (a binary of this crate, [`serve`]): loads the
 //!   programs once for the host and hands each client process a feed of
 //!   its own calls over a Unix socket; clients need no capability.
@@ -67,7 +67,7 @@ mod sys;
 pub use error::FeedError;
 pub use feed::{Feed, FeedSource};
 pub use helper::{serve, socket_path, DEFAULT_SOCKET};
-pub use loader::{AttachPoint, FeedMap, Programs};
+pub use loader::{pin_dir, AttachPoint, FeedMap, Programs, DEFAULT_PIN_DIR};
 pub use process::{ActivePath, NoSource, ProcessSpace, SpaceError};
 pub use ring::{Kind, Record, SLOTS};
 pub use space::{FeedMm, FeedStats};

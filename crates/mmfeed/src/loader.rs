@@ -1,11 +1,14 @@
 //! Loading the shipped BPF object and attaching it: the programs of
-//! `bpf/mmfeed.bpf.c` on the `syscalls:*` tracepoints, and this process's
-//! feed registered under its tgid.
+//! `bpf/mmfeed.bpf.c` on the `syscalls:*` and `io_uring:*` tracepoints, and
+//! this process's feed registered under its tgid. Or, where another
+//! privileged process pinned a loaded set in bpffs, reusing that set.
 
 use std::os::fd::AsFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashOfMaps, IterableMap, MapData};
+use aya::maps::{Array, HashOfMaps, IterableMap, Map, MapData};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::trace_point::TracePointLinkId;
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
 
@@ -53,6 +56,22 @@ pub(crate) const PROGRAMS: [(&str, &str, &str); 20] = [
     ("uring_complete", "io_uring", "io_uring_complete"),
 ];
 
+/// Where a pinned program set lives unless the environment variable
+/// `MMFEED_PIN_DIR` names another directory (in a bpffs mount).
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mmfeed";
+
+/// The pin directory processes look in: `MMFEED_PIN_DIR`, else
+/// [`DEFAULT_PIN_DIR`].
+pub fn pin_dir() -> PathBuf {
+    std::env::var_os("MMFEED_PIN_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| DEFAULT_PIN_DIR.into())
+}
+
+/// The name of the pinned `feeds` map in a pin directory (each program's
+/// link is pinned under the program's name).
+const FEEDS_PIN: &str = "feeds";
+
 /// The key the programs file a process's feed under: its tgid (what
 /// `getpid` returns, and what a peer credential carries).
 pub(crate) fn tgid_of(pid: rustix::process::Pid) -> u32 {
@@ -76,10 +95,15 @@ pub enum AttachPoint {
 
 /// The program set, loaded and attached: what serves every process on the
 /// host. Loaded by a process for itself, or once by the privileged helper
-/// (`mmfeed-helper`) for all its clients.
+/// (`mmfeed-helper`) for all its clients, or pinned in bpffs by a privileged
+/// process ([`pin`](Self::pin)) and reused by others
+/// ([`from_pins`](Self::from_pins)).
 pub struct Programs {
-    /// Owns the programs and their links.
-    _ebpf: Ebpf,
+    /// Owns the programs and their links (none when reused from pins: the
+    /// pinned links keep the programs attached).
+    ebpf: Option<Ebpf>,
+    /// Each program's link, to pin.
+    links: Vec<(&'static str, TracePointLinkId)>,
     feeds: HashOfMaps<MapData, u32>,
 }
 
@@ -124,29 +148,106 @@ impl Programs {
         let mut ebpf = EbpfLoader::new()
             .load(OBJECT)
             .map_err(|e| FeedError::Load(chain(&e)))?;
+        let mut links = Vec::with_capacity(PROGRAMS.len());
         for (program, category, tracepoint) in PROGRAMS {
-            let attach = |ebpf: &mut Ebpf| -> Result<(), String> {
-                let p: &mut TracePoint = ebpf
-                    .program_mut(program)
-                    .ok_or("not in the object")?
-                    .try_into()
-                    .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+            let attach = |ebpf: &mut Ebpf| -> Result<TracePointLinkId, String> {
+                let p = tracepoint_program(ebpf, program)?;
                 p.load().map_err(|e| e.to_string())?;
-                p.attach(category, tracepoint).map_err(|e| e.to_string())?;
-                Ok(())
+                p.attach(category, tracepoint).map_err(|e| e.to_string())
             };
-            attach(&mut ebpf).map_err(|why| FeedError::Attach {
+            let link = attach(&mut ebpf).map_err(|why| FeedError::Attach {
                 category,
                 tracepoint,
                 why,
             })?;
+            links.push((program, link));
         }
         let feeds = ebpf
             .take_map("feeds")
             .ok_or_else(|| FeedError::Load("the object has no `feeds` map".into()))?;
         let feeds: HashOfMaps<MapData, u32> =
             HashOfMaps::try_from(feeds).map_err(|e| FeedError::Load(e.to_string()))?;
-        Ok(Programs { _ebpf: ebpf, feeds })
+        Ok(Programs {
+            ebpf: Some(ebpf),
+            links,
+            feeds,
+        })
+    }
+
+    /// Pins this loaded set in `dir` (a bpffs directory, made if missing;
+    /// bpffs is mounted at `/sys/fs/bpf` first where it is not): each
+    /// program's link and the `feeds` map. The programs then stay attached
+    /// with no process holding them, and any process allowed to open `dir`
+    /// can reuse them ([`from_pins`](Self::from_pins)) instead of loading a
+    /// set of its own (each set taxes every system call again). Remove them
+    /// with [`unpin`](Self::unpin).
+    ///
+    /// # Errors
+    /// [`FeedError::Pins`]: bpffs cannot be mounted or written, or this set
+    /// was itself reused from pins. Whatever was pinned is removed again.
+    pub fn pin(mut self, dir: &Path) -> Result<(), FeedError> {
+        let fail = |why: String| FeedError::Pins {
+            dir: dir.to_path_buf(),
+            why,
+        };
+        let Some(mut ebpf) = self.ebpf.take() else {
+            return Err(fail("this set is reused from pins already".into()));
+        };
+        ensure_bpffs();
+        std::fs::create_dir_all(dir).map_err(|e| fail(format!("making the directory: {e}")))?;
+        if let Err(why) = pin_set(&mut ebpf, self.links, self.feeds, dir) {
+            let _ = Self::unpin(dir);
+            return Err(fail(why));
+        }
+        Ok(())
+    }
+
+    /// The set another process pinned in `dir` ([`pin`](Self::pin)): its
+    /// `feeds` map, with every program's link checked to be there. Adding a
+    /// feed to it still needs CAP_BPF (a map is created); loading,
+    /// attaching and the tracefs are not needed.
+    ///
+    /// # Errors
+    /// [`FeedError::Pins`]: `dir` does not hold a complete set, or it
+    /// cannot be opened.
+    pub fn from_pins(dir: &Path) -> Result<Programs, FeedError> {
+        let fail = |why: String| FeedError::Pins {
+            dir: dir.to_path_buf(),
+            why,
+        };
+        for (program, _, _) in PROGRAMS {
+            PinnedLink::from_pin(dir.join(program))
+                .map_err(|e| fail(format!("the link of {program}: {}", chain(&e))))?;
+        }
+        let feeds = MapData::from_pin(dir.join(FEEDS_PIN))
+            .map_err(|e| fail(format!("the feeds map: {}", chain(&e))))?;
+        let feeds = HashOfMaps::try_from(Map::HashOfMaps(feeds))
+            .map_err(|e| fail(format!("the feeds map: {e}")))?;
+        Ok(Programs {
+            ebpf: None,
+            links: Vec::new(),
+            feeds,
+        })
+    }
+
+    /// Removes a pinned set from `dir` (the links' pins, the map's, and the
+    /// directory): the programs detach once no process holds them.
+    ///
+    /// # Errors
+    /// The first pin that exists and could not be removed.
+    pub fn unpin(dir: &Path) -> std::io::Result<()> {
+        let names = PROGRAMS.iter().map(|p| p.0).chain([FEEDS_PIN]);
+        let mut first = Ok(());
+        for name in names {
+            match std::fs::remove_file(dir.join(name)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound && first.is_ok() => {
+                    first = Err(e)
+                }
+                _ => {}
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+        first
     }
 
     /// Where the programs run.
@@ -185,7 +286,15 @@ impl Loaded {
     /// Loads the programs for this process alone and registers its feed;
     /// returns the feed's mapping too.
     pub(crate) fn load() -> Result<(Loaded, SharedWords), FeedError> {
-        let mut programs = Programs::load()?;
+        Self::with(Programs::load()?)
+    }
+
+    /// Registers this process's feed with the set pinned in `dir`.
+    pub(crate) fn from_pins(dir: &Path) -> Result<(Loaded, SharedWords), FeedError> {
+        Self::with(Programs::from_pins(dir)?)
+    }
+
+    fn with(mut programs: Programs) -> Result<(Loaded, SharedWords), FeedError> {
         let feed = programs.add_feed(this_tgid())?;
         let words = SharedWords::map(feed.fd(), WORDS).map_err(FeedError::Map)?;
         Ok((Loaded { programs, feed }, words))
@@ -205,6 +314,45 @@ impl Drop for Loaded {
             self.programs.remove_feed(&self.feed);
         }
     }
+}
+
+/// Pins each program's link and the `feeds` map in `dir`.
+fn pin_set(
+    ebpf: &mut Ebpf,
+    links: Vec<(&'static str, TracePointLinkId)>,
+    feeds: HashOfMaps<MapData, u32>,
+    dir: &Path,
+) -> Result<(), String> {
+    for (program, link) in links {
+        let link = tracepoint_program(ebpf, program)?
+            .take_link(link)
+            .map_err(|e| e.to_string())?;
+        let link = FdLink::try_from(link)
+            .map_err(|e| format!("{program}: the kernel attached it without a BPF link ({e})"))?;
+        link.pin(dir.join(program))
+            .map_err(|e| format!("{program}: {}", chain(&e)))?;
+    }
+    feeds
+        .pin(dir.join(FEEDS_PIN))
+        .map_err(|e| format!("feeds: {}", chain(&e)))
+}
+
+/// Program `name` of the object, as a tracepoint program.
+fn tracepoint_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut TracePoint, String> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| format!("{name} is not in the object"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())
+}
+
+/// Pins live in bpffs; mount it at `/sys/fs/bpf` where the machine has not
+/// (a failure shows as the pin error).
+fn ensure_bpffs() {
+    let fs = Path::new("/sys/fs/bpf");
+    if rustix::fs::statfs(fs).is_ok_and(|s| s.f_type as u64 == 0xcafe_4a11) {
+        return;
+    }
+    let _ = rustix::mount::mount("bpf", fs, "bpf", rustix::mount::MountFlags::empty(), None);
 }
 
 /// aya attaches tracepoints through tracefs; mount it where the machine has

@@ -13,8 +13,10 @@ use crate::space::FeedMm;
 /// 1. the privileged helper's feed (`mmfeed-helper`, at
 ///    [`socket_path`](crate::socket_path)): one load per lookup, no
 ///    capability needed;
-/// 2. a feed from programs this process loads (CAP_BPF + CAP_PERFMON);
-/// 3. userfaultfd with the exact flush scope (`uffd::ProcessMm`): exact
+/// 2. a feed from the program set another privileged process pinned in
+///    [`pin_dir`](crate::pin_dir) (CAP_BPF, to add this process's feed);
+/// 3. a feed from programs this process loads (CAP_BPF + CAP_PERFMON);
+/// 4. userfaultfd with the exact flush scope (`uffd::ProcessMm`): exact
 ///    too, at one `ioctl` per lookup.
 ///
 /// [`path`](Self::path) says which one is active.
@@ -36,6 +38,8 @@ pub enum ProcessSpace {
 pub enum ActivePath {
     /// The helper's feed at this socket.
     Helper(std::path::PathBuf),
+    /// A feed from the program set pinned in this directory.
+    Pinned(std::path::PathBuf),
     /// A feed from programs this process loaded.
     Loaded,
     /// userfaultfd (exact scope), and why the feed was not used.
@@ -46,6 +50,9 @@ impl std::fmt::Display for ActivePath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ActivePath::Helper(p) => write!(f, "eBPF feed from the helper at {}", p.display()),
+            ActivePath::Pinned(d) => {
+                write!(f, "eBPF feed from the programs pinned at {}", d.display())
+            }
             ActivePath::Loaded => f.write_str("eBPF feed loaded by this process"),
             ActivePath::Userfaultfd(why) => write!(f, "userfaultfd, exact scope (no feed: {why})"),
         }
@@ -99,6 +106,7 @@ impl ProcessSpace {
         match self {
             ProcessSpace::Feed(mm) => match mm.feed().source() {
                 FeedSource::Helper(p) => ActivePath::Helper(p),
+                FeedSource::Pinned(d) => ActivePath::Pinned(d),
                 _ => ActivePath::Loaded,
             },
             ProcessSpace::Userfaultfd { why_not_feed, .. } => {

@@ -296,7 +296,9 @@ fn process_space_reports_the_path_it_chose_and_keeps_a_cache_exact() {
         Err(e) => panic!("{e}"),
     };
     match space.path() {
-        ActivePath::Loaded | ActivePath::Helper(_) => assert!(bpf, "{:?}", space.path()),
+        ActivePath::Loaded | ActivePath::Helper(_) | ActivePath::Pinned(_) => {
+            assert!(bpf, "{:?}", space.path())
+        }
         ActivePath::Userfaultfd(why) => assert!(!bpf && !why.is_empty()),
         other => panic!("{other:?}"),
     }

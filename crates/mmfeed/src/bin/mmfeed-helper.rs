@@ -7,6 +7,12 @@
 //! is made world-connectable: a client learns only its own calls (the
 //! helper takes its process id from the kernel's peer credentials).
 //! Prints `ready` on stdout once it accepts connections.
+//!
+//! `mmfeed-helper --pin [DIR]` instead loads the programs, pins them in the
+//! bpffs directory DIR (default `/sys/fs/bpf/mmfeed`, or `MMFEED_PIN_DIR`)
+//! and exits: the programs stay attached, and processes with CAP_BPF reuse
+//! them instead of loading their own set. `mmfeed-helper --unpin [DIR]`
+//! removes them.
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -14,8 +20,24 @@ use std::os::unix::net::UnixListener;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let path = std::env::args_os()
-        .nth(1)
+    let mut args = std::env::args_os().skip(1);
+    let first = args.next();
+    let rest = args.next().map(std::path::PathBuf::from);
+    if args.next().is_some() {
+        return usage();
+    }
+    match first.as_ref().and_then(|a| a.to_str()) {
+        Some("--pin") => return pin(rest.unwrap_or_else(mmfeed::pin_dir)),
+        Some("--unpin") => return unpin(rest.unwrap_or_else(mmfeed::pin_dir)),
+        Some("-h" | "--help") => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some(a) if a.starts_with('-') => return usage(),
+        _ if rest.is_some() => return usage(),
+        _ => {}
+    }
+    let path = first
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| mmfeed::DEFAULT_SOCKET.into());
     let programs = match mmfeed::Programs::load() {
@@ -49,6 +71,39 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mmfeed-helper: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const USAGE: &str = "usage: mmfeed-helper [SOCKET] | --pin [DIR] | --unpin [DIR]";
+
+fn usage() -> ExitCode {
+    eprintln!("{USAGE}");
+    ExitCode::from(2)
+}
+
+/// Loads the programs and pins them in `dir`.
+fn pin(dir: std::path::PathBuf) -> ExitCode {
+    let pinned = mmfeed::Programs::load().and_then(|p| p.pin(&dir));
+    match pinned {
+        Ok(()) => {
+            println!("pinned at {}", dir.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mmfeed-helper: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Removes the set pinned in `dir`.
+fn unpin(dir: std::path::PathBuf) -> ExitCode {
+    match mmfeed::Programs::unpin(&dir) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mmfeed-helper: unpinning {}: {e}", dir.display());
             ExitCode::FAILURE
         }
     }
