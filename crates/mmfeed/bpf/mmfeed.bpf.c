@@ -6,9 +6,14 @@
 // the entry or the exit of a system call that can take memory away from a
 // process (munmap, mremap, mmap MAP_FIXED, madvise, brk, shmdt, shmat
 // SHM_REMAP, io_destroy, process_madvise, and io_uring's IORING_OP_MADVISE),
-// looks the calling process (tgid) up in `feeds` and, only
-// when the process asked for a feed, publishes a record into that process's
-// own feed: a one-element BPF_F_MMAPABLE array the process maps read-only.
+// looks the calling process (tgid) up in `feeds` and, only when the
+// process asked for a feed, publishes a record into that process's own
+// feed: a one-element BPF_F_MMAPABLE array the process maps read-only.
+//
+// Each call is handled once (on_<call>), from either attach point: the
+// syscalls:* tracepoints (one program per call's entry and exit), or, where
+// a kernel lacks them, the BTF raw tracepoints sys_enter / sys_exit (one
+// program each, picking the calls by number). The loader uses one set.
 //
 // * START is published at syscall *entry*, before the kernel takes the mmap
 //   lock, so it is ordered before any other thread can be handed the
@@ -229,24 +234,22 @@ static __always_inline __u64 add_len(__u64 addr, __u64 len)
 	return addr + len < addr ? ALL_END : addr + len;
 }
 
-SEC("tracepoint/syscalls/sys_enter_munmap")
-int enter_munmap(struct sys_enter_args *ctx)
+static __always_inline int on_munmap(const __u64 *args)
 {
 	struct feed *f = my_feed();
 
 	if (f)
-		start(f, ctx->args[0], add_len(ctx->args[0], ctx->args[1]), EV_UNMAP);
+		start(f, args[0], add_len(args[0], args[1]), EV_UNMAP);
 	return 0;
 }
 
 #define MREMAP_MAYMOVE 1
 #define MREMAP_FIXED 2
 
-SEC("tracepoint/syscalls/sys_enter_mremap")
-int enter_mremap(struct sys_enter_args *ctx)
+static __always_inline int on_mremap(const __u64 *args)
 {
-	__u64 addr = ctx->args[0], old_len = ctx->args[1], new_len = ctx->args[2];
-	__u64 flags = ctx->args[3], new_addr = ctx->args[4];
+	__u64 addr = args[0], old_len = args[1], new_len = args[2];
+	__u64 flags = args[3], new_addr = args[4];
 	struct feed *f = my_feed();
 
 	if (!f)
@@ -267,17 +270,16 @@ int enter_mremap(struct sys_enter_args *ctx)
 
 #define MAP_FIXED 0x10
 
-SEC("tracepoint/syscalls/sys_enter_mmap")
-int enter_mmap(struct sys_enter_args *ctx)
+static __always_inline int on_mmap(const __u64 *args)
 {
 	struct feed *f;
 
 	/* MAP_FIXED replaces what was mapped; MAP_FIXED_NOREPLACE does not. */
-	if (!(ctx->args[3] & MAP_FIXED))
+	if (!(args[3] & MAP_FIXED))
 		return 0;
 	f = my_feed();
 	if (f)
-		start(f, ctx->args[0], add_len(ctx->args[0], ctx->args[1]), EV_UNMAP);
+		start(f, args[0], add_len(args[0], args[1]), EV_UNMAP);
 	return 0;
 }
 
@@ -294,24 +296,22 @@ static __always_inline int drops_pages(__u64 advice)
 	       advice == MADV_DONTNEED_LOCKED || advice == MADV_GUARD_INSTALL;
 }
 
-SEC("tracepoint/syscalls/sys_enter_madvise")
-int enter_madvise(struct sys_enter_args *ctx)
+static __always_inline int on_madvise(const __u64 *args)
 {
 	struct feed *f;
 
-	if (!drops_pages(ctx->args[2]))
+	if (!drops_pages(args[2]))
 		return 0;
 	f = my_feed();
 	if (f)
-		start(f, ctx->args[0], add_len(ctx->args[0], ctx->args[1]), EV_CLEAR);
+		start(f, args[0], add_len(args[0], args[1]), EV_CLEAR);
 	return 0;
 }
 
-SEC("tracepoint/syscalls/sys_enter_brk")
-int enter_brk(struct sys_enter_args *ctx)
+static __always_inline int on_brk(const __u64 *args)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	__u64 want = ctx->args[0], brk, start_brk;
+	__u64 want = args[0], brk, start_brk;
 	struct feed *f = my_feed();
 
 	if (!f || !want)
@@ -326,8 +326,7 @@ int enter_brk(struct sys_enter_args *ctx)
 }
 
 /* Calls whose ranges the feed does not decode: everything is flushed. */
-SEC("tracepoint/syscalls/sys_enter_shmdt")
-int enter_shmdt(struct sys_enter_args *ctx)
+static __always_inline int on_shmdt(const __u64 *args)
 {
 	struct feed *f = my_feed();
 
@@ -340,12 +339,11 @@ int enter_shmdt(struct sys_enter_args *ctx)
 
 /* shmat with SHM_REMAP replaces whatever was mapped where the segment goes
  * (its size is not an argument). */
-SEC("tracepoint/syscalls/sys_enter_shmat")
-int enter_shmat(struct sys_enter_args *ctx)
+static __always_inline int on_shmat(const __u64 *args)
 {
 	struct feed *f;
 
-	if (!(ctx->args[2] & SHM_REMAP))
+	if (!(args[2] & SHM_REMAP))
 		return 0;
 	f = my_feed();
 	if (f)
@@ -354,8 +352,7 @@ int enter_shmat(struct sys_enter_args *ctx)
 }
 
 /* io_destroy unmaps the AIO context's ring. */
-SEC("tracepoint/syscalls/sys_enter_io_destroy")
-int enter_io_destroy(struct sys_enter_args *ctx)
+static __always_inline int on_io_destroy(const __u64 *args)
 {
 	struct feed *f = my_feed();
 
@@ -364,8 +361,7 @@ int enter_io_destroy(struct sys_enter_args *ctx)
 	return 0;
 }
 
-SEC("tracepoint/syscalls/sys_enter_process_madvise")
-int enter_process_madvise(struct sys_enter_args *ctx)
+static __always_inline int on_process_madvise(const __u64 *args)
 {
 	struct feed *f = my_feed();
 
@@ -374,24 +370,118 @@ int enter_process_madvise(struct sys_enter_args *ctx)
 	return 0;
 }
 
-SEC("tracepoint/syscalls/sys_exit_munmap")
-int exit_munmap(struct sys_exit_args *ctx) { return end_of_call(); }
-SEC("tracepoint/syscalls/sys_exit_mremap")
-int exit_mremap(struct sys_exit_args *ctx) { return end_of_call(); }
-SEC("tracepoint/syscalls/sys_exit_mmap")
-int exit_mmap(struct sys_exit_args *ctx) { return end_of_call(); }
-SEC("tracepoint/syscalls/sys_exit_madvise")
-int exit_madvise(struct sys_exit_args *ctx) { return end_of_call(); }
-SEC("tracepoint/syscalls/sys_exit_brk")
-int exit_brk(struct sys_exit_args *ctx) { return end_of_call(); }
-SEC("tracepoint/syscalls/sys_exit_shmdt")
-int exit_shmdt(struct sys_exit_args *ctx) { return end_of_call(); }
-SEC("tracepoint/syscalls/sys_exit_shmat")
-int exit_shmat(struct sys_exit_args *ctx) { return end_of_call(); }
-SEC("tracepoint/syscalls/sys_exit_io_destroy")
-int exit_io_destroy(struct sys_exit_args *ctx) { return end_of_call(); }
-SEC("tracepoint/syscalls/sys_exit_process_madvise")
-int exit_process_madvise(struct sys_exit_args *ctx) { return end_of_call(); }
+/* The entry and exit of each call above on the syscalls:* tracepoints
+ * (the attach point preferred where the kernel has them). */
+#define SYSCALL_TRACEPOINTS(name)                                            \
+	SEC("tracepoint/syscalls/sys_enter_" #name)                          \
+	int enter_##name(struct sys_enter_args *ctx) { return on_##name(ctx->args); } \
+	SEC("tracepoint/syscalls/sys_exit_" #name)                           \
+	int exit_##name(struct sys_exit_args *ctx) { return end_of_call(); }
+
+SYSCALL_TRACEPOINTS(munmap)
+SYSCALL_TRACEPOINTS(mremap)
+SYSCALL_TRACEPOINTS(mmap)
+SYSCALL_TRACEPOINTS(madvise)
+SYSCALL_TRACEPOINTS(brk)
+SYSCALL_TRACEPOINTS(shmdt)
+SYSCALL_TRACEPOINTS(shmat)
+SYSCALL_TRACEPOINTS(io_destroy)
+SYSCALL_TRACEPOINTS(process_madvise)
+
+#if defined(__TARGET_ARCH_x86)
+/* The same calls from the BTF raw tracepoints raw_syscalls:sys_enter and
+ * sys_exit, for kernels without the syscalls:* tracepoints
+ * (CONFIG_FTRACE_SYSCALLS off). One program sees every system call and
+ * picks the ones above by number (x86-64's; 32-bit compat calls are not
+ * covered, as with the tracepoints). */
+
+struct pt_regs {
+	unsigned long di;
+	unsigned long si;
+	unsigned long dx;
+	unsigned long r10;
+	unsigned long r8;
+	unsigned long r9;
+	unsigned long orig_ax;
+} __attribute__((preserve_access_index));
+
+#define NR_mmap 9
+#define NR_munmap 11
+#define NR_brk 12
+#define NR_mremap 25
+#define NR_madvise 28
+#define NR_shmat 30
+#define NR_shmdt 67
+#define NR_io_destroy 207
+#define NR_process_madvise 440
+
+static __always_inline int fed_call(long id)
+{
+	switch (id) {
+	case NR_mmap:
+	case NR_munmap:
+	case NR_brk:
+	case NR_mremap:
+	case NR_madvise:
+	case NR_shmat:
+	case NR_shmdt:
+	case NR_io_destroy:
+	case NR_process_madvise:
+		return 1;
+	}
+	return 0;
+}
+
+/* sys_enter(struct pt_regs *regs, long id) */
+SEC("tp_btf/sys_enter")
+int btf_sys_enter(__u64 *ctx)
+{
+	struct pt_regs *regs = (struct pt_regs *)ctx[0];
+	long id = (long)ctx[1];
+	__u64 args[6];
+
+	if (!fed_call(id))
+		return 0;
+	args[0] = BPF_CORE_READ(regs, di);
+	args[1] = BPF_CORE_READ(regs, si);
+	args[2] = BPF_CORE_READ(regs, dx);
+	args[3] = BPF_CORE_READ(regs, r10);
+	args[4] = BPF_CORE_READ(regs, r8);
+	args[5] = BPF_CORE_READ(regs, r9);
+	switch (id) {
+	case NR_mmap:
+		return on_mmap(args);
+	case NR_munmap:
+		return on_munmap(args);
+	case NR_brk:
+		return on_brk(args);
+	case NR_mremap:
+		return on_mremap(args);
+	case NR_madvise:
+		return on_madvise(args);
+	case NR_shmat:
+		return on_shmat(args);
+	case NR_shmdt:
+		return on_shmdt(args);
+	case NR_io_destroy:
+		return on_io_destroy(args);
+	case NR_process_madvise:
+		return on_process_madvise(args);
+	}
+	return 0;
+}
+
+/* sys_exit(struct pt_regs *regs, long ret) */
+SEC("tp_btf/sys_exit")
+int btf_sys_exit(__u64 *ctx)
+{
+	struct pt_regs *regs = (struct pt_regs *)ctx[0];
+
+	if (!fed_call((long)BPF_CORE_READ(regs, orig_ax)))
+		return 0;
+	return end_of_call();
+}
+#endif
 
 /* io_uring's MADVISE. */
 

@@ -9,6 +9,9 @@ pub enum FeedError {
     /// (`/sys/kernel/btf/vmlinux`), or it refused a program.
     #[error("loading the feed's BPF programs failed (needs CAP_BPF + CAP_PERFMON or root, and a kernel with BTF): {0}")]
     Load(String),
+    /// `MMFEED_ATTACH` names no attach point (`tracepoints` or `tp_btf`).
+    #[error("MMFEED_ATTACH={0:?}: expected `tracepoints` or `tp_btf`")]
+    BadAttachPoint(String),
     /// A program could not be attached to its tracepoint.
     #[error("attaching to {category}:{tracepoint} failed (is tracefs mounted at /sys/kernel/tracing?): {why}")]
     Attach {

@@ -31,6 +31,7 @@ enum Source {
     /// The helper's; the feed stays registered while the connection is open.
     Helper {
         path: PathBuf,
+        point: AttachPoint,
         _connection: UnixStream,
         _map: OwnedFd,
     },
@@ -129,12 +130,13 @@ impl Feed {
     }
 
     fn from_helper(path: &std::path::Path) -> Result<Feed, FeedError> {
-        let (connection, map) = crate::helper::connect(path)?;
+        let (connection, map, point) = crate::helper::connect(path)?;
         let words = SharedWords::map(map.as_fd(), WORDS).map_err(FeedError::Map)?;
         Ok(Feed {
             ring: Ring::new(words),
             source: Source::Helper {
                 path: path.to_path_buf(),
+                point,
                 _connection: connection,
                 _map: map,
             },
@@ -170,8 +172,7 @@ impl Feed {
     pub fn attach_point(&self) -> AttachPoint {
         match &self.source {
             Source::Loaded(l) | Source::Pinned(l, _) => l.attach_point(),
-            // The shipped helper loads the same object the same way.
-            Source::Helper { .. } => AttachPoint::SyscallTracepoints,
+            Source::Helper { point, .. } => *point,
         }
     }
 

@@ -5,8 +5,9 @@
 //! root) loads the programs once. A client connects; the helper reads the
 //! client's process id from the socket's peer credentials (the kernel's
 //! word, not the client's), creates a feed registered under that process
-//! only, and sends its descriptor with `SCM_RIGHTS` after one byte `F` (or
-//! `E` and a reason). The client maps the feed and makes no `bpf()` call.
+//! only, and sends its descriptor with `SCM_RIGHTS` after one byte that
+//! says where the programs run (`F`: the `syscalls` tracepoints, `B`: the
+//! BTF raw tracepoints), or sends `E` and a reason. The client maps the feed and makes no `bpf()` call.
 //! The feed stays registered while the connection is open; the helper
 //! unregisters it when the client closes it or exits. A client therefore
 //! sees its own calls and nobody else's (another process's munmap addresses
@@ -26,7 +27,7 @@ use rustix::net::{
 };
 
 use crate::error::FeedError;
-use crate::loader::{tgid_of, Programs};
+use crate::loader::{tgid_of, AttachPoint, Programs};
 
 /// Where the helper listens, and where clients look, unless the environment
 /// variable `MMFEED_SOCKET` names another path.
@@ -85,7 +86,12 @@ impl Server {
         let result = match added {
             Err(e) => refuse(&mut stream, &e.to_string()),
             Ok(feed) => {
-                let sent = send_fd(&stream, feed.fd());
+                let point = self
+                    .programs
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .attach_point();
+                let sent = send_fd(&stream, feed.fd(), point);
                 if sent.is_ok() {
                     // Held until the client closes the connection or exits.
                     let mut byte = [0u8; 1];
@@ -111,22 +117,35 @@ fn refuse(stream: &mut UnixStream, why: &str) -> io::Result<()> {
     stream.write_all(why.as_bytes())
 }
 
-fn send_fd(stream: &UnixStream, fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+/// The first byte of a feed's answer: where the helper's programs run.
+fn answer_byte(point: AttachPoint) -> u8 {
+    match point {
+        AttachPoint::SyscallTracepoints => b'F',
+        AttachPoint::BtfRawTracepoints => b'B',
+    }
+}
+
+fn send_fd(
+    stream: &UnixStream,
+    fd: std::os::fd::BorrowedFd<'_>,
+    point: AttachPoint,
+) -> io::Result<()> {
     let fds = [fd];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     control.push(SendAncillaryMessage::ScmRights(&fds));
     sendmsg(
         stream.as_fd(),
-        &[io::IoSlice::new(b"F")],
+        &[io::IoSlice::new(&[answer_byte(point)])],
         &mut control,
         SendFlags::empty(),
     )?;
     Ok(())
 }
 
-/// Connects to the helper at `path` and receives this process's feed.
-pub(crate) fn connect(path: &Path) -> Result<(UnixStream, OwnedFd), FeedError> {
+/// Connects to the helper at `path` and receives this process's feed, and
+/// where the helper's programs run.
+pub(crate) fn connect(path: &Path) -> Result<(UnixStream, OwnedFd, AttachPoint), FeedError> {
     let helper = |why: String| FeedError::Helper {
         path: path.to_path_buf(),
         why,
@@ -149,7 +168,8 @@ pub(crate) fn connect(path: &Path) -> Result<(UnixStream, OwnedFd), FeedError> {
         }
     }
     match (got.bytes, byte[0], fd) {
-        (1, b'F', Some(fd)) => Ok((stream, fd)),
+        (1, b'F', Some(fd)) => Ok((stream, fd, AttachPoint::SyscallTracepoints)),
+        (1, b'B', Some(fd)) => Ok((stream, fd, AttachPoint::BtfRawTracepoints)),
         (1, b'E', _) => {
             let mut why = String::new();
             let _ = stream.read_to_string(&mut why);

@@ -44,6 +44,18 @@
 //! file mapped here, compat (32-bit) system calls, `UFFDIO_MOVE`, and
 //! unmaps a driver makes itself.
 //!
+//! # Attach points
+//! [`Programs::load`] attaches the programs to the `syscalls:*` tracepoints
+//! (one program per call's entry and exit) and, where a kernel lacks them,
+//! to the BTF raw tracepoints `sys_enter` / `sys_exit` (`tp_btf`: one
+//! program for every call, picking the fed ones by number; x86-64). The
+//! environment variable `MMFEED_ATTACH` (`tracepoints`, `tp_btf`) chooses
+//! instead; [`Feed::attach_point`] says which is in use. io_uring's MADVISE
+//! is on the `io_uring:*` tracepoints either way. fentry/fexit on the
+//! calls' own functions would spare the calls the feed ignores the tax, but
+//! the kernel this was developed on refuses fentry programs (EPERM, even to
+//! root), so there are none: they could not have been tested.
+//!
 //! # Requirements
 //! Loading needs CAP_BPF and CAP_PERFMON (or root) and a kernel with BTF.
 //! Enabling the `syscalls` tracepoints makes **every** system call of
@@ -67,7 +79,7 @@ mod sys;
 pub use error::FeedError;
 pub use feed::{Feed, FeedSource};
 pub use helper::{serve, socket_path, DEFAULT_SOCKET};
-pub use loader::{pin_dir, AttachPoint, FeedMap, Programs, DEFAULT_PIN_DIR};
+pub use loader::{pin_dir, AttachPoint, FeedMap, Programs, ATTACH_ENV, DEFAULT_PIN_DIR};
 pub use process::{ActivePath, NoSource, ProcessSpace, SpaceError};
 pub use ring::{Kind, Record, SLOTS};
 pub use space::{FeedMm, FeedStats};

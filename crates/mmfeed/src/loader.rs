@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashOfMaps, IterableMap, Map, MapData};
 use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tp_btf::BtfTracePointLinkId;
 use aya::programs::trace_point::TracePointLinkId;
-use aya::programs::TracePoint;
-use aya::{Ebpf, EbpfLoader};
+use aya::programs::{BtfTracePoint, TracePoint};
+use aya::{Btf, Ebpf, EbpfLoader};
 
 use crate::error::FeedError;
 use crate::ring::{Value, WORDS};
@@ -23,38 +24,98 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/mmfeed.bpf.o");
 /// `BPF_F_MMAPABLE`: the array's values can be mapped by user space.
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// Each program and the tracepoint (category, name) it runs on.
-pub(crate) const PROGRAMS: [(&str, &str, &str); 20] = [
-    ("enter_munmap", "syscalls", "sys_enter_munmap"),
-    ("enter_mremap", "syscalls", "sys_enter_mremap"),
-    ("enter_mmap", "syscalls", "sys_enter_mmap"),
-    ("enter_madvise", "syscalls", "sys_enter_madvise"),
-    ("enter_brk", "syscalls", "sys_enter_brk"),
-    ("enter_shmdt", "syscalls", "sys_enter_shmdt"),
-    ("enter_shmat", "syscalls", "sys_enter_shmat"),
-    ("enter_io_destroy", "syscalls", "sys_enter_io_destroy"),
-    (
-        "enter_process_madvise",
-        "syscalls",
-        "sys_enter_process_madvise",
-    ),
-    ("exit_munmap", "syscalls", "sys_exit_munmap"),
-    ("exit_mremap", "syscalls", "sys_exit_mremap"),
-    ("exit_mmap", "syscalls", "sys_exit_mmap"),
-    ("exit_madvise", "syscalls", "sys_exit_madvise"),
-    ("exit_brk", "syscalls", "sys_exit_brk"),
-    ("exit_shmdt", "syscalls", "sys_exit_shmdt"),
-    ("exit_shmat", "syscalls", "sys_exit_shmat"),
-    ("exit_io_destroy", "syscalls", "sys_exit_io_destroy"),
-    (
-        "exit_process_madvise",
-        "syscalls",
-        "sys_exit_process_madvise",
-    ),
-    // io_uring's MADVISE: queued for its worker (START), completed (END).
-    ("uring_queue", "io_uring", "io_uring_queue_async_work"),
-    ("uring_complete", "io_uring", "io_uring_complete"),
+/// Where a program of the object runs.
+#[derive(Clone, Copy, Debug)]
+enum Hook {
+    /// A tracepoint: category and name.
+    Tracepoint(&'static str, &'static str),
+    /// A BTF raw tracepoint (`tp_btf`): its name.
+    BtfRaw(&'static str),
+}
+
+/// A program of the object and where it runs.
+type Program = (&'static str, Hook);
+
+/// The calls' programs on the `syscalls:*` tracepoints: one for the entry
+/// and one for the exit of each call.
+const SYSCALL_PROGRAMS: [Program; 18] = {
+    use Hook::Tracepoint as T;
+    [
+        ("enter_munmap", T("syscalls", "sys_enter_munmap")),
+        ("enter_mremap", T("syscalls", "sys_enter_mremap")),
+        ("enter_mmap", T("syscalls", "sys_enter_mmap")),
+        ("enter_madvise", T("syscalls", "sys_enter_madvise")),
+        ("enter_brk", T("syscalls", "sys_enter_brk")),
+        ("enter_shmdt", T("syscalls", "sys_enter_shmdt")),
+        ("enter_shmat", T("syscalls", "sys_enter_shmat")),
+        ("enter_io_destroy", T("syscalls", "sys_enter_io_destroy")),
+        (
+            "enter_process_madvise",
+            T("syscalls", "sys_enter_process_madvise"),
+        ),
+        ("exit_munmap", T("syscalls", "sys_exit_munmap")),
+        ("exit_mremap", T("syscalls", "sys_exit_mremap")),
+        ("exit_mmap", T("syscalls", "sys_exit_mmap")),
+        ("exit_madvise", T("syscalls", "sys_exit_madvise")),
+        ("exit_brk", T("syscalls", "sys_exit_brk")),
+        ("exit_shmdt", T("syscalls", "sys_exit_shmdt")),
+        ("exit_shmat", T("syscalls", "sys_exit_shmat")),
+        ("exit_io_destroy", T("syscalls", "sys_exit_io_destroy")),
+        (
+            "exit_process_madvise",
+            T("syscalls", "sys_exit_process_madvise"),
+        ),
+    ]
+};
+
+/// The same calls from the BTF raw tracepoints of every system call's entry
+/// and exit (picked by number in the programs; x86-64 only).
+const BTF_PROGRAMS: [Program; 2] = [
+    ("btf_sys_enter", Hook::BtfRaw("sys_enter")),
+    ("btf_sys_exit", Hook::BtfRaw("sys_exit")),
 ];
+
+/// io_uring's MADVISE: queued for its worker (START), completed (END).
+/// Attached with either set.
+const URING_PROGRAMS: [Program; 2] = [
+    (
+        "uring_queue",
+        Hook::Tracepoint("io_uring", "io_uring_queue_async_work"),
+    ),
+    (
+        "uring_complete",
+        Hook::Tracepoint("io_uring", "io_uring_complete"),
+    ),
+];
+
+/// The programs attached at `point`.
+fn programs_at(point: AttachPoint) -> impl Iterator<Item = Program> {
+    let calls: &'static [Program] = match point {
+        AttachPoint::SyscallTracepoints => &SYSCALL_PROGRAMS,
+        AttachPoint::BtfRawTracepoints => &BTF_PROGRAMS,
+    };
+    calls.iter().chain(URING_PROGRAMS.iter()).copied()
+}
+
+/// Every program name that can be pinned (for [`Programs::unpin`]).
+fn every_program() -> impl Iterator<Item = &'static str> {
+    SYSCALL_PROGRAMS
+        .iter()
+        .chain(BTF_PROGRAMS.iter())
+        .chain(URING_PROGRAMS.iter())
+        .map(|p| p.0)
+}
+
+/// A program's link, while the program set owns it.
+#[derive(Debug)]
+enum LinkId {
+    Tracepoint(TracePointLinkId),
+    BtfRaw(BtfTracePointLinkId),
+}
+
+/// The environment variable that chooses the attach point instead of the
+/// probing: `tracepoints` or `tp_btf`.
+pub const ATTACH_ENV: &str = "MMFEED_ATTACH";
 
 /// Where a pinned program set lives unless the environment variable
 /// `MMFEED_PIN_DIR` names another directory (in a bpffs mount).
@@ -83,14 +144,47 @@ pub(crate) fn this_tgid() -> u32 {
     tgid_of(rustix::process::getpid())
 }
 
-/// Where the programs run.
+/// Where the programs run. [`Programs::load`] tries them in this order
+/// (fentry, which would spare the calls the feed ignores, is not among
+/// them: see the crate docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AttachPoint {
-    /// The `syscalls:sys_enter_*` / `sys_exit_*` tracepoints. Enabling any
-    /// of them makes every system call of every process on the host take
-    /// the kernel's traced path (the host-wide tax the README states).
+    /// The `syscalls:sys_enter_*` / `sys_exit_*` tracepoints, one program
+    /// per call. Enabling any of them makes every system call of every
+    /// process on the host take the kernel's traced path (the host-wide tax
+    /// the README states).
     SyscallTracepoints,
+    /// The BTF raw tracepoints `sys_enter` / `sys_exit` (`tp_btf`), for
+    /// kernels without the `syscalls:*` tracepoints: one program sees every
+    /// system call of the host and picks the fed ones by number, which
+    /// costs every call more than the tracepoints do. x86-64 only.
+    BtfRawTracepoints,
+}
+
+impl AttachPoint {
+    /// The name [`ATTACH_ENV`] takes for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            AttachPoint::SyscallTracepoints => "tracepoints",
+            AttachPoint::BtfRawTracepoints => "tp_btf",
+        }
+    }
+}
+
+/// The attach point [`ATTACH_ENV`] asks for, if it is set.
+fn attach_choice() -> Result<Option<AttachPoint>, FeedError> {
+    let Some(v) = std::env::var_os(ATTACH_ENV) else {
+        return Ok(None);
+    };
+    [
+        AttachPoint::SyscallTracepoints,
+        AttachPoint::BtfRawTracepoints,
+    ]
+    .into_iter()
+    .find(|p| v == p.name())
+    .map(Some)
+    .ok_or_else(|| FeedError::BadAttachPoint(v.to_string_lossy().into_owned()))
 }
 
 /// The program set, loaded and attached: what serves every process on the
@@ -103,8 +197,9 @@ pub struct Programs {
     /// pinned links keep the programs attached).
     ebpf: Option<Ebpf>,
     /// Each program's link, to pin.
-    links: Vec<(&'static str, TracePointLinkId)>,
+    links: Vec<(&'static str, LinkId)>,
     feeds: HashOfMaps<MapData, u32>,
+    point: AttachPoint,
 }
 
 impl std::fmt::Debug for Programs {
@@ -138,27 +233,47 @@ impl FeedMap {
 }
 
 impl Programs {
-    /// Loads the shipped object and attaches every program.
+    /// Loads the shipped object and attaches its programs at the first
+    /// attach point the kernel allows: the `syscalls:*` tracepoints, else
+    /// the BTF raw tracepoints (or the one [`ATTACH_ENV`] names).
     ///
     /// # Errors
     /// [`FeedError::Load`] or [`FeedError::Attach`]: what the machine
     /// refused (privileges, BTF, tracefs).
     pub fn load() -> Result<Programs, FeedError> {
+        if let Some(point) = attach_choice()? {
+            return Self::load_at(point);
+        }
+        match Self::load_at(AttachPoint::SyscallTracepoints) {
+            // A tracepoint the kernel does not have: try the next point.
+            Err(first @ FeedError::Attach { .. }) => Self::load_at(AttachPoint::BtfRawTracepoints)
+                .map_err(|then| FeedError::Load(format!("{first}; then, with tp_btf: {then}"))),
+            other => other,
+        }
+    }
+
+    /// Loads the shipped object and attaches its programs at `point`.
+    ///
+    /// # Errors
+    /// As [`load`](Self::load).
+    pub fn load_at(point: AttachPoint) -> Result<Programs, FeedError> {
         ensure_tracefs();
         let mut ebpf = EbpfLoader::new()
             .load(OBJECT)
             .map_err(|e| FeedError::Load(chain(&e)))?;
-        let mut links = Vec::with_capacity(PROGRAMS.len());
-        for (program, category, tracepoint) in PROGRAMS {
-            let attach = |ebpf: &mut Ebpf| -> Result<TracePointLinkId, String> {
-                let p = tracepoint_program(ebpf, program)?;
-                p.load().map_err(|e| e.to_string())?;
-                p.attach(category, tracepoint).map_err(|e| e.to_string())
-            };
-            let link = attach(&mut ebpf).map_err(|why| FeedError::Attach {
-                category,
-                tracepoint,
-                why,
+        let mut btf = None;
+        let mut links = Vec::new();
+        for (program, hook) in programs_at(point) {
+            let link = attach(&mut ebpf, program, hook, &mut btf).map_err(|why| {
+                let (category, tracepoint) = match hook {
+                    Hook::Tracepoint(c, t) => (c, t),
+                    Hook::BtfRaw(t) => ("tp_btf", t),
+                };
+                FeedError::Attach {
+                    category,
+                    tracepoint,
+                    why,
+                }
             })?;
             links.push((program, link));
         }
@@ -171,6 +286,7 @@ impl Programs {
             ebpf: Some(ebpf),
             links,
             feeds,
+            point,
         })
     }
 
@@ -215,7 +331,12 @@ impl Programs {
             dir: dir.to_path_buf(),
             why,
         };
-        for (program, _, _) in PROGRAMS {
+        let point = if dir.join(BTF_PROGRAMS[0].0).exists() {
+            AttachPoint::BtfRawTracepoints
+        } else {
+            AttachPoint::SyscallTracepoints
+        };
+        for (program, _) in programs_at(point) {
             PinnedLink::from_pin(dir.join(program))
                 .map_err(|e| fail(format!("the link of {program}: {}", chain(&e))))?;
         }
@@ -227,6 +348,7 @@ impl Programs {
             ebpf: None,
             links: Vec::new(),
             feeds,
+            point,
         })
     }
 
@@ -236,7 +358,7 @@ impl Programs {
     /// # Errors
     /// The first pin that exists and could not be removed.
     pub fn unpin(dir: &Path) -> std::io::Result<()> {
-        let names = PROGRAMS.iter().map(|p| p.0).chain([FEEDS_PIN]);
+        let names = every_program().chain([FEEDS_PIN]);
         let mut first = Ok(());
         for name in names {
             match std::fs::remove_file(dir.join(name)) {
@@ -252,7 +374,7 @@ impl Programs {
 
     /// Where the programs run.
     pub fn attach_point(&self) -> AttachPoint {
-        AttachPoint::SyscallTracepoints
+        self.point
     }
 
     /// Creates a feed for process `tgid` and registers it: from now on the
@@ -316,33 +438,67 @@ impl Drop for Loaded {
     }
 }
 
+/// Loads program `name` and attaches it at `hook`; the kernel's BTF is read
+/// once, for the first `tp_btf` program.
+fn attach(
+    ebpf: &mut Ebpf,
+    name: &str,
+    hook: Hook,
+    btf: &mut Option<Btf>,
+) -> Result<LinkId, String> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| format!("{name} is not in the object"))?;
+    match hook {
+        Hook::Tracepoint(category, tracepoint) => {
+            let p: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
+            p.load().map_err(|e| chain(&e))?;
+            Ok(LinkId::Tracepoint(
+                p.attach(category, tracepoint).map_err(|e| chain(&e))?,
+            ))
+        }
+        Hook::BtfRaw(tracepoint) => {
+            if btf.is_none() {
+                *btf = Some(Btf::from_sys_fs().map_err(|e| format!("the kernel's BTF: {e}"))?);
+            }
+            let btf = btf.as_ref().expect("read above");
+            let p: &mut BtfTracePoint = program.try_into().map_err(|e| format!("{e}"))?;
+            p.load(tracepoint, btf).map_err(|e| chain(&e))?;
+            Ok(LinkId::BtfRaw(p.attach().map_err(|e| chain(&e))?))
+        }
+    }
+}
+
 /// Pins each program's link and the `feeds` map in `dir`.
 fn pin_set(
     ebpf: &mut Ebpf,
-    links: Vec<(&'static str, TracePointLinkId)>,
+    links: Vec<(&'static str, LinkId)>,
     feeds: HashOfMaps<MapData, u32>,
     dir: &Path,
 ) -> Result<(), String> {
     for (program, link) in links {
-        let link = tracepoint_program(ebpf, program)?
-            .take_link(link)
-            .map_err(|e| e.to_string())?;
-        let link = FdLink::try_from(link)
-            .map_err(|e| format!("{program}: the kernel attached it without a BPF link ({e})"))?;
+        let p = ebpf
+            .program_mut(program)
+            .ok_or_else(|| format!("{program} is not in the object"))?;
+        let link = match link {
+            LinkId::Tracepoint(id) => {
+                let p: &mut TracePoint = p.try_into().map_err(|e| format!("{e}"))?;
+                let link = p.take_link(id).map_err(|e| e.to_string())?;
+                FdLink::try_from(link).map_err(|e| {
+                    format!("{program}: the kernel attached it without a BPF link ({e})")
+                })?
+            }
+            LinkId::BtfRaw(id) => {
+                let p: &mut BtfTracePoint = p.try_into().map_err(|e| format!("{e}"))?;
+                FdLink::from(p.take_link(id).map_err(|e| e.to_string())?)
+            }
+        };
         link.pin(dir.join(program))
             .map_err(|e| format!("{program}: {}", chain(&e)))?;
     }
     feeds
         .pin(dir.join(FEEDS_PIN))
         .map_err(|e| format!("feeds: {}", chain(&e)))
-}
-
-/// Program `name` of the object, as a tracepoint program.
-fn tracepoint_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut TracePoint, String> {
-    ebpf.program_mut(name)
-        .ok_or_else(|| format!("{name} is not in the object"))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| e.to_string())
 }
 
 /// Pins live in bpffs; mount it at `/sys/fs/bpf` where the machine has not

@@ -1,5 +1,7 @@
 //! Every system call the feed covers publishes its START with the exact
-//! range, and the END, before the call returns.
+//! range, and the END, before the call returns: at the attach point the
+//! loader probes first (the `syscalls` tracepoints here), and, in a second
+//! run of this binary, at the BTF raw tracepoints.
 
 mod common;
 
@@ -315,4 +317,33 @@ fn process_space_reports_the_path_it_chose_and_keeps_a_cache_exact() {
         assert_ne!(cache.get(b, P, Access::READ).unwrap().id(), first);
     }
     raw_munmap(b, P);
+}
+
+/// Runs every other test of this binary again in a process of its own
+/// whose feed is on the BTF raw tracepoints (the attach point taken where
+/// the `syscalls` tracepoints are missing).
+#[test]
+fn every_call_is_covered_at_the_btf_raw_tracepoints_too() {
+    if std::env::var_os(mmfeed::ATTACH_ENV).is_some() || feed().is_none() {
+        return; // the run inside, or BPF refused (the reason is printed)
+    }
+    if !cfg!(target_arch = "x86_64") {
+        eprintln!("SKIPPED: the tp_btf programs are x86-64's");
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(mmfeed::ATTACH_ENV, "tp_btf")
+        .args([
+            "--skip",
+            "every_call_is_covered_at_the_btf_raw_tracepoints_too",
+        ])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "at tp_btf:\n{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(report.contains("test result: ok. 12 passed"), "{report}");
 }

@@ -28,9 +28,19 @@ fn or_skip<T>(made: Result<T, FeedError>, what: &str) -> Option<T> {
     }
 }
 
-/// The process's feed, or `None` where the machine refuses BPF.
+/// The process's feed, or `None` where the machine refuses BPF. Where the
+/// test process was started with `MMFEED_ATTACH`, the feed's programs run
+/// at the attach point it names.
 pub fn feed() -> Option<Arc<Feed>> {
-    or_skip(Feed::attach(), "Feed::attach")
+    let feed = or_skip(Feed::attach(), "Feed::attach")?;
+    if let Ok(want) = std::env::var(mmfeed::ATTACH_ENV) {
+        assert_eq!(
+            feed.attach_point().name(),
+            want,
+            "the attach point asked for"
+        );
+    }
+    Some(feed)
 }
 
 /// A `FeedMm`, or `None` where the machine refuses BPF.
