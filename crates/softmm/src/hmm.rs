@@ -150,7 +150,7 @@ impl Mm {
                     });
                 }
                 let ptl = mm.ptl();
-                let pte = mm.get_pte(addr);
+                let pte = ptl.get_pte(addr);
                 let needs_fault = match pte.map(|p| p.kind) {
                     None | Some(PteKind::Swap { .. }) => true,
                     Some(PteKind::Present { pfn }) => {
@@ -185,7 +185,7 @@ impl Mm {
                     }
                     Some(PteKind::Migration { .. }) => {
                         if range.fault {
-                            mm.wait_migration(ptl);
+                            ptl.wait_migration();
                             continue 'walk;
                         }
                         true
@@ -230,8 +230,8 @@ impl Mm {
         let mut a = start;
         while a < end {
             mm.fault_in(a, access)?;
-            let _ptl = mm.ptl();
-            let Some(pfn) = mm
+            let ptl = mm.ptl();
+            let Some(pfn) = ptl
                 .get_pte(a)
                 .filter(|p| p.read && (!write || p.write))
                 .and_then(|p| p.present_pfn())

@@ -10,10 +10,15 @@
 //!   faults, madvise, reclaim, migration, KSM, soft-dirty, range_fault, pin.
 //! * **Invalidation starts are never called with the PTL held**: callbacks may
 //!   sleep and may wait for device threads that call `range_fault`.
-//! * The **PTL** (`ptl`) serialises every read-modify-write of PTEs. It is
+//! * The **PTL** (`ptl`) serialises every read-modify-write of PTEs, which
+//!   are methods of its guard ([`Ptl`]): none can be made without it. It is
 //!   held across `change_pte`, the young callbacks and the secondary-TLB
 //!   flush, as in Linux, so those callbacks must not call back into the
-//!   primary.
+//!   primary. Reads without it are named so (`pte_lockless`,
+//!   `ptes_lockless`) and re-checked under it before anything changes.
+//! * Operations that need the mmap lock for writing (`do_munmap`,
+//!   `move_vma`, `change_protection`) are methods of its guard,
+//!   [`MmapWrite`].
 //! * The **page-table store** (`pt`) is the memory the PTEs live in: a leaf
 //!   lock, never held across a call out. The oracle (like a hardware walker)
 //!   reads it without the PTL, which is what lets a secondary check an
@@ -389,28 +394,30 @@ impl MmInner {
         sync::write(&self.vmas)
     }
 
-    pub(crate) fn ptl(&self) -> MutexGuard<'_, ()> {
-        lock(&self.ptl)
+    /// Takes the page-table lock: what every read-modify-write of a PTE
+    /// needs, as the methods of the guard it returns.
+    pub(crate) fn ptl(&self) -> Ptl<'_> {
+        Ptl {
+            mm: self,
+            _held: lock(&self.ptl),
+        }
     }
 
     pub(crate) fn pt(&self) -> MutexGuard<'_, PageTable> {
         lock(&self.pt)
     }
 
-    pub(crate) fn get_pte(&self, addr: u64) -> Option<Pte> {
+    /// The PTE at `addr` read without the PTL (Linux `ptep_get_lockless`):
+    /// a snapshot that may change at once, for checks a caller repeats
+    /// under the PTL or for observers (the oracle, a hardware walker).
+    pub(crate) fn pte_lockless(&self, addr: u64) -> Option<Pte> {
         self.pt().get(addr / PAGE_SIZE)
     }
 
-    pub(crate) fn set_pte(&self, addr: u64, pte: Pte) {
-        self.pt().set(addr / PAGE_SIZE, pte);
-    }
-
-    pub(crate) fn clear_pte(&self, addr: u64) -> Option<Pte> {
-        self.pt().remove(addr / PAGE_SIZE)
-    }
-
-    /// PTEs in `[start, end)`, in address order: `(vaddr, pte)`.
-    pub(crate) fn ptes_in(&self, start: u64, end: u64) -> Vec<(u64, Pte)> {
+    /// The PTEs in `[start, end)` read without the PTL, in address order:
+    /// candidates for a scan (reclaim, migration, KSM, fork's copy) that
+    /// re-reads each one under the PTL before it changes it.
+    pub(crate) fn ptes_lockless(&self, start: u64, end: u64) -> Vec<(u64, Pte)> {
         let (s, e) = (start / PAGE_SIZE, end.div_ceil(PAGE_SIZE));
         self.pt()
             .range(s, e)
@@ -473,35 +480,10 @@ impl MmInner {
             .flushed(start / PAGE_SIZE, end.div_ceil(PAGE_SIZE), mark);
     }
 
-    /// `set_pte_at_notify`: announce `pte` to `change_pte`, then write it.
-    /// Called with the PTL held, after the old PTE was cleared and flushed.
-    pub(crate) fn set_pte_at_notify(&self, addr: u64, pte: Pte) {
-        *lock(&self.pending) = Some((addr / PAGE_SIZE, pte));
-        if let PteKind::Present { pfn } = pte.kind {
-            self.subs.change_pte(
-                addr,
-                mmu_notifier::Pte {
-                    pfn,
-                    writable: pte.write,
-                },
-            );
-        }
-        self.pt().set(addr / PAGE_SIZE, pte);
-        *lock(&self.pending) = None;
-    }
-
     /// Wakes faults waiting for migration entries.
     pub(crate) fn migration_done(&self) {
         let _ptl = self.ptl();
         self.migration_wq.notify_all();
-    }
-
-    /// Waits (PTL released) until migration entries change.
-    pub(crate) fn wait_migration<'a>(&'a self, ptl: MutexGuard<'a, ()>) {
-        let (_g, _) = self
-            .migration_wq
-            .wait_timeout(ptl, std::time::Duration::from_millis(10))
-            .unwrap_or_else(|e| e.into_inner());
     }
 
     pub(crate) fn check_usable(&self) -> Result<()> {
@@ -526,10 +508,10 @@ impl MmInner {
             let mut gather = Gather::new(self);
             let inv = self.invalidate(Event::Unmap, 0, mmu_notifier::END_OF_ADDRESS_SPACE, None);
             {
-                let _ptl = self.ptl();
-                let all: Vec<(u64, Pte)> = self.ptes_in(0, TASK_SIZE);
+                let ptl = self.ptl();
+                let all: Vec<(u64, Pte)> = ptl.ptes_in(0, TASK_SIZE);
                 for (addr, _) in all {
-                    gather.zap(addr);
+                    gather.zap(&ptl, addr);
                 }
             }
             inv.end();
@@ -539,6 +521,64 @@ impl MmInner {
             drop(vmas);
         }
         self.migration_done();
+    }
+}
+
+/// The page-table lock, held (Linux's `ptl` from `pte_offset_map_lock`).
+/// Every read-modify-write of PTEs is a method of it, so none can be made
+/// without the lock; the page-table store it reaches is a leaf lock below
+/// it. Never held across an invalidation start (callbacks may sleep).
+pub(crate) struct Ptl<'a> {
+    mm: &'a MmInner,
+    _held: MutexGuard<'a, ()>,
+}
+
+impl<'a> Ptl<'a> {
+    /// The PTE at `addr`.
+    pub(crate) fn get_pte(&self, addr: u64) -> Option<Pte> {
+        self.mm.pt().get(addr / PAGE_SIZE)
+    }
+
+    /// Writes the PTE at `addr`.
+    pub(crate) fn set_pte(&self, addr: u64, pte: Pte) {
+        self.mm.pt().set(addr / PAGE_SIZE, pte);
+    }
+
+    /// Clears the PTE at `addr`; returns the old one.
+    pub(crate) fn clear_pte(&self, addr: u64) -> Option<Pte> {
+        self.mm.pt().remove(addr / PAGE_SIZE)
+    }
+
+    /// PTEs in `[start, end)`, in address order: `(vaddr, pte)`.
+    pub(crate) fn ptes_in(&self, start: u64, end: u64) -> Vec<(u64, Pte)> {
+        self.mm.ptes_lockless(start, end)
+    }
+
+    /// `set_pte_at_notify`: announce `pte` to `change_pte`, then write it.
+    /// After the old PTE was cleared and flushed.
+    pub(crate) fn set_pte_at_notify(&self, addr: u64, pte: Pte) {
+        *lock(&self.mm.pending) = Some((addr / PAGE_SIZE, pte));
+        if let PteKind::Present { pfn } = pte.kind {
+            self.mm.subs.change_pte(
+                addr,
+                mmu_notifier::Pte {
+                    pfn,
+                    writable: pte.write,
+                },
+            );
+        }
+        self.mm.pt().set(addr / PAGE_SIZE, pte);
+        *lock(&self.mm.pending) = None;
+    }
+
+    /// Lets go of the lock until migration entries change (or a short
+    /// timeout), as a fault waiting on one does; the lock is not held after.
+    pub(crate) fn wait_migration(self) {
+        let (_g, _) = self
+            .mm
+            .migration_wq
+            .wait_timeout(self._held, std::time::Duration::from_millis(10))
+            .unwrap_or_else(|e| e.into_inner());
     }
 }
 
@@ -563,10 +603,10 @@ impl<'a> Gather<'a> {
         }
     }
 
-    /// Clears the PTE at `addr` (PTL held by the caller) and queues what it
+    /// Clears the PTE at `addr` (under `ptl`) and queues what it
     /// referenced. Returns the old PTE.
-    pub(crate) fn zap(&mut self, addr: u64) -> Option<Pte> {
-        let old = self.mm.clear_pte(addr)?;
+    pub(crate) fn zap(&mut self, ptl: &Ptl<'_>, addr: u64) -> Option<Pte> {
+        let old = ptl.clear_pte(addr)?;
         self.lo = self.lo.min(addr);
         self.hi = self.hi.max(addr + PAGE_SIZE);
         match old.kind {

@@ -10,7 +10,7 @@ use mmu_notifier::Event;
 
 use crate::error::{Error, Result};
 use crate::frame::{FrameKind, ZERO_PFN};
-use crate::mm::{Mm, MmInner, MmapRead};
+use crate::mm::{Mm, MmInner, MmapRead, Ptl};
 use crate::pte::{Pte, PteKind};
 use crate::trace::Op;
 use crate::vma::Vma;
@@ -86,8 +86,8 @@ impl MmInner {
             self.mark_anon(&vma);
         }
         let ptl = self.ptl();
-        let Some(pte) = self.get_pte(addr) else {
-            return self.fault_none(&vma, addr, access);
+        let Some(pte) = ptl.get_pte(addr) else {
+            return self.fault_none(&ptl, &vma, addr, access);
         };
         match pte.kind {
             _ if satisfies(&pte, access) => {
@@ -97,21 +97,21 @@ impl MmInner {
                     p.dirty = true;
                     p.soft_dirty = true;
                 }
-                self.set_pte(addr, p);
+                ptl.set_pte(addr, p);
                 Ok(())
             }
             PteKind::Present { .. } if !access.is_write() => {
                 // An inaccessible PTE of a now readable VMA.
                 let mut p = pte;
                 p.read = vma.prot.read;
-                self.set_pte(addr, p);
+                ptl.set_pte(addr, p);
                 Ok(())
             }
             PteKind::Present { pfn } => {
                 // A write to a read-only PTE of a writable VMA.
                 if vma.object().is_some() {
                     // wp_page_shared: same page, now writable. No notifier.
-                    self.set_pte(addr, Pte::present(pfn, true, true));
+                    ptl.set_pte(addr, Pte::present(pfn, true, true));
                     return Ok(());
                 }
                 let exclusive = pfn != ZERO_PFN
@@ -120,7 +120,7 @@ impl MmInner {
                     && self.phys.mapcount(pfn) == 1;
                 if exclusive {
                     // wp_page_reuse: the only user; no notifier.
-                    self.set_pte(addr, Pte::present(pfn, true, true));
+                    ptl.set_pte(addr, Pte::present(pfn, true, true));
                     return Ok(());
                 }
                 drop(ptl);
@@ -133,11 +133,11 @@ impl MmInner {
                 self.phys.map(f.pfn);
                 self.phys.put_frame(f.pfn); // the mapping's reference stays
                 let write = access.is_write() && vma.prot.write;
-                self.set_pte(addr, Pte::present(f.pfn, vma.prot.read, write));
+                ptl.set_pte(addr, Pte::present(f.pfn, vma.prot.read, write));
                 Ok(())
             }
             PteKind::Migration { .. } => {
-                self.wait_migration(ptl);
+                ptl.wait_migration();
                 Ok(())
             }
             PteKind::DevicePrivate { owner, .. } => {
@@ -153,29 +153,29 @@ impl MmInner {
         }
     }
 
-    /// Fault on `pte_none` (PTL held): zero page for a private read, a new
-    /// zeroed frame for a private write, the object's page for a shared
+    /// Fault on `pte_none`, under `ptl`: zero page for a private read, a
+    /// new zeroed frame for a private write, the object's page for a shared
     /// mapping.
-    fn fault_none(&self, vma: &Vma, addr: u64, access: Access) -> Result<()> {
+    fn fault_none(&self, ptl: &Ptl<'_>, vma: &Vma, addr: u64, access: Access) -> Result<()> {
         let read = vma.prot.read;
         match vma.object() {
             None if !access.is_write() => {
                 let mut pte = Pte::present(ZERO_PFN, read, false);
                 pte.dirty = false;
-                self.set_pte(addr, pte);
+                ptl.set_pte(addr, pte);
             }
             None => {
                 let f = self.phys.alloc_frame()?;
                 self.phys.map(f.pfn);
                 self.phys.put_frame(f.pfn);
-                self.set_pte(addr, Pte::present(f.pfn, read, true));
+                ptl.set_pte(addr, Pte::present(f.pfn, read, true));
             }
             Some(obj) => {
                 let pfn = obj.page(vma.pgoff_of(addr))?;
                 self.phys.map(pfn);
                 let mut pte = Pte::present(pfn, read, access.is_write());
                 pte.dirty = access.is_write();
-                self.set_pte(addr, pte);
+                ptl.set_pte(addr, pte);
             }
         }
         Ok(())
@@ -191,7 +191,7 @@ impl MmInner {
     }
 
     /// Linux `wp_page_copy`: copy to a new frame, then a CLEAR pair of one
-    /// page around clear + flush + `set_pte_at_notify` (PTL held), and the
+    /// page around clear + flush + `set_pte_at_notify` (under the PTL), and the
     /// old frame's last reference dropped after the end.
     fn wp_page_copy(&self, vma: &Vma, addr: u64, old: Pte) -> Result<()> {
         let old_pfn = old.present_pfn().expect("COW of a present PTE");
@@ -205,12 +205,12 @@ impl MmInner {
         let inv = self.invalidate(Event::Clear, addr, addr + PAGE_SIZE, None);
         let mut release_old = false;
         {
-            let _ptl = self.ptl();
-            if self.get_pte(addr).and_then(|p| p.present_pfn()) == Some(old_pfn) {
-                self.clear_pte(addr);
+            let ptl = self.ptl();
+            if ptl.get_pte(addr).and_then(|p| p.present_pfn()) == Some(old_pfn) {
+                ptl.clear_pte(addr);
                 self.flush_tlb(addr, addr + PAGE_SIZE);
                 self.phys.map(new.pfn);
-                self.set_pte_at_notify(addr, Pte::present(new.pfn, vma.prot.read, true));
+                ptl.set_pte_at_notify(addr, Pte::present(new.pfn, vma.prot.read, true));
                 release_old = old_pfn != ZERO_PFN;
             }
         }
@@ -231,22 +231,22 @@ impl MmInner {
             .record(Op::RevokeExclusive, None, addr, addr + PAGE_SIZE);
         let inv = self.invalidate(Event::Exclusive, addr, addr + PAGE_SIZE, None);
         {
-            let _ptl = self.ptl();
-            if let Some(cur) = self.get_pte(addr).filter(|p| *p == old) {
+            let ptl = self.ptl();
+            if let Some(cur) = ptl.get_pte(addr).filter(|p| *p == old) {
                 let pfn = cur.pfn().expect("exclusive entries have a frame");
                 let mut pte = Pte::present(pfn, cur.read, cur.write);
                 pte.dirty = cur.dirty;
-                self.set_pte(addr, pte);
+                ptl.set_pte(addr, pte);
             }
         }
         inv.end();
     }
 
     /// Faults until the page at `addr` allows `access` by the CPU; returns
-    /// the PTE (PTL held by the caller's closure only).
+    /// the PTE as it was then (read without the PTL).
     pub(crate) fn fault_in(&self, addr: u64, access: Access) -> Result<Pte> {
         loop {
-            if let Some(p) = self.get_pte(addr).filter(|p| satisfies(p, access)) {
+            if let Some(p) = self.pte_lockless(addr).filter(|p| satisfies(p, access)) {
                 if self.vma_for(addr, access).is_ok() {
                     return Ok(p);
                 }
@@ -272,8 +272,8 @@ impl MmInner {
             let n = (PAGE_SIZE as usize - off).min(len - done);
             loop {
                 self.fault_in(page, access)?;
-                let _ptl = self.ptl();
-                let Some(mut pte) = self.get_pte(page).filter(|p| satisfies(p, access)) else {
+                let ptl = self.ptl();
+                let Some(mut pte) = ptl.get_pte(page).filter(|p| satisfies(p, access)) else {
                     continue;
                 };
                 let pfn = pte.present_pfn().expect("satisfies() means present");
@@ -283,7 +283,7 @@ impl MmInner {
                     pte.dirty = true;
                     pte.soft_dirty = true;
                 }
-                self.set_pte(page, pte);
+                ptl.set_pte(page, pte);
                 break;
             }
             done += n;

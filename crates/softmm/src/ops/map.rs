@@ -28,28 +28,58 @@ impl OomReport {
     }
 }
 
-impl MmInner {
+impl MmapWrite<'_> {
     /// Unmaps `[start, end)`: one UNMAP pair around the zap of every VMA in
     /// it (Linux `do_vmi_munmap` → `unmap_region` → `unmap_vmas`). No VMA in
-    /// the range: no notification.
+    /// the range: no notification. A method of the mmap write lock, which
+    /// it needs.
     pub(crate) fn do_munmap(&self, start: u64, end: u64) {
-        let removed = self.vmas_write().remove_range(start, end);
+        let mm = self.mm;
+        let removed = mm.vmas_write().remove_range(start, end);
         if removed.is_empty() {
             return;
         }
-        let mut gather = Gather::new(self);
-        let inv = self.invalidate(Event::Unmap, start, end, None);
-        self.zap_vmas(&mut gather, &removed);
+        let mut gather = Gather::new(mm);
+        let inv = mm.invalidate(Event::Unmap, start, end, None);
+        mm.zap_vmas(&mut gather, &removed);
         inv.end();
         gather.finish();
     }
 
+    /// Linux `move_vma`: new VMA, `move_page_tables` under an UNMAP pair of
+    /// the old range, then munmap of the old range.
+    fn move_vma(&self, vma: &Vma, ostart: u64, oend: u64, nstart: u64, new_len: u64) {
+        let mm = self.mm;
+        let mut moved = vma.slice(ostart, oend);
+        moved.start = nstart;
+        moved.end = nstart + new_len;
+        mm.vmas_write().insert(moved);
+        {
+            let inv = mm.invalidate(Event::Unmap, ostart, oend, None);
+            {
+                let ptl = mm.ptl();
+                let ptes = ptl.ptes_in(ostart, oend.min(ostart + new_len));
+                for (addr, _) in &ptes {
+                    let pte = ptl.clear_pte(*addr).expect("listed under the PTL");
+                    ptl.set_pte(nstart + (addr - ostart), pte);
+                }
+                if !ptes.is_empty() {
+                    mm.flush_tlb(ostart, oend);
+                }
+            }
+            inv.end();
+        }
+        self.do_munmap(ostart, oend);
+    }
+}
+
+impl MmInner {
     /// Zaps every PTE of `vmas` (PTL taken here).
     pub(crate) fn zap_vmas(&self, gather: &mut Gather<'_>, vmas: &[Vma]) {
-        let _ptl = self.ptl();
+        let ptl = self.ptl();
         for v in vmas {
-            for (addr, _) in self.ptes_in(v.start, v.end) {
-                gather.zap(addr);
+            for (addr, _) in ptl.ptes_in(v.start, v.end) {
+                gather.zap(&ptl, addr);
             }
         }
     }
@@ -80,7 +110,7 @@ impl Mm {
     pub fn mmap_fixed(&self, addr: u64, len: u64, prot: Prot, kind: MapKind) -> Result<u64> {
         let (start, end) = check_range(addr, len)?;
         let g = self.mmap_write();
-        g.mm.do_munmap(start, end);
+        g.do_munmap(start, end);
         self.insert_vma(&g, addr, len, prot, kind)
     }
 
@@ -120,7 +150,7 @@ impl Mm {
         let (start, end) = check_range(addr, len)?;
         let g = self.mmap_write();
         g.mm.trace.record(Op::Munmap, None, start, end);
-        g.mm.do_munmap(start, end);
+        g.do_munmap(start, end);
         Ok(())
     }
 
@@ -182,13 +212,13 @@ impl Mm {
                     len: new_len,
                 });
             }
-            mm.do_munmap(nstart, nend);
-            self.move_vma(mm, &vma, ostart, oend, nstart, new_len);
+            g.do_munmap(nstart, nend);
+            g.move_vma(&vma, ostart, oend, nstart, new_len);
             return Ok(nstart);
         }
         if new_len <= old_len {
             if new_len < old_len {
-                mm.do_munmap(ostart + new_len, oend);
+                g.do_munmap(ostart + new_len, oend);
             }
             return Ok(ostart);
         }
@@ -207,33 +237,8 @@ impl Mm {
             .find_free(MMAP_BASE, new_len)
             .filter(|a| a + new_len <= TASK_SIZE)
             .ok_or(Error::NoAddressSpace { len: new_len })?;
-        self.move_vma(mm, &vma, ostart, oend, nstart, new_len);
+        g.move_vma(&vma, ostart, oend, nstart, new_len);
         Ok(nstart)
-    }
-
-    /// Linux `move_vma`: new VMA, `move_page_tables` under an UNMAP pair of
-    /// the old range, then munmap of the old range.
-    fn move_vma(&self, mm: &MmInner, vma: &Vma, ostart: u64, oend: u64, nstart: u64, new_len: u64) {
-        let mut moved = vma.slice(ostart, oend);
-        moved.start = nstart;
-        moved.end = nstart + new_len;
-        mm.vmas_write().insert(moved);
-        {
-            let inv = mm.invalidate(Event::Unmap, ostart, oend, None);
-            {
-                let _ptl = mm.ptl();
-                let ptes = mm.ptes_in(ostart, oend.min(ostart + new_len));
-                for (addr, _) in &ptes {
-                    let pte = mm.clear_pte(*addr).expect("listed under the PTL");
-                    mm.set_pte(nstart + (addr - ostart), pte);
-                }
-                if !ptes.is_empty() {
-                    mm.flush_tlb(ostart, oend);
-                }
-            }
-            inv.end();
-        }
-        mm.do_munmap(ostart, oend);
     }
 
     /// `madvise(MADV_DONTNEED)`: per VMA, a CLEAR pair around the zap of the
@@ -281,12 +286,12 @@ impl Mm {
         for v in vmas {
             let inv = mm.invalidate(Event::Clear, v.start, v.end, None);
             {
-                let _ptl = mm.ptl();
+                let ptl = mm.ptl();
                 let mut flushed = false;
-                for (a, mut pte) in mm.ptes_in(v.start, v.end) {
+                for (a, mut pte) in ptl.ptes_in(v.start, v.end) {
                     match pte.kind {
                         PteKind::Swap { slot } => {
-                            mm.clear_pte(a);
+                            ptl.clear_pte(a);
                             mm.phys.swap_free(slot);
                         }
                         PteKind::Present { pfn }
@@ -296,7 +301,7 @@ impl Mm {
                         {
                             pte.dirty = false;
                             pte.young = false;
-                            mm.set_pte(a, pte);
+                            ptl.set_pte(a, pte);
                             mm.phys.set_lazyfree(pfn);
                             flushed = true;
                         }

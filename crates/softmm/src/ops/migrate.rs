@@ -4,7 +4,7 @@ use mmu_notifier::{Event, Owner};
 
 use crate::error::{Error, Result};
 use crate::frame::{FrameKind, FrameRef, ZERO_PFN};
-use crate::mm::{check_range, Mm, MmInner};
+use crate::mm::{check_range, Mm, MmInner, Ptl};
 use crate::ops::fault::{is_system, Access};
 use crate::pte::{Pte, PteKind};
 use crate::trace::Op;
@@ -41,13 +41,13 @@ impl MmInner {
         let inv = self.invalidate(Event::Migrate, start, end, Some(owner));
         let mut collected = Vec::new();
         {
-            let _ptl = self.ptl();
-            for (addr, pte) in self.ptes_in(start, end) {
+            let ptl = self.ptl();
+            for (addr, pte) in ptl.ptes_in(start, end) {
                 if let PteKind::DevicePrivate { pfn, owner: o } = pte.kind {
                     if o == owner {
                         let mut m = pte;
                         m.kind = PteKind::Migration { pfn };
-                        self.set_pte(addr, m);
+                        ptl.set_pte(addr, m);
                         collected.push((addr, pfn, pte));
                     }
                 }
@@ -74,9 +74,9 @@ impl MmInner {
             if let Some(n) = new {
                 self.phys.copy_frame(dev, n.pfn);
             }
-            let _ptl = self.ptl();
+            let ptl = self.ptl();
             let present = |pfn| PteKind::Present { pfn };
-            if self.finish_migration(addr, dev, new, old, present) {
+            if self.finish_migration(&ptl, addr, dev, new, old, present) {
                 out.extend(new);
             }
         }
@@ -87,24 +87,25 @@ impl MmInner {
         Ok(out)
     }
 
-    /// Linux `remove_migration_pte` for one page (PTL held): if `addr`
+    /// Linux `remove_migration_pte` for one page, under `ptl`: if `addr`
     /// still holds the migration entry of `src`, map `dst` there with the
     /// bits of `old` and the kind `kind(dst)`, and release `src`'s mapping;
     /// without a destination, put `old` back. The destination's allocation
     /// reference is dropped either way. Returns whether `dst` was mapped.
     fn finish_migration(
         &self,
+        ptl: &Ptl<'_>,
         addr: u64,
         src: u64,
         dst: Option<FrameRef>,
         old: Pte,
         kind: impl FnOnce(u64) -> PteKind,
     ) -> bool {
-        let still = self.get_pte(addr).map(|p| p.kind) == Some(PteKind::Migration { pfn: src });
+        let still = ptl.get_pte(addr).map(|p| p.kind) == Some(PteKind::Migration { pfn: src });
         match dst {
             Some(d) if still => {
                 self.phys.map(d.pfn);
-                self.set_pte(
+                ptl.set_pte(
                     addr,
                     Pte {
                         kind: kind(d.pfn),
@@ -121,7 +122,7 @@ impl MmInner {
             }
             None => {
                 if still {
-                    self.set_pte(addr, old);
+                    ptl.set_pte(addr, old);
                 }
                 false
             }
@@ -135,17 +136,17 @@ impl MmInner {
     fn ksm_write_protect(&self, addr: u64, pfn: u64) -> bool {
         let inv = self.invalidate(Event::Clear, addr, addr + PAGE_SIZE, None);
         let ok = {
-            let _ptl = self.ptl();
-            match self.get_pte(addr) {
+            let ptl = self.ptl();
+            match ptl.get_pte(addr) {
                 Some(pte) if pte.kind == PteKind::Present { pfn } => {
                     let exclusive_refs = self.phys.refcount(pfn) == self.phys.mapcount(pfn);
                     if exclusive_refs && (pte.write || pte.dirty) {
-                        self.clear_pte(addr);
+                        ptl.clear_pte(addr);
                         self.flush_tlb(addr, addr + PAGE_SIZE);
                         let mut p = pte;
                         p.write = false;
                         p.dirty = false;
-                        self.set_pte_at_notify(addr, p);
+                        ptl.set_pte_at_notify(addr, p);
                     }
                     exclusive_refs
                 }
@@ -158,8 +159,8 @@ impl MmInner {
 
     /// Takes a reference on `pfn` if `addr` still maps it.
     fn ksm_hold(&self, addr: u64, pfn: u64) -> bool {
-        let _ptl = self.ptl();
-        let mapped = self.get_pte(addr).and_then(|p| p.present_pfn()) == Some(pfn);
+        let ptl = self.ptl();
+        let mapped = ptl.get_pte(addr).and_then(|p| p.present_pfn()) == Some(pfn);
         if mapped {
             self.phys.get(pfn);
         }
@@ -172,16 +173,16 @@ impl MmInner {
     fn ksm_replace(&self, addr: u64, old: u64, kpage: u64) -> bool {
         let inv = self.invalidate(Event::Clear, addr, addr + PAGE_SIZE, None);
         let done = {
-            let _ptl = self.ptl();
-            match self.get_pte(addr) {
+            let ptl = self.ptl();
+            match ptl.get_pte(addr) {
                 Some(pte) if pte.kind == PteKind::Present { pfn: old } && !pte.write => {
                     self.phys.map(kpage);
-                    self.clear_pte(addr);
+                    ptl.clear_pte(addr);
                     self.flush_tlb(addr, addr + PAGE_SIZE);
                     let mut p = Pte::present(kpage, pte.read, false);
                     p.dirty = false;
                     p.soft_dirty = pte.soft_dirty;
-                    self.set_pte_at_notify(addr, p);
+                    ptl.set_pte_at_notify(addr, p);
                     true
                 }
                 _ => false,
@@ -254,10 +255,10 @@ impl Mm {
         let inv = mm.invalidate(Event::Migrate, start, end, Some(owner));
         let mut selected: Vec<(u64, Sel)> = Vec::new();
         if vma.is_private() {
-            let _ptl = mm.ptl();
+            let ptl = mm.ptl();
             let mut flush = false;
             for a in page_addrs(start, end) {
-                match mm.get_pte(a) {
+                match ptl.get_pte(a) {
                     None => selected.push((a, Sel::Hole { zero: false })),
                     Some(p) if p.is_zero() => selected.push((a, Sel::Hole { zero: true })),
                     Some(p) => {
@@ -270,7 +271,7 @@ impl Mm {
                         mm.phys.get(pfn);
                         let mut m = p;
                         m.kind = PteKind::Migration { pfn };
-                        mm.set_pte(a, m);
+                        ptl.set_pte(a, m);
                         flush = true;
                         selected.push((a, Sel::Page { pfn, pte: p }));
                     }
@@ -301,8 +302,8 @@ impl Mm {
                         mm.mark_anon(&vma);
                         insert = Some(mm.invalidate(Event::Migrate, a, end, Some(owner)));
                     }
-                    let _ptl = mm.ptl();
-                    let cur = mm.get_pte(a);
+                    let ptl = mm.ptl();
+                    let cur = ptl.get_pte(a);
                     let entry = Pte {
                         kind: PteKind::DevicePrivate { pfn: d.pfn, owner },
                         read: vma.prot.read,
@@ -312,11 +313,11 @@ impl Mm {
                         soft_dirty: true,
                     };
                     if zero && cur.is_some_and(|p| p.is_zero()) {
-                        mm.clear_pte(a);
+                        ptl.clear_pte(a);
                         mm.flush_tlb(a, a + PAGE_SIZE);
-                        mm.set_pte_at_notify(a, entry);
+                        ptl.set_pte_at_notify(a, entry);
                     } else if cur.is_none() && !zero {
-                        mm.set_pte(a, entry);
+                        ptl.set_pte(a, entry);
                     } else {
                         mm.phys.put_frame(d.pfn);
                         continue;
@@ -330,9 +331,9 @@ impl Mm {
                     });
                 }
                 Sel::Page { pfn, pte } => {
-                    let _ptl = mm.ptl();
+                    let ptl = mm.ptl();
                     let device = |d| PteKind::DevicePrivate { pfn: d, owner };
-                    if mm.finish_migration(a, pfn, dst, pte, device) {
+                    if mm.finish_migration(&ptl, a, pfn, dst, pte, device) {
                         let frame = dst.expect("mapped");
                         out.push(MigratedPage {
                             addr: a,
@@ -369,7 +370,7 @@ impl Mm {
             .collect();
         let mut moved = 0;
         for (vs, ve) in private {
-            for (a, pte) in mm.ptes_in(vs, ve) {
+            for (a, pte) in mm.ptes_lockless(vs, ve) {
                 let Some(pfn) = pte.present_pfn().filter(|&p| p != ZERO_PFN) else {
                     continue;
                 };
@@ -378,15 +379,17 @@ impl Mm {
                 }
                 let inv = mm.invalidate(Event::Clear, a, a + PAGE_SIZE, None);
                 let entry = {
-                    let _ptl = mm.ptl();
-                    let cur = mm.get_pte(a).filter(|p| p.kind == PteKind::Present { pfn });
+                    let ptl = mm.ptl();
+                    let cur = ptl
+                        .get_pte(a)
+                        .filter(|p| p.kind == PteKind::Present { pfn });
                     if let Some(cur) = cur {
                         mm.phys.get(pfn);
-                        mm.clear_pte(a);
+                        ptl.clear_pte(a);
                         mm.flush_tlb(a, a + PAGE_SIZE);
                         let mut m = cur;
                         m.kind = PteKind::Migration { pfn };
-                        mm.set_pte(a, m);
+                        ptl.set_pte(a, m);
                     }
                     cur
                 };
@@ -397,9 +400,9 @@ impl Mm {
                     mm.phys.copy_frame(pfn, n.pfn);
                 }
                 {
-                    let _ptl = mm.ptl();
+                    let ptl = mm.ptl();
                     let present = |p| PteKind::Present { pfn: p };
-                    moved += usize::from(mm.finish_migration(a, pfn, new, old, present));
+                    moved += usize::from(mm.finish_migration(&ptl, a, pfn, new, old, present));
                     mm.phys.put_frame(pfn);
                 }
                 mm.migration_done();
@@ -433,14 +436,14 @@ impl Mm {
             let pfn = pte.present_pfn().expect("faulted in");
             let inv = mm.invalidate(Event::Exclusive, a, a + PAGE_SIZE, owner);
             let done = {
-                let _ptl = mm.ptl();
-                match mm.get_pte(a) {
+                let ptl = mm.ptl();
+                match ptl.get_pte(a) {
                     Some(cur) if cur.kind == PteKind::Present { pfn } && cur.write => {
-                        mm.clear_pte(a);
+                        ptl.clear_pte(a);
                         mm.flush_tlb(a, a + PAGE_SIZE);
                         let mut e = cur;
                         e.kind = PteKind::DeviceExclusive { pfn, owner };
-                        mm.set_pte(a, e);
+                        ptl.set_pte(a, e);
                         Some(mm.phys.frame_ref(pfn))
                     }
                     _ => None,
@@ -469,7 +472,7 @@ impl Mm {
             if !v.is_private() {
                 continue;
             }
-            for (a, pte) in mm.ptes_in(v.start, v.end) {
+            for (a, pte) in mm.ptes_lockless(v.start, v.end) {
                 if let Some(pfn) = pte.present_pfn().filter(|&p| p != ZERO_PFN) {
                     if is_system(mm, pfn) {
                         candidates.push((a, pfn));

@@ -5,7 +5,7 @@ use mmu_notifier::{Event, END_OF_ADDRESS_SPACE};
 
 use crate::error::Result;
 use crate::frame::ZERO_PFN;
-use crate::mm::{check_range, Mm, MmInner, TASK_SIZE};
+use crate::mm::{check_range, Mm, MmapWrite, Ptl, TASK_SIZE};
 use crate::ops::fault::is_system;
 use crate::pte::{Pte, PteKind};
 use crate::trace::Op;
@@ -17,29 +17,31 @@ pub const PMD_SIZE: u64 = 1 << 21;
 /// Bytes mapped by one PUD.
 pub const PUD_SIZE: u64 = 1 << 30;
 
-impl MmInner {
+impl MmapWrite<'_> {
     /// Linux `change_protection` over one VMA part: per PUD-sized range, a
     /// PROTECTION_VMA pair started lazily at the first populated PMD, over
-    /// `[that address, end of the PUD range)`.
+    /// `[that address, end of the PUD range)`. A method of the mmap write
+    /// lock, which it needs.
     fn change_protection(&self, start: u64, end: u64, prot: Prot) {
+        let mm = self.mm;
         let mut addr = start;
         while addr < end {
             let pud_end = ((addr | (PUD_SIZE - 1)) + 1).min(end);
-            let first = self.ptes_in(addr, pud_end).first().map(|&(a, _)| a);
+            let first = mm.ptes_lockless(addr, pud_end).first().map(|&(a, _)| a);
             if let Some(first) = first {
                 let rstart = addr.max(first & !(PMD_SIZE - 1));
-                let inv = self.invalidate(Event::ProtectionVma, rstart, pud_end, None);
+                let inv = mm.invalidate(Event::ProtectionVma, rstart, pud_end, None);
                 {
-                    let _ptl = self.ptl();
-                    for (a, mut pte) in self.ptes_in(rstart, pud_end) {
+                    let ptl = mm.ptl();
+                    for (a, mut pte) in ptl.ptes_in(rstart, pud_end) {
                         if matches!(pte.kind, PteKind::Swap { .. }) {
                             continue;
                         }
                         pte.read = prot.read;
                         pte.write = pte.write && prot.write;
-                        self.set_pte(a, pte);
+                        ptl.set_pte(a, pte);
                     }
-                    self.flush_tlb(rstart, pud_end);
+                    mm.flush_tlb(rstart, pud_end);
                 }
                 inv.end();
             }
@@ -67,7 +69,7 @@ impl Mm {
         mm.vmas_write().update_range(start, end, |v| v.prot = prot);
         let parts = mm.vmas_read().overlapping(start, end);
         for v in parts {
-            mm.change_protection(v.start, v.end, prot);
+            g.change_protection(v.start, v.end, prot);
         }
         Ok(())
     }
@@ -99,10 +101,12 @@ impl Mm {
             }
             let inv = mm.invalidate(Event::ProtectionPage, v.start, v.end, None);
             let copied = {
-                let _ptl = mm.ptl();
+                // Both page tables' locks, as copy_pte_range takes them.
+                let ptl = mm.ptl();
+                let child_ptl = child.inner.ptl();
                 let mut res = Ok(());
-                for (a, pte) in mm.ptes_in(v.start, v.end) {
-                    match self.copy_pte(&child, a, pte) {
+                for (a, pte) in ptl.ptes_in(v.start, v.end) {
+                    match self.copy_pte(&ptl, &child_ptl, a, pte) {
                         Ok(p) => protected |= p,
                         Err(e) => {
                             res = Err(e);
@@ -126,9 +130,10 @@ impl Mm {
         Ok(child)
     }
 
-    /// Copies one PTE of a COW mapping into `child` (parent PTL held).
-    /// Returns whether the parent's PTE was write-protected.
-    fn copy_pte(&self, child: &Mm, a: u64, pte: Pte) -> Result<bool> {
+    /// Copies one PTE of a COW mapping from the parent's page table (under
+    /// `ptl`) into the child's (under `child_ptl`). Returns whether the
+    /// parent's PTE was write-protected.
+    fn copy_pte(&self, ptl: &Ptl<'_>, child_ptl: &Ptl<'_>, a: u64, pte: Pte) -> Result<bool> {
         let mm = &self.inner;
         let mut parent = pte;
         if let PteKind::DeviceExclusive { pfn, .. } = pte.kind {
@@ -150,8 +155,8 @@ impl Mm {
                 mm.phys.copy_frame(pfn, new.pfn);
                 mm.phys.map(new.pfn);
                 mm.phys.put_frame(new.pfn);
-                mm.set_pte(a, parent);
-                child.inner.set_pte(
+                ptl.set_pte(a, parent);
+                child_ptl.set_pte(
                     a,
                     Pte {
                         kind: PteKind::Present { pfn: new.pfn },
@@ -166,12 +171,12 @@ impl Mm {
                 }
                 let was_writable = parent.write;
                 parent.write = false;
-                mm.set_pte(a, parent);
-                child.inner.set_pte(a, parent);
+                ptl.set_pte(a, parent);
+                child_ptl.set_pte(a, parent);
                 return Ok(was_writable || pte != parent);
             }
         };
-        child.inner.set_pte(a, child_pte);
+        child_ptl.set_pte(a, child_pte);
         Ok(false)
     }
 
@@ -185,13 +190,13 @@ impl Mm {
         mm.trace.record(Op::SoftDirtyClear, None, 0, TASK_SIZE);
         let inv = mm.invalidate(Event::SoftDirty, 0, END_OF_ADDRESS_SPACE, None);
         {
-            let _ptl = mm.ptl();
-            for (a, mut pte) in mm.ptes_in(0, TASK_SIZE) {
+            let ptl = mm.ptl();
+            for (a, mut pte) in ptl.ptes_in(0, TASK_SIZE) {
                 pte.soft_dirty = false;
                 if matches!(pte.kind, PteKind::Present { .. }) {
                     pte.write = false;
                 }
-                mm.set_pte(a, pte);
+                ptl.set_pte(a, pte);
             }
         }
         inv.end();
@@ -215,19 +220,19 @@ impl Mm {
             if v.is_private() {
                 continue;
             }
-            for (a, pte) in mm.ptes_in(v.start, v.end) {
+            for (a, pte) in mm.ptes_lockless(v.start, v.end) {
                 if !(pte.dirty || pte.write) || pte.present_pfn().is_none() {
                     continue;
                 }
                 let inv = mm.invalidate(Event::ProtectionPage, a, a + PAGE_SIZE, None);
                 {
-                    let _ptl = mm.ptl();
-                    if let Some(mut cur) = mm.get_pte(a).filter(|c| c.kind == pte.kind) {
-                        mm.clear_pte(a);
+                    let ptl = mm.ptl();
+                    if let Some(mut cur) = ptl.get_pte(a).filter(|c| c.kind == pte.kind) {
+                        ptl.clear_pte(a);
                         mm.flush_tlb(a, a + PAGE_SIZE);
                         cur.write = false;
                         cur.dirty = false;
-                        mm.set_pte(a, cur);
+                        ptl.set_pte(a, cur);
                         cleaned += 1;
                     }
                 }

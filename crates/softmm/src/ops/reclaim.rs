@@ -36,9 +36,9 @@ impl Mm {
         let (g, start, end) = self.read_op(Op::Age, addr, len)?;
         let mm = g.mm;
         let mut referenced = 0;
-        for (a, _) in mm.ptes_in(start, end) {
-            let _ptl = mm.ptl();
-            let Some(mut pte) = mm.get_pte(a) else {
+        for (a, _) in mm.ptes_lockless(start, end) {
+            let ptl = mm.ptl();
+            let Some(mut pte) = ptl.get_pte(a) else {
                 continue;
             };
             if !matches!(pte.kind, PteKind::Present { .. }) || pte.is_zero() {
@@ -47,7 +47,7 @@ impl Mm {
             let mut young = pte.young;
             if young {
                 pte.young = false;
-                mm.set_pte(a, pte);
+                ptl.set_pte(a, pte);
                 if flush {
                     mm.flush_tlb(a, a + PAGE_SIZE);
                 }
@@ -68,8 +68,8 @@ impl Mm {
         let g = self.mmap_read();
         let mm = g.mm;
         let addr = addr & !(PAGE_SIZE - 1);
-        let _ptl = mm.ptl();
-        let pte_young = mm.get_pte(addr).is_some_and(|p| p.young);
+        let ptl = mm.ptl();
+        let pte_young = ptl.get_pte(addr).is_some_and(|p| p.young);
         pte_young || mm.subs.test_young(addr)
     }
 
@@ -87,7 +87,7 @@ impl Mm {
         let mut unmapped = 0;
         let vmas = mm.vmas_read().overlapping(start, end);
         for v in vmas {
-            for (a, pte) in mm.ptes_in(v.start, v.end) {
+            for (a, pte) in mm.ptes_lockless(v.start, v.end) {
                 let Some(pfn) = pte.present_pfn().filter(|&p| p != ZERO_PFN) else {
                     continue;
                 };
@@ -96,16 +96,16 @@ impl Mm {
                 }
                 let inv = mm.invalidate(Event::Clear, a, a + PAGE_SIZE, None);
                 let released = {
-                    let _ptl = mm.ptl();
-                    match mm.get_pte(a) {
+                    let ptl = mm.ptl();
+                    match ptl.get_pte(a) {
                         Some(cur) if cur.kind == PteKind::Present { pfn } => {
-                            mm.clear_pte(a);
+                            ptl.clear_pte(a);
                             mm.flush_tlb(a, a + PAGE_SIZE);
                             if v.is_private() {
                                 let discard = mm.phys.is_lazyfree(pfn) && !cur.dirty;
                                 if !discard {
                                     let slot = mm.phys.swap_out(mm.phys.content(pfn));
-                                    mm.set_pte(
+                                    ptl.set_pte(
                                         a,
                                         Pte {
                                             kind: PteKind::Swap { slot },
