@@ -16,20 +16,9 @@ use mmu_notifier::sync::{lock, AtomicU64, Mutex, MutexGuard, Ordering};
 use mmu_notifier::Owner;
 
 use crate::error::{Error, Result};
+use crate::pfn::{FrameRef, ZERO_PFN};
+use crate::verdict::Oracle;
 use crate::PAGE_SIZE;
-
-/// Frame number of the shared zero page (never freed, never written).
-pub const ZERO_PFN: u64 = 0;
-
-/// A frame as seen at one moment: its number and generation. Stale once the
-/// frame is freed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct FrameRef {
-    /// Frame number.
-    pub pfn: u64,
-    /// Generation the frame had when this handle was taken.
-    pub gen: u64,
-}
 
 /// What kind of memory a frame is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,7 +101,7 @@ pub struct PhysMem {
     underflows: AtomicU64,
     swap: Mutex<SwapStore>,
     pagemaps: Mutex<std::collections::HashMap<Owner, std::sync::Arc<dyn DevicePagemap>>>,
-    pub(crate) oracle: crate::oracle::Oracle,
+    pub(crate) oracle: Oracle,
 }
 
 #[derive(Default)]
@@ -159,7 +148,7 @@ impl PhysMem {
             underflows: AtomicU64::new(0),
             swap: Mutex::new(SwapStore::default()),
             pagemaps: Mutex::new(std::collections::HashMap::new()),
-            oracle: crate::oracle::Oracle::default(),
+            oracle: Oracle::default(),
         })
     }
 
@@ -180,7 +169,7 @@ impl PhysMem {
     }
 
     /// The coherence oracle of this machine.
-    pub fn oracle(&self) -> &crate::oracle::Oracle {
+    pub fn oracle(&self) -> &Oracle {
         &self.oracle
     }
 
@@ -321,6 +310,11 @@ impl PhysMem {
     /// Kind of memory of `pfn`.
     pub fn kind(&self, pfn: u64) -> FrameKind {
         self.meta(pfn).map_or(FrameKind::System, |m| m.kind)
+    }
+
+    /// Whether `pfn` is system memory (not device-private).
+    pub(crate) fn is_system(&self, pfn: u64) -> bool {
+        self.kind(pfn) == FrameKind::System
     }
 
     pub(crate) fn is_ksm(&self, pfn: u64) -> bool {

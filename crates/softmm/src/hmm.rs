@@ -6,9 +6,9 @@ use mmu_notifier::sync::{AtomicBool, Ordering};
 use mmu_notifier::{IntervalNotifier, Owner};
 
 use crate::error::{Error, Result};
-use crate::frame::{FrameRef, ZERO_PFN};
 use crate::mm::{check_range, Mm, MmGrab, MmapRead};
-use crate::ops::fault::Access;
+use crate::pfn::{FrameRef, ZERO_PFN};
+use crate::pte::Access;
 use crate::pte::PteKind;
 use crate::trace::Op;
 use crate::PAGE_SIZE;

@@ -54,20 +54,23 @@ mod hmm;
 mod mm;
 pub mod ops;
 mod oracle;
+mod pfn;
 mod pte;
 mod trace;
+mod verdict;
 mod vma;
 
 pub use error::{Error, Result};
-pub use frame::{DevicePagemap, FrameKind, FrameRef, FrameStats, PhysMem, ZERO_PFN};
+pub use frame::{DevicePagemap, FrameKind, FrameStats, PhysMem};
 pub use hmm::{HmmPfn, HmmRange, Pin};
 pub use mm::{Mm, MmGrab, MmapRead, MmapWrite, GATHER_BATCH, MMAP_BASE, TASK_SIZE};
 pub use ops::map::{pages, OomReport};
 pub use ops::migrate::MigratedPage;
 pub use ops::protect::{PMD_SIZE, PUD_SIZE};
-pub use oracle::{Oracle, OracleObserver, Violation, ViolationKind};
+pub use pfn::{FrameRef, ZERO_PFN};
 pub use pte::{Pte, PteKind};
 pub use trace::{Op, TraceEntry};
+pub use verdict::{Oracle, OracleObserver, Violation, ViolationKind};
 pub use vma::{Backing, MapKind, Prot, SharedObject, Vma};
 
 /// Page size (4 KiB).

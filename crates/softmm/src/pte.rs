@@ -2,7 +2,7 @@
 
 use mmu_notifier::Owner;
 
-use crate::frame::ZERO_PFN;
+use crate::pfn::ZERO_PFN;
 
 /// What a page-table entry points at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -252,4 +252,29 @@ mod tests {
             (Some(5), true, false)
         );
     }
+}
+
+/// What an access needs from a PTE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Access {
+    Read,
+    Write,
+}
+
+impl Access {
+    pub(crate) fn is_write(self) -> bool {
+        self == Access::Write
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Access::Read => "read",
+            Access::Write => "write",
+        }
+    }
+}
+
+/// Whether `pte` already allows a CPU `access` (no fault needed).
+pub(crate) fn satisfies(pte: &Pte, access: Access) -> bool {
+    matches!(pte.kind, PteKind::Present { .. }) && pte.read && (!access.is_write() || pte.write)
 }

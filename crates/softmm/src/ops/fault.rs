@@ -9,37 +9,12 @@
 use mmu_notifier::Event;
 
 use crate::error::{Error, Result};
-use crate::frame::{FrameKind, ZERO_PFN};
 use crate::mm::{Mm, MmInner, MmapRead, Ptl};
-use crate::pte::{Pte, PteKind};
+use crate::pfn::ZERO_PFN;
+use crate::pte::{satisfies, Access, Pte, PteKind};
 use crate::trace::Op;
 use crate::vma::Vma;
 use crate::PAGE_SIZE;
-
-/// What an access needs from a PTE.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Access {
-    Read,
-    Write,
-}
-
-impl Access {
-    pub(crate) fn is_write(self) -> bool {
-        self == Access::Write
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Access::Read => "read",
-            Access::Write => "write",
-        }
-    }
-}
-
-/// Whether `pte` already allows a CPU `access` (no fault needed).
-fn satisfies(pte: &Pte, access: Access) -> bool {
-    matches!(pte.kind, PteKind::Present { .. }) && pte.read && (!access.is_write() || pte.write)
-}
 
 impl MmInner {
     /// The VMA at `addr` if it allows `access`.
@@ -368,9 +343,4 @@ fn check_span(addr: u64, len: usize) -> Result<()> {
             len: len as u64,
         }),
     }
-}
-
-/// Whether a frame is system memory (not device-private).
-pub(crate) fn is_system(mm: &MmInner, pfn: u64) -> bool {
-    mm.phys.kind(pfn) == FrameKind::System
 }

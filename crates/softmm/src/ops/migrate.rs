@@ -3,9 +3,10 @@
 use mmu_notifier::{Event, Owner};
 
 use crate::error::{Error, Result};
-use crate::frame::{FrameKind, FrameRef, ZERO_PFN};
+use crate::frame::FrameKind;
 use crate::mm::{check_range, Mm, MmInner, Ptl};
-use crate::ops::fault::{is_system, Access};
+use crate::pfn::{FrameRef, ZERO_PFN};
+use crate::pte::Access;
 use crate::pte::{Pte, PteKind};
 use crate::trace::Op;
 use crate::PAGE_SIZE;
@@ -265,7 +266,10 @@ impl Mm {
                         let PteKind::Present { pfn } = p.kind else {
                             continue;
                         };
-                        if !is_system(mm, pfn) || mm.phys.pincount(pfn) > 0 || mm.phys.is_ksm(pfn) {
+                        if !mm.phys.is_system(pfn)
+                            || mm.phys.pincount(pfn) > 0
+                            || mm.phys.is_ksm(pfn)
+                        {
                             continue;
                         }
                         mm.phys.get(pfn);
@@ -374,7 +378,7 @@ impl Mm {
                 let Some(pfn) = pte.present_pfn().filter(|&p| p != ZERO_PFN) else {
                     continue;
                 };
-                if !is_system(mm, pfn) || mm.phys.pincount(pfn) > 0 || mm.phys.is_ksm(pfn) {
+                if !mm.phys.is_system(pfn) || mm.phys.pincount(pfn) > 0 || mm.phys.is_ksm(pfn) {
                     continue;
                 }
                 let inv = mm.invalidate(Event::Clear, a, a + PAGE_SIZE, None);
@@ -474,7 +478,7 @@ impl Mm {
             }
             for (a, pte) in mm.ptes_lockless(v.start, v.end) {
                 if let Some(pfn) = pte.present_pfn().filter(|&p| p != ZERO_PFN) {
-                    if is_system(mm, pfn) {
+                    if mm.phys.is_system(pfn) {
                         candidates.push((a, pfn));
                     }
                 }

@@ -4,9 +4,8 @@
 use mmu_notifier::{Event, END_OF_ADDRESS_SPACE};
 
 use crate::error::Result;
-use crate::frame::ZERO_PFN;
 use crate::mm::{check_range, Mm, MmapWrite, Ptl, TASK_SIZE};
-use crate::ops::fault::is_system;
+use crate::pfn::ZERO_PFN;
 use crate::pte::{Pte, PteKind};
 use crate::trace::Op;
 use crate::vma::Prot;
@@ -148,7 +147,7 @@ impl Mm {
             }
             PteKind::Migration { .. } => return Ok(false), // excluded by the mmap lock
             PteKind::Present { pfn }
-                if pfn != ZERO_PFN && is_system(mm, pfn) && mm.phys.pincount(pfn) > 0 =>
+                if pfn != ZERO_PFN && mm.phys.is_system(pfn) && mm.phys.pincount(pfn) > 0 =>
             {
                 // A pinned page is copied for the child now.
                 let new = mm.phys.alloc_frame()?;

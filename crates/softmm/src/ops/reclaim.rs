@@ -3,9 +3,8 @@
 use mmu_notifier::Event;
 
 use crate::error::Result;
-use crate::frame::ZERO_PFN;
 use crate::mm::Mm;
-use crate::ops::fault::is_system;
+use crate::pfn::ZERO_PFN;
 use crate::pte::{Pte, PteKind};
 use crate::trace::Op;
 use crate::PAGE_SIZE;
@@ -91,7 +90,7 @@ impl Mm {
                 let Some(pfn) = pte.present_pfn().filter(|&p| p != ZERO_PFN) else {
                     continue;
                 };
-                if !is_system(mm, pfn) || mm.phys.pincount(pfn) > 0 {
+                if !mm.phys.is_system(pfn) || mm.phys.pincount(pfn) > 0 {
                     continue;
                 }
                 let inv = mm.invalidate(Event::Clear, a, a + PAGE_SIZE, None);
