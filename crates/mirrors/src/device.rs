@@ -233,7 +233,7 @@ impl Inner {
             range.dev_private_owner = Some(self.owner);
             let r = {
                 let g = mm.mmap_read();
-                mm.range_fault(&g, &mut range)
+                g.range_fault(&mut range)
             };
             match r {
                 Err(MmError::Busy) => {
@@ -576,7 +576,7 @@ impl DeviceMirror {
                 range.dev_private_owner = Some(self.inner.owner);
                 let r = {
                     let g = mm.mmap_read();
-                    mm.range_fault(&g, &mut range)
+                    g.range_fault(&mut range)
                 };
                 match r {
                     Err(MmError::Busy) => continue,

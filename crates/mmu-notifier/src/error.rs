@@ -29,8 +29,8 @@ pub enum Error {
     /// (Linux `-EOVERFLOW`).
     #[error("get: reference count would overflow")]
     RefcountOverflow,
-    /// A handle or lock guard of another address space was passed.
-    #[error("the handle or guard belongs to a different address space")]
+    /// A handle of another address space was passed.
+    #[error("the handle belongs to a different address space")]
     WrongAddressSpace,
     /// A notifier with `arch_invalidate_secondary_tlbs` also has
     /// `invalidate_range_start` or `_end` (Linux 1af5a810, `-EINVAL`).

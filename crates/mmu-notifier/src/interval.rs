@@ -349,6 +349,22 @@ impl IntervalState {
     }
 }
 
+impl MmapWriteGuard<'_> {
+    /// [`Subscriptions::interval_insert`] with the mmap write lock held
+    /// (Linux `mmu_interval_notifier_insert_locked`).
+    ///
+    /// # Errors
+    /// As [`Subscriptions::interval_insert`].
+    pub fn interval_insert(
+        &self,
+        start: u64,
+        length: u64,
+        ops: Arc<dyn IntervalOps>,
+    ) -> Result<IntervalNotifier, Error> {
+        self.mm.interval_insert_under(self, start, length, ops)
+    }
+}
+
 /// Runs an interval callback; where panics unwind, a panic is caught
 /// (`Err`) so one broken notifier cannot stop the walk.
 #[inline]
@@ -383,28 +399,19 @@ impl Subscriptions {
         if !self.interval_enabled() {
             // Enabling interval mode takes the mmap write lock.
             self.refuse_in_callback("interval_insert")?;
-            let guard = self.mmap_write();
-            return self.interval_insert_locked(&guard, start, length, ops);
+            return self.mmap_write().interval_insert(start, length, ops);
         }
         self.interval_insert_common(start, length, ops)
     }
 
-    /// [`interval_insert`](Self::interval_insert) with the mmap write lock
-    /// already held (Linux `mmu_interval_notifier_insert_locked`).
-    ///
-    /// # Errors
-    /// As `interval_insert`, plus [`Error::WrongAddressSpace`] for a guard of
-    /// another address space.
-    pub fn interval_insert_locked(
+    /// The body of [`MmapWriteGuard::interval_insert`], under the guard.
+    fn interval_insert_under(
         &self,
-        guard: &MmapWriteGuard<'_>,
+        _held: &MmapWriteGuard<'_>,
         start: u64,
         length: u64,
         ops: Arc<dyn IntervalOps>,
     ) -> Result<IntervalNotifier, Error> {
-        if guard.key != self.inner.key {
-            return Err(Error::WrongAddressSpace);
-        }
         if self.is_live() {
             // Linux `__mmu_notifier_register(NULL, mm)`.
             self.inner
@@ -489,6 +496,12 @@ impl Subscriptions {
 }
 
 impl IntervalNotifier {
+    /// The [`id`](Subscriptions::id) of the address space it was inserted
+    /// in.
+    pub fn mm_id(&self) -> u64 {
+        self.inner.mm.key
+    }
+
     /// First address of the interval.
     pub fn start(&self) -> u64 {
         self.inner.start

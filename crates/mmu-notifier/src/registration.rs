@@ -67,15 +67,33 @@ impl NotifierHandle {
     }
 }
 
-impl Subscriptions {
-    fn check_guard(&self, guard: &MmapWriteGuard<'_>) -> Result<(), Error> {
-        if guard.key == self.inner.key {
-            Ok(())
-        } else {
-            Err(Error::WrongAddressSpace)
-        }
+impl<'a> MmapWriteGuard<'a> {
+    /// Registers `notifier` with the mmap write lock held (Linux
+    /// `__mmu_notifier_register`). Same semantics as
+    /// [`Subscriptions::register`].
+    ///
+    /// # Errors
+    /// As [`Subscriptions::register`].
+    pub fn register(&self, notifier: Arc<dyn MmuNotifier>) -> Result<NotifierHandle, Error> {
+        self.mm.add_entry(notifier, None)
     }
 
+    /// [`Subscriptions::get`] with the mmap write lock held (Linux
+    /// `mmu_notifier_get_locked`).
+    ///
+    /// # Errors
+    /// As [`Subscriptions::get`].
+    pub fn get(&self, alloc: &Arc<dyn NotifierAlloc>) -> Result<NotifierHandle, Error> {
+        self.mm.get_under(self, alloc)
+    }
+
+    /// The address space whose lock this is.
+    pub fn subscriptions(&self) -> &'a Subscriptions {
+        self.mm
+    }
+}
+
+impl Subscriptions {
     fn check_handle(&self, h: &NotifierHandle) -> Result<(), Error> {
         if h.mm_key == self.inner.key {
             Ok(())
@@ -106,23 +124,7 @@ impl Subscriptions {
     pub fn register(&self, notifier: Arc<dyn MmuNotifier>) -> Result<NotifierHandle, Error> {
         self.refuse_in_callback("register")?;
         self.inner.domain.try_reclaim();
-        let guard = self.mmap_write();
-        self.register_locked(&guard, notifier)
-    }
-
-    /// Registers with the mmap write lock already held (Linux
-    /// `__mmu_notifier_register`).
-    ///
-    /// # Errors
-    /// As [`register`](Self::register), plus [`Error::WrongAddressSpace`] if
-    /// `guard` belongs to another address space.
-    pub fn register_locked(
-        &self,
-        guard: &MmapWriteGuard<'_>,
-        notifier: Arc<dyn MmuNotifier>,
-    ) -> Result<NotifierHandle, Error> {
-        self.check_guard(guard)?;
-        self.add_entry(notifier, None)
+        self.mmap_write().register(notifier)
     }
 
     fn add_entry(
@@ -256,21 +258,15 @@ impl Subscriptions {
     pub fn get(&self, alloc: &Arc<dyn NotifierAlloc>) -> Result<NotifierHandle, Error> {
         self.refuse_in_callback("get")?;
         self.inner.domain.try_reclaim();
-        let guard = self.mmap_write();
-        self.get_locked(&guard, alloc)
+        self.mmap_write().get(alloc)
     }
 
-    /// [`get`](Self::get) with the mmap write lock already held (Linux
-    /// `mmu_notifier_get_locked`).
-    ///
-    /// # Errors
-    /// As [`get`](Self::get), plus [`Error::WrongAddressSpace`].
-    pub fn get_locked(
+    /// The body of [`MmapWriteGuard::get`], under the guard.
+    fn get_under(
         &self,
-        guard: &MmapWriteGuard<'_>,
+        _held: &MmapWriteGuard<'_>,
         alloc: &Arc<dyn NotifierAlloc>,
     ) -> Result<NotifierHandle, Error> {
-        self.check_guard(guard)?;
         let key = Arc::as_ptr(alloc) as *const ();
         let mm_key = self.inner.key;
         let found = self.inner.list.update(|cur, _| {

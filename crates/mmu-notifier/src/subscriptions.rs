@@ -115,13 +115,16 @@ impl Default for Subscriptions {
     }
 }
 
-/// Proof that the mmap lock of one address space is held for writing (Linux
-/// `mmap_write_lock`): the registration functions that need the lock held
-/// take a reference to it, so the lockdep assertion is a type.
+/// The mmap lock of one address space held for writing (Linux
+/// `mmap_write_lock`). The registrations a caller makes with the lock
+/// already held (Linux's `*_locked` functions) are its methods
+/// ([`register`](Self::register), [`get`](Self::get),
+/// [`interval_insert`](Self::interval_insert)): the lock is the receiver,
+/// so it cannot be forgotten, nor be another address space's.
 #[must_use = "the mmap lock is released when the guard is dropped"]
 pub struct MmapWriteGuard<'a> {
     _guard: RwLockWriteGuard<'a, ()>,
-    pub(crate) key: u64,
+    pub(crate) mm: &'a Subscriptions,
 }
 
 /// Proof that the mmap lock is held for reading.
@@ -134,7 +137,7 @@ pub struct MmapReadGuard<'a> {
 
 impl core::fmt::Debug for MmapWriteGuard<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "MmapWriteGuard(mm {})", self.key)
+        write!(f, "MmapWriteGuard(mm {})", self.mm.inner.key)
     }
 }
 
@@ -292,7 +295,7 @@ impl Subscriptions {
         crate::debug::might_sleep();
         MmapWriteGuard {
             _guard: sync::write(&self.inner.mmap),
-            key: self.inner.key,
+            mm: self,
         }
     }
 

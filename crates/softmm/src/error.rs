@@ -66,9 +66,10 @@ pub enum Error {
     /// The handle was already released (double unpin).
     #[error("the pin was already released")]
     AlreadyUnpinned,
-    /// A lock guard of another address space was passed.
-    #[error("the mmap guard belongs to a different address space")]
-    WrongAddressSpace,
+    /// An `HmmRange` whose interval notifier belongs to another address
+    /// space than the mmap lock it was walked under.
+    #[error("the range's interval notifier belongs to a different address space")]
+    ForeignNotifier,
     /// An error from the MMU-notifier subsystem (registration on this
     /// address space).
     #[error("mmu notifier: {0}")]

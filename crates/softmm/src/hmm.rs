@@ -77,9 +77,11 @@ impl<'n> HmmRange<'n> {
     }
 }
 
-impl Mm {
-    /// Linux `hmm_range_fault`: walks `[range.start, range.end)` with the
-    /// mmap lock held, faulting pages when asked, and fills `range.pfns`.
+impl MmapRead<'_> {
+    /// Linux `hmm_range_fault`: walks `[range.start, range.end)` under this
+    /// mmap read lock (the receiver: the lock cannot be forgotten, nor be
+    /// another address space's), faulting pages when asked, and fills
+    /// `range.pfns`.
     /// After each fault the walk restarts at the faulting page and first
     /// checks the notifier sequence, so a collision caused by the fault (or
     /// by anyone else) is reported as [`Error::Busy`].
@@ -89,9 +91,14 @@ impl Mm {
     /// with `access == "write"` for a write request on a read-only VMA
     /// (`-EPERM`); [`Error::NotMapped`] or a read [`Error::Protection`] when
     /// a fault was requested where there is no readable VMA (`-EFAULT`);
-    /// [`Error::OutOfMemory`]; [`Error::InvalidRange`].
-    pub fn range_fault(&self, guard: &MmapRead<'_>, range: &mut HmmRange<'_>) -> Result<()> {
-        let mm = self.own_read(guard)?;
+    /// [`Error::OutOfMemory`]; [`Error::InvalidRange`];
+    /// [`Error::ForeignNotifier`] when `range.notifier` is another address
+    /// space's.
+    pub fn range_fault(&self, range: &mut HmmRange<'_>) -> Result<()> {
+        let mm = self.mm;
+        if range.notifier.mm_id() != mm.subs.id() {
+            return Err(Error::ForeignNotifier);
+        }
         if range.end <= range.start {
             return Err(Error::InvalidRange {
                 addr: range.start,
@@ -205,7 +212,9 @@ impl Mm {
             return Ok(());
         }
     }
+}
 
+impl Mm {
     /// Pins `npages` pages from `addr` (Linux `pin_user_pages` with
     /// `FOLL_LONGTERM`): each page is faulted in (for writing if `write`,
     /// which breaks COW; device-private pages migrate back), then pinned. A

@@ -7,7 +7,7 @@
 //! frees: munmap, mremap, mprotect, madvise, faults with COW, fork, KSM,
 //! migration (system and device), device-exclusive entries, reclaim (aging
 //! and swap-out), soft-dirty, writeback, exit and the OOM reaper. Secondary
-//! MMUs use [`Mm::range_fault`] (hmm_range_fault) and [`Mm::pin`]
+//! MMUs use [`MmapRead::range_fault`] (hmm_range_fault, a method of the mmap read lock) and [`Mm::pin`]
 //! (pin_user_pages), and check every access they make with the coherence
 //! [`Oracle`].
 //!
@@ -35,7 +35,7 @@
 //! let mut range = softmm::HmmRange::new(&sub, seq, a, a + 4096);
 //! range.fault = true;
 //! let g = mm.mmap_read();
-//! mm.range_fault(&g, &mut range).unwrap();
+//! g.range_fault(&mut range).unwrap();
 //! drop(g);
 //! assert!(!sub.read_retry(seq));
 //! let frame = range.pfns[0].frame.unwrap();

@@ -152,17 +152,17 @@ pub struct MmapRead<'a> {
     pub(crate) mm: &'a MmInner,
 }
 
-/// The mmap lock held for writing. Pass
-/// [`notifier_guard`](MmapWrite::notifier_guard) to the subsystem's
-/// `*_locked` registration functions.
+/// The mmap lock held for writing. Its
+/// [`notifier_guard`](MmapWrite::notifier_guard) registers notifiers with
+/// the lock held.
 pub struct MmapWrite<'a> {
     guard: MmapWriteGuard<'a>,
     pub(crate) mm: &'a MmInner,
 }
 
 impl<'a> MmapWrite<'a> {
-    /// The subsystem's view of this lock (for `register_locked`,
-    /// `interval_insert_locked`).
+    /// The subsystem's view of this lock, whose methods register with the
+    /// lock held (`register`, `get`, `interval_insert`).
     pub fn notifier_guard(&self) -> &MmapWriteGuard<'a> {
         &self.guard
     }
@@ -249,15 +249,6 @@ impl Mm {
         let g = self.mmap_read();
         g.mm.trace.record(op, None, start, end);
         Ok((g, start, end))
-    }
-
-    /// Checks that `guard` is this address space's lock.
-    pub(crate) fn own_read<'g>(&self, guard: &'g MmapRead<'_>) -> Result<&'g MmInner> {
-        if std::ptr::eq(guard.mm, &*self.inner) {
-            Ok(guard.mm)
-        } else {
-            Err(Error::WrongAddressSpace)
-        }
     }
 }
 

@@ -215,7 +215,7 @@ fn stale_frame_handles_and_double_unpin() {
 }
 
 #[test]
-fn exited_address_space_refuses_users_and_guards_of_others_are_refused() {
+fn exited_address_space_refuses_users_and_ranges_of_others_are_refused() {
     let (phys, mm) = machine(64);
     let other = softmm::Mm::new(&phys);
     let a = populated(&mm, 1, 1);
@@ -225,16 +225,18 @@ fn exited_address_space_refuses_users_and_guards_of_others_are_refused() {
         .unwrap();
     let seq = isub.read_begin().unwrap();
     let mut range = softmm::HmmRange::new(&isub, seq, a, a + P);
+    // The walk is a method of the lock, so it walks the lock's address
+    // space; a range whose notifier is another's is refused.
     let g = other.mmap_read();
     assert!(matches!(
-        mm.range_fault(&g, &mut range),
-        Err(Error::WrongAddressSpace)
+        g.range_fault(&mut range),
+        Err(Error::ForeignNotifier)
     ));
     drop(g);
     let mut empty = softmm::HmmRange::new(&isub, seq, a, a);
     let g = mm.mmap_read();
     assert!(matches!(
-        mm.range_fault(&g, &mut empty),
+        g.range_fault(&mut empty),
         Err(Error::InvalidRange { .. })
     ));
     drop(g);

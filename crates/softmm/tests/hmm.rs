@@ -23,7 +23,7 @@ fn walk(
     r.write = write;
     r.dev_private_owner = owner;
     let g = mm.mmap_read();
-    mm.range_fault(&g, &mut r)?;
+    g.range_fault(&mut r)?;
     Ok(r.pfns)
 }
 

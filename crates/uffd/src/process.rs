@@ -140,8 +140,8 @@ impl ProcessMm {
         &self.handle.shared.subs
     }
 
-    /// The subsystem's mmap write lock, for `register_locked` and
-    /// `interval_insert_locked`.
+    /// The subsystem's mmap write lock; registrations made with it held
+    /// are its methods (`register`, `get`, `interval_insert`).
     pub fn mmap_write(&self) -> MmapWriteGuard<'_> {
         self.subscriptions().mmap_write()
     }

@@ -16,6 +16,19 @@ use crate::trace::Op;
 use crate::vma::Vma;
 use crate::PAGE_SIZE;
 
+impl MmapRead<'_> {
+    /// [`Mm::fault`] under this mmap read lock.
+    ///
+    /// # Errors
+    /// As [`Mm::fault`].
+    pub fn fault(&self, addr: u64, write: bool) -> Result<()> {
+        let access = if write { Access::Write } else { Access::Read };
+        self.mm
+            .fault_in(addr & !(PAGE_SIZE - 1), access)
+            .map(|_| ())
+    }
+}
+
 impl MmInner {
     /// The VMA at `addr` if it allows `access`.
     pub(crate) fn vma_for(&self, addr: u64, access: Access) -> Result<Vma> {
@@ -278,16 +291,6 @@ impl Mm {
         let g = self.mmap_read();
         let access = if write { Access::Write } else { Access::Read };
         g.mm.fault_in(addr & !(PAGE_SIZE - 1), access).map(|_| ())
-    }
-
-    /// [`fault`](Self::fault) with the mmap lock already held.
-    ///
-    /// # Errors
-    /// As `fault`, plus a guard of another address space.
-    pub fn fault_locked(&self, guard: &MmapRead<'_>, addr: u64, write: bool) -> Result<()> {
-        let mm = self.own_read(guard)?;
-        let access = if write { Access::Write } else { Access::Read };
-        mm.fault_in(addr & !(PAGE_SIZE - 1), access).map(|_| ())
     }
 
     /// CPU load of `buf.len()` bytes at `addr`, faulting as needed.

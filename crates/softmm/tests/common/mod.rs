@@ -336,7 +336,7 @@ impl MiniDevice {
             range.write = write;
             let r = {
                 let g = mm.mmap_read();
-                mm.range_fault(&g, &mut range)
+                g.range_fault(&mut range)
             };
             match r {
                 Err(softmm::Error::Busy) => continue,
