@@ -123,7 +123,7 @@ struct Counters {
     accesses: AtomicU64,
 }
 
-struct Inner {
+struct MirrorState {
     mm: MmGrab,
     owner: Owner,
     /// The device page table (`dmirror->pt`) under the user lock
@@ -135,7 +135,7 @@ struct Inner {
 
 /// An HMM-style device mirroring one address space.
 pub struct DeviceMirror {
-    inner: Arc<Inner>,
+    inner: Arc<MirrorState>,
 }
 
 impl std::fmt::Debug for DeviceMirror {
@@ -146,14 +146,14 @@ impl std::fmt::Debug for DeviceMirror {
     }
 }
 
-struct Ops(Weak<Inner>);
+struct MirrorNotifier(Weak<MirrorState>);
 
 mmu_notifier::sync::thread_local! {
     /// Set while this thread runs a device's own migration to device memory.
     static MIGRATING_TO_DEVICE: std::cell::Cell<Option<Owner>> = const { std::cell::Cell::new(None) };
 }
 
-impl IntervalOps for Ops {
+impl IntervalOps for MirrorNotifier {
     fn invalidate(&self, sub: &IntervalNotifier, r: &Range, seq: u64) -> bool {
         let Some(dev) = self.0.upgrade() else {
             return true;
@@ -179,7 +179,7 @@ impl IntervalOps for Ops {
     }
 }
 
-struct Pagemap(Weak<Inner>);
+struct Pagemap(Weak<MirrorState>);
 
 impl DevicePagemap for Pagemap {
     fn migrating_to_ram(&self, mm_id: u64, addr: u64, _frame: FrameRef) {
@@ -210,7 +210,7 @@ fn check(addr: u64, npages: u64) -> Result<(u64, u64), DmirrorError> {
     }
 }
 
-impl Inner {
+impl MirrorState {
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, (FrameRef, Tag)>> {
         self.pt.lock()
     }
@@ -334,7 +334,7 @@ impl DeviceMirror {
     /// # Errors
     /// The subsystem's insert errors (an exited address space).
     pub fn open(mm: MmGrab, owner: Owner) -> Result<DeviceMirror, mmu_notifier::Error> {
-        let inner = Arc::new(Inner {
+        let inner = Arc::new(MirrorState {
             mm,
             owner,
             pt: DriverLock::new(BTreeMap::new()),
@@ -344,7 +344,7 @@ impl DeviceMirror {
         let sub = inner.mm.subscriptions().interval_insert(
             0,
             !(PAGE_SIZE - 1), // dmirror: ULONG_MAX & PAGE_MASK
-            Arc::new(Ops(Arc::downgrade(&inner))),
+            Arc::new(MirrorNotifier(Arc::downgrade(&inner))),
         )?;
         let _ = inner.sub.set(sub);
         inner
@@ -552,7 +552,7 @@ impl DeviceMirror {
         };
         /// dmirror's snapshot notifier: records the sequence under the
         /// device lock, drops nothing.
-        struct SeqOnly(Weak<Inner>);
+        struct SeqOnly(Weak<MirrorState>);
         impl IntervalOps for SeqOnly {
             fn invalidate(&self, sub: &IntervalNotifier, r: &Range, seq: u64) -> bool {
                 let Some(dev) = self.0.upgrade() else {

@@ -3,7 +3,7 @@
 //! real process.
 
 use mmu_notifier::Subscriptions;
-use softmm::{FrameRef, MmGrab, Pin, Violation};
+use softmm::{FrameRef, MmGrab, PinnedPages, Violation};
 
 /// Why a mirror operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +140,7 @@ pub trait FramePrimary: Primary {
 }
 
 impl Primary for MmGrab {
-    type Pinned = Pin;
+    type Pinned = PinnedPages;
     /// The software MMU calls every hook itself: nothing to set up.
     type Watch = ();
 
@@ -152,7 +152,7 @@ impl Primary for MmGrab {
         Ok(())
     }
 
-    fn pin(&self, start: u64, len: u64, write: bool) -> Result<Pin> {
+    fn pin(&self, start: u64, len: u64, write: bool) -> Result<PinnedPages> {
         let mm = self.get()?;
         Ok(mm.pin(start, len.div_ceil(softmm::PAGE_SIZE), write)?)
     }
@@ -179,7 +179,7 @@ impl FramePrimary for MmGrab {
         self.phys().frame_ref(pfn)
     }
 
-    fn pinned_frame(&self, pinned: &Pin, addr: u64) -> Option<FrameRef> {
+    fn pinned_frame(&self, pinned: &PinnedPages, addr: u64) -> Option<FrameRef> {
         pinned.frame_at(addr)
     }
 
@@ -190,7 +190,7 @@ impl FramePrimary for MmGrab {
             .check_access(self, addr, frame, write)?)
     }
 
-    fn check_pinned(&self, pinned: &Pin, addr: u64, write: bool) -> Result<()> {
+    fn check_pinned(&self, pinned: &PinnedPages, addr: u64, write: bool) -> Result<()> {
         Ok(self.phys().oracle().check_pinned(pinned, addr, write)?)
     }
 

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use mmu_notifier::sync::{AtomicU64, CheckedMutex, MutexGuard, Ordering};
 
-use mmu_notifier::{Again, Callbacks, MmuNotifier, NotifierHandle, Pte, Range, Subscriptions};
+use mmu_notifier::{Again, Callbacks, MmuNotifier, NotifierHandle, PteValue, Range, Subscriptions};
 use softmm::{FrameRef, PAGE_SIZE};
 
 use crate::primary::{FramePrimary, MirrorError, Result};
@@ -60,7 +60,7 @@ pub struct ShadowStats {
     pub accesses: AtomicU64,
 }
 
-struct Inner<P> {
+struct ShadowShared<P> {
     primary: P,
     mmu_lock: CheckedMutex<MmuState>,
     stats: ShadowStats,
@@ -68,7 +68,7 @@ struct Inner<P> {
 
 /// A KVM-style shadow MMU over one primary address space.
 pub struct ShadowMmu<P: FramePrimary> {
-    inner: Arc<Inner<P>>,
+    inner: Arc<ShadowShared<P>>,
     handle: NotifierHandle,
 }
 
@@ -83,7 +83,7 @@ impl<P: FramePrimary> std::fmt::Debug for ShadowMmu<P> {
 /// Retry bound of the fault path (a guest would spin; we report).
 const MAX_RETRIES: u32 = 10_000;
 
-impl<P: FramePrimary> Inner<P> {
+impl<P: FramePrimary> ShadowShared<P> {
     fn lock(&self) -> MutexGuard<'_, MmuState> {
         // A spinlock, as in Linux: taken in callbacks that must not sleep.
         self.mmu_lock.spin_lock()
@@ -97,7 +97,7 @@ impl<P: FramePrimary> ShadowMmu<P> {
     /// # Errors
     /// [`MirrorError::Notifier`] if the address space exited.
     pub fn attach(primary: P) -> Result<Self> {
-        let inner = Arc::new(Inner {
+        let inner = Arc::new(ShadowShared {
             primary,
             mmu_lock: CheckedMutex::new(MmuState::default()),
             stats: ShadowStats::default(),
@@ -218,7 +218,7 @@ fn zap(st: &mut MmuState, start: u64, end: u64) -> usize {
     keys.len()
 }
 
-impl<P: FramePrimary> MmuNotifier for Inner<P> {
+impl<P: FramePrimary> MmuNotifier for ShadowShared<P> {
     fn callbacks(&self) -> Callbacks {
         Callbacks::RELEASE
             | Callbacks::INVALIDATE_RANGE_START
@@ -252,7 +252,7 @@ impl<P: FramePrimary> MmuNotifier for Inner<P> {
         debug_assert!(st.in_progress >= 0);
     }
 
-    fn change_pte(&self, _mm: &Subscriptions, addr: u64, pte: Pte) {
+    fn change_pte(&self, _mm: &Subscriptions, addr: u64, pte: PteValue) {
         let mut st = self.lock();
         if st.in_progress == 0 {
             return;

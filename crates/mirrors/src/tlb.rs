@@ -39,13 +39,13 @@ pub struct TlbStats {
     pub flushes: AtomicU64,
 }
 
-struct Inner<P> {
+struct TlbShared<P> {
     primary: P,
     tlb: CheckedMutex<Tlb>,
     stats: TlbStats,
 }
 
-impl<P: FramePrimary> Inner<P> {
+impl<P: FramePrimary> TlbShared<P> {
     fn lock(&self) -> MutexGuard<'_, Tlb> {
         // A spinlock, as in Linux: taken in callbacks that must not sleep.
         self.tlb.spin_lock()
@@ -54,7 +54,7 @@ impl<P: FramePrimary> Inner<P> {
 
 /// An SVA device TLB over one address space.
 pub struct SecondaryTlb<P: FramePrimary> {
-    inner: Arc<Inner<P>>,
+    inner: Arc<TlbShared<P>>,
     handle: NotifierHandle,
 }
 
@@ -72,7 +72,7 @@ impl<P: FramePrimary> SecondaryTlb<P> {
     /// # Errors
     /// [`MirrorError::Notifier`] if the address space exited.
     pub fn bind(primary: P) -> Result<Self> {
-        let inner = Arc::new(Inner {
+        let inner = Arc::new(TlbShared {
             primary,
             tlb: CheckedMutex::new(Tlb::default()),
             stats: TlbStats::default(),
@@ -156,7 +156,7 @@ impl<P: FramePrimary> Drop for SecondaryTlb<P> {
     }
 }
 
-impl<P: FramePrimary> MmuNotifier for Inner<P> {
+impl<P: FramePrimary> MmuNotifier for TlbShared<P> {
     fn callbacks(&self) -> Callbacks {
         Callbacks::ARCH_INVALIDATE_SECONDARY_TLBS | Callbacks::RELEASE
     }

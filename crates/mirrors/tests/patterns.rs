@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use mirrors::{FramePrimary, MirrorError, MrCache, Primary, SecondaryTlb, ShadowMmu};
 use mmu_notifier::Subscriptions;
-use softmm::{FrameRef, MapKind, Mm, MmGrab, PhysMem, Pin, Prot, PAGE_SIZE};
+use softmm::{FrameRef, MapKind, Mm, MmGrab, PhysMem, PinnedPages, Prot, PAGE_SIZE};
 
 const P: u64 = PAGE_SIZE;
 
@@ -23,7 +23,7 @@ struct Hooked {
 }
 
 impl Primary for Hooked {
-    type Pinned = Pin;
+    type Pinned = PinnedPages;
     type Watch = ();
     fn subscriptions(&self) -> &Subscriptions {
         self.mm.subscriptions()
@@ -31,7 +31,7 @@ impl Primary for Hooked {
     fn watch(&self, _start: u64, _len: u64) -> mirrors::Result<()> {
         Ok(())
     }
-    fn pin(&self, start: u64, len: u64, write: bool) -> mirrors::Result<Pin> {
+    fn pin(&self, start: u64, len: u64, write: bool) -> mirrors::Result<PinnedPages> {
         Primary::pin(&self.mm, start, len, write)
     }
 }
@@ -50,13 +50,13 @@ impl FramePrimary for Hooked {
     fn frame_of(&self, pfn: u64) -> FrameRef {
         self.mm.frame_of(pfn)
     }
-    fn pinned_frame(&self, p: &Pin, addr: u64) -> Option<FrameRef> {
+    fn pinned_frame(&self, p: &PinnedPages, addr: u64) -> Option<FrameRef> {
         self.mm.pinned_frame(p, addr)
     }
     fn check_access(&self, addr: u64, f: FrameRef, write: bool) -> mirrors::Result<()> {
         self.mm.check_access(addr, f, write)
     }
-    fn check_pinned(&self, p: &Pin, addr: u64, write: bool) -> mirrors::Result<()> {
+    fn check_pinned(&self, p: &PinnedPages, addr: u64, write: bool) -> mirrors::Result<()> {
         self.mm.check_pinned(p, addr, write)
     }
     fn dma_read(&self, f: FrameRef, off: usize, buf: &mut [u8]) -> mirrors::Result<()> {
@@ -96,7 +96,7 @@ fn kvm_change_pte_updates_only_inside_an_invalidation() {
     let kvm = ShadowMmu::attach(mm.grab()).unwrap();
     kvm.fault(a + P, true).unwrap();
     let frame = mm.pte(a + P).unwrap().pfn().unwrap();
-    let ro = mmu_notifier::Pte {
+    let ro = mmu_notifier::PteValue {
         pfn: frame,
         writable: false,
     };

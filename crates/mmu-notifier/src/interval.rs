@@ -46,7 +46,7 @@ use crate::debug::Warning;
 use crate::itree::{ITree, NodeId};
 use crate::range::Range;
 use crate::srcu::Domain;
-use crate::subscriptions::{Inner, MmapWriteGuard, Mode, Subscriptions};
+use crate::subscriptions::{MmapWriteGuard, Mode, Subscriptions, SubscriptionsState};
 use crate::sync::{self, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
 use crate::Error;
 
@@ -85,14 +85,14 @@ enum Place {
     Gone,
 }
 
-struct SubInner {
+struct IntervalNotifierState {
     start: u64,
     last: u64,
     ops: Arc<dyn IntervalOps>,
     /// The notifier's sequence: odd while inserted.
     seq: AtomicU64,
     /// The address space; held until remove (Linux `mmgrab`).
-    mm: Arc<Inner>,
+    mm: Arc<SubscriptionsState>,
     /// Changed only under the address space's `state` lock.
     place: Mutex<Place>,
     removed: AtomicBool,
@@ -139,7 +139,7 @@ struct SubInner {
 /// ```
 #[derive(Clone)]
 pub struct IntervalNotifier {
-    inner: Arc<SubInner>,
+    inner: Arc<IntervalNotifierState>,
 }
 
 impl fmt::Debug for IntervalNotifier {
@@ -154,7 +154,7 @@ impl fmt::Debug for IntervalNotifier {
 }
 
 /// An entry of the deferred list.
-enum Deferred {
+enum DeferredTreeChange {
     Insert(IntervalNotifier),
     Remove(IntervalNotifier),
 }
@@ -164,7 +164,7 @@ struct Locked {
     /// Linux `active_invalidate_ranges`.
     active: u64,
     /// Newest last; processed newest first, like Linux's hlist.
-    deferred: Vec<Deferred>,
+    deferred: Vec<DeferredTreeChange>,
     /// Threads sleeping on `wq`. `notify_all` is a system call even with
     /// nobody to wake, so the final end skips it when this is 0.
     waiters: usize,
@@ -299,13 +299,13 @@ impl IntervalState {
             let mut tree = sync::write(&self.tree);
             for d in st.deferred.drain(..).rev() {
                 match d {
-                    Deferred::Insert(sub) => {
+                    DeferredTreeChange::Insert(sub) => {
                         let mut place = sync::lock(&sub.inner.place);
                         debug_assert_eq!(*place, Place::PendingInsert);
                         *place =
                             Place::Tree(tree.insert(sub.inner.start, sub.inner.last, sub.clone()));
                     }
-                    Deferred::Remove(sub) => {
+                    DeferredTreeChange::Remove(sub) => {
                         let mut place = sync::lock(&sub.inner.place);
                         if let Place::PendingRemove(id) = *place {
                             drop(tree.remove(id));
@@ -435,7 +435,7 @@ impl Subscriptions {
             .ok_or(Error::InvalidInterval { start, length })?;
         let iv = &self.inner.interval;
         let sub = IntervalNotifier {
-            inner: Arc::new(SubInner {
+            inner: Arc::new(IntervalNotifierState {
                 start,
                 last,
                 ops,
@@ -458,7 +458,7 @@ impl Subscriptions {
             // colliding, so read_begin waits for every in-flight range.
             if seq & 1 == 1 {
                 *place = Place::PendingInsert;
-                st.deferred.push(Deferred::Insert(sub.clone()));
+                st.deferred.push(DeferredTreeChange::Insert(sub.clone()));
             } else {
                 iv.seq.store(seq | 1, Ordering::Release);
                 *place = Place::Tree(sync::write(&iv.tree).insert(start, last, sub.clone()));
@@ -625,7 +625,7 @@ impl IntervalNotifier {
                     Place::PendingInsert => {
                         // Never in the tree: nothing can be calling it.
                         st.deferred.retain(
-                            |d| !matches!(d, Deferred::Insert(s) if Arc::ptr_eq(&s.inner, &self.inner)),
+                            |d| !matches!(d, DeferredTreeChange::Insert(s) if Arc::ptr_eq(&s.inner, &self.inner)),
                         );
                         *place = Place::Gone;
                         None
@@ -636,7 +636,7 @@ impl IntervalNotifier {
                             return Err(Error::WouldDeadlock("IntervalNotifier::remove"));
                         }
                         *place = Place::PendingRemove(id);
-                        st.deferred.push(Deferred::Remove(self.clone()));
+                        st.deferred.push(DeferredTreeChange::Remove(self.clone()));
                         Some(seq)
                     }
                     Place::PendingRemove(_) | Place::Gone => {

@@ -91,7 +91,7 @@ pub use error::Error;
 pub use interval::{IntervalNotifier, IntervalOps};
 #[cfg(feature = "std")]
 pub use mutex::CheckedMutex;
-pub use notifier::{Again, Callbacks, MmuNotifier, NotifierAlloc, Pte};
+pub use notifier::{Again, Callbacks, MmuNotifier, NotifierAlloc, PteValue};
 pub use range::{Event, Owner, Range, RangeError, END_OF_ADDRESS_SPACE, PAGE_SIZE};
 #[cfg(feature = "std")]
 pub use registration::synchronize;

@@ -17,7 +17,7 @@ pub struct Again;
 /// The new value a primary PTE gets in `change_pte` (Linux passes the raw
 /// `pte_t`; we pass what a secondary needs to map it directly).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Pte {
+pub struct PteValue {
     /// Page frame number the PTE points at.
     pub pfn: u64,
     /// Whether the PTE allows writes.
@@ -143,7 +143,7 @@ pub trait MmuNotifier: Send + Sync + 'static {
 
     /// The PTE for `address` is about to be set to `pte` (COW, KSM); always
     /// inside an invalidate_range_start/end pair. Must not sleep.
-    fn change_pte(&self, _mm: &Subscriptions, _address: u64, _pte: Pte) {}
+    fn change_pte(&self, _mm: &Subscriptions, _address: u64, _pte: PteValue) {}
 
     /// PTEs in `range` are about to change: stop creating secondary mappings
     /// there and drop the existing ones **before returning**. Dropping them

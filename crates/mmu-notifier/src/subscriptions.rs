@@ -25,7 +25,7 @@ use core::sync::atomic::AtomicU64 as PlainU64;
 use crate::debug::{DiagHandle, Diagnostics, InvalidateSection, NonBlockSection, Warning};
 use crate::interval::IntervalState;
 use crate::list::{Linked, NotifierList, Snapshot};
-use crate::notifier::{Again, Callbacks, Pte};
+use crate::notifier::{Again, Callbacks, PteValue};
 use crate::range::Range;
 use crate::rcu::RcuRef;
 use crate::srcu::Domain;
@@ -37,7 +37,7 @@ use crate::sync::{
 /// hence a plain std atomic even under loom).
 static NEXT_KEY: PlainU64 = PlainU64::new(1);
 
-/// The bits of [`Inner::mode`].
+/// The bits of [`SubscriptionsState::mode`].
 pub(crate) struct Mode;
 
 impl Mode {
@@ -47,7 +47,7 @@ impl Mode {
     pub(crate) const HAS_ITREE: u32 = 2;
 }
 
-pub(crate) struct Inner {
+pub(crate) struct SubscriptionsState {
     pub(crate) key: u64,
     /// The SRCU domain callbacks run under and the list is protected by.
     pub(crate) domain: &'static Domain,
@@ -95,7 +95,7 @@ pub(crate) struct Inner {
 /// ```
 #[derive(Clone)]
 pub struct Subscriptions {
-    pub(crate) inner: Arc<Inner>,
+    pub(crate) inner: Arc<SubscriptionsState>,
 }
 
 impl core::fmt::Debug for Subscriptions {
@@ -244,7 +244,7 @@ impl Subscriptions {
     pub fn with_domain(domain: &'static Domain) -> Subscriptions {
         let key = NEXT_KEY.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
         Subscriptions {
-            inner: Arc::new(Inner {
+            inner: Arc::new(SubscriptionsState {
                 key,
                 domain,
                 mode: AtomicU32::new(0),
@@ -659,7 +659,7 @@ impl Subscriptions {
     /// Tells every notifier the PTE at `address` is about to become `pte`
     /// (Linux `set_pte_at_notify` calls this before writing the PTE, inside a
     /// start/end pair).
-    pub fn change_pte(&self, address: u64, pte: Pte) {
+    pub fn change_pte(&self, address: u64, pte: PteValue) {
         if self.has_notifiers() {
             self.walk_atomic("change_pte", |e| {
                 if e.callbacks.contains(Callbacks::CHANGE_PTE) {

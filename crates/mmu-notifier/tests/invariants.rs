@@ -317,7 +317,7 @@ fn hooks_without_notifiers_do_nothing() {
     assert!(!mm.test_young(0));
     mm.change_pte(
         0,
-        mmu_notifier::Pte {
+        mmu_notifier::PteValue {
             pfn: 1,
             writable: false,
         },

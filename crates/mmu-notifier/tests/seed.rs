@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::*;
 use mmu_notifier::{
-    Again, Callbacks, Error, Event, MmuNotifier, NotifierAlloc, Owner, Pte, Range, Subscriptions,
-    Warning, PAGE_SIZE,
+    Again, Callbacks, Error, Event, MmuNotifier, NotifierAlloc, Owner, PteValue, Range,
+    Subscriptions, Warning, PAGE_SIZE,
 };
 
 /// cddb8a5c: the core contract: start before the PTE change, end after, both
@@ -43,7 +43,7 @@ fn seed_828502d3_change_pte_reaches_notifiers_with_the_callback() {
     let other = Recorder::new("other", START_END, &log);
     mm.register(kvm.clone()).unwrap();
     mm.register(other.clone()).unwrap();
-    let pte = Pte {
+    let pte = PteValue {
         pfn: 42,
         writable: true,
     };

@@ -223,13 +223,13 @@ impl Mm {
     ///
     /// # Errors
     /// The fault errors of [`fault`](Mm::fault); [`Error::InvalidRange`].
-    pub fn pin(&self, addr: u64, npages: u64, write: bool) -> Result<Pin> {
+    pub fn pin(&self, addr: u64, npages: u64, write: bool) -> Result<PinnedPages> {
         let (start, end) = check_range(addr, npages.saturating_mul(PAGE_SIZE))?;
         let g = self.mmap_read();
         let mm = g.mm;
         mm.trace.record(Op::Pin, None, start, end);
         let access = if write { Access::Write } else { Access::Read };
-        let mut pin = Pin {
+        let mut pin = PinnedPages {
             mm: self.grab(),
             start,
             write,
@@ -255,10 +255,10 @@ impl Mm {
     }
 }
 
-/// Pinned pages (Linux `FOLL_PIN`); [`unpin`](Pin::unpin) or drop releases
+/// Pinned pages (Linux `FOLL_PIN`); [`unpin`](PinnedPages::unpin) or drop releases
 /// them.
 #[derive(Debug)]
-pub struct Pin {
+pub struct PinnedPages {
     pub(crate) mm: MmGrab,
     start: u64,
     write: bool,
@@ -266,7 +266,7 @@ pub struct Pin {
     released: AtomicBool,
 }
 
-impl Pin {
+impl PinnedPages {
     /// First address pinned.
     pub fn start(&self) -> u64 {
         self.start
@@ -318,7 +318,7 @@ impl Pin {
     }
 }
 
-impl Drop for Pin {
+impl Drop for PinnedPages {
     fn drop(&mut self) {
         let _ = self.unpin();
     }

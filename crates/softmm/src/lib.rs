@@ -62,7 +62,7 @@ mod vma;
 
 pub use error::{Error, Result};
 pub use frame::{DevicePagemap, FrameKind, FrameStats, PhysMem};
-pub use hmm::{HmmPfn, HmmRange, Pin};
+pub use hmm::{HmmPfn, HmmRange, PinnedPages};
 pub use mm::{Mm, MmGrab, MmapRead, MmapWrite, GATHER_BATCH, MMAP_BASE, TASK_SIZE};
 pub use ops::map::{pages, OomReport};
 pub use ops::migrate::MigratedPage;

@@ -552,7 +552,7 @@ impl<'a> Ptl<'a> {
         if let PteKind::Present { pfn } = pte.kind {
             self.mm.subs.change_pte(
                 addr,
-                mmu_notifier::Pte {
+                mmu_notifier::PteValue {
                     pfn,
                     writable: pte.write,
                 },

@@ -14,7 +14,7 @@
 
 use mmu_notifier::sync;
 
-use crate::hmm::Pin;
+use crate::hmm::PinnedPages;
 use crate::mm::MmGrab;
 use crate::pfn::FrameRef;
 use crate::pte::Pte;
@@ -88,7 +88,12 @@ impl Oracle {
     ///
     /// # Errors
     /// The [`Violation`].
-    pub fn check_pinned(&self, pin: &Pin, vaddr: u64, write: bool) -> Result<(), Box<Violation>> {
+    pub fn check_pinned(
+        &self,
+        pin: &PinnedPages,
+        vaddr: u64,
+        write: bool,
+    ) -> Result<(), Box<Violation>> {
         self.count_check();
         let phys = &pin.mm.inner.phys;
         let frame = pin.frame_at(vaddr);

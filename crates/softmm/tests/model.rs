@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use common::P;
 use mmu_notifier::Owner;
 use proptest::prelude::*;
-use softmm::{Error, MapKind, Mm, PhysMem, Pin, Prot};
+use softmm::{Error, MapKind, Mm, PhysMem, PinnedPages, Prot};
 
 #[derive(Clone, Debug)]
 enum Action {
@@ -120,7 +120,7 @@ fn run(actions: Vec<Action>) {
     let parent = Mm::new(&phys);
     let mut models = vec![Model::default()];
     let mut child: Option<Mm> = None;
-    let mut pins: Vec<Pin> = Vec::new();
+    let mut pins: Vec<PinnedPages> = Vec::new();
     for act in actions {
         let on_child =
             matches!(act, Action::Write(true, ..) | Action::Read(true, _)) && child.is_some();

@@ -23,7 +23,7 @@
 //! before each read and, after it, adds the events to `read_seq` before it
 //! lowers `reading`; the handler adds each event to `handled_seq` once its
 //! invalidation ended. An event dequeued by the kernel is therefore always
-//! covered: by `reading`, or by `read_seq`. [`Shared::flush`] (three loads
+//! covered: by `reading`, or by `read_seq`. [`MonitorShared::flush`] (three loads
 //! on the fast path) waits, when `reading` is up or `handled_seq` is behind,
 //! until `reading` is down and then until `handled_seq` reaches the
 //! `read_seq` it saw. Both threads block in the kernel when idle, so the
@@ -108,7 +108,7 @@ pub enum FlushScope {
 }
 
 /// State shared by the handles, the watches and the monitor threads.
-pub(crate) struct Shared {
+pub(crate) struct MonitorShared {
     pub(crate) subs: Subscriptions,
     /// `None` once shut down: closing the descriptor unregisters every range
     /// and wakes any thread waiting on an event. A lock readers share, as
@@ -187,17 +187,17 @@ pub(crate) fn take_uffd(l: &RwLock<Option<Arc<Uffd>>>) -> Option<Arc<Uffd>> {
     l.write().unwrap_or_else(|e| e.into_inner()).take()
 }
 
-impl Shared {
+impl MonitorShared {
     pub(crate) fn new(
         uffd: Uffd,
         sentinel: ForkSentinel,
         vmas: VmaQuery,
         scope: FlushScope,
-    ) -> Result<Shared, UffdError> {
+    ) -> Result<MonitorShared, UffdError> {
         use rustix::event::{eventfd, EventfdFlags};
         let stop =
             eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(UffdError::Setup)?;
-        Ok(Shared {
+        Ok(MonitorShared {
             subs: Subscriptions::new(),
             uffd: RwLock::new(Some(Arc::new(uffd))),
             scope,

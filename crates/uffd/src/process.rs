@@ -9,7 +9,7 @@ use mmu_notifier::{
 };
 
 use crate::error::UffdError;
-use crate::monitor::{current_uffd, lock, take_uffd, FlushScope, MonitorStats, Shared};
+use crate::monitor::{current_uffd, lock, take_uffd, FlushScope, MonitorShared, MonitorStats};
 use crate::sys::{self, ForkSentinel, Uffd, VmaQuery};
 
 /// Highest user address on x86-64 and arm64 with 4-level page tables
@@ -68,7 +68,7 @@ pub struct ProcessMm {
 /// Owns the monitor threads (reader and handler); the last [`ProcessMm`]
 /// clone stops them.
 struct Handle {
-    shared: Arc<Shared>,
+    shared: Arc<MonitorShared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -112,7 +112,7 @@ impl ProcessMm {
         let uffd = Uffd::open()?;
         let sentinel = ForkSentinel::new().map_err(UffdError::Setup)?;
         let vmas = VmaQuery::new().map_err(UffdError::Setup)?;
-        let shared = Arc::new(Shared::new(uffd, sentinel, vmas, scope)?);
+        let shared = Arc::new(MonitorShared::new(uffd, sentinel, vmas, scope)?);
         let uffd = current_uffd(&shared.uffd).expect("just opened");
         let (r, h) = (shared.clone(), shared.clone());
         let handler = std::thread::Builder::new()
@@ -295,7 +295,7 @@ impl Drop for Handle {
 
 /// Keeps a range watched; see [`ProcessMm::watch`].
 pub struct Watch {
-    shared: Arc<Shared>,
+    shared: Arc<MonitorShared>,
     start: u64,
     end: u64,
 }

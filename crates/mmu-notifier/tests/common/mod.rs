@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use mmu_notifier::{Again, Callbacks, MmuNotifier, Pte, Range, Subscriptions};
+use mmu_notifier::{Again, Callbacks, MmuNotifier, PteValue, Range, Subscriptions};
 
 /// One recorded callback.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -15,7 +15,7 @@ pub enum Call {
     ClearFlushYoung(u64, u64),
     ClearYoung(u64, u64),
     TestYoung(u64),
-    ChangePte(u64, Pte),
+    ChangePte(u64, PteValue),
     SecondaryTlbs(u64, u64),
 }
 
@@ -92,7 +92,7 @@ impl MmuNotifier for Recorder {
         self.rec(Call::TestYoung(address));
         self.young.load(Ordering::SeqCst)
     }
-    fn change_pte(&self, _mm: &Subscriptions, address: u64, pte: Pte) {
+    fn change_pte(&self, _mm: &Subscriptions, address: u64, pte: PteValue) {
         self.rec(Call::ChangePte(address, pte));
     }
     fn invalidate_range_start(&self, range: &Range) -> Result<(), Again> {

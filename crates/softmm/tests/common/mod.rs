@@ -130,7 +130,7 @@ impl MmuNotifier for Rec {
         self.log.push(Call::TestYoung(a));
         self.young.load(Ordering::Relaxed)
     }
-    fn change_pte(&self, _mm: &Subscriptions, addr: u64, pte: mmu_notifier::Pte) {
+    fn change_pte(&self, _mm: &Subscriptions, addr: u64, pte: mmu_notifier::PteValue) {
         let primary = self.log.mm.get().and_then(|m| m.pte(addr));
         self.log.push(Call::ChangePte {
             addr,
