@@ -76,6 +76,7 @@ device_mutants=(
   "feed-overrun-ignored|feed|overrun|an_overrun_invalidates_everything_and_is_counted|a reader that fell a whole feed behind goes on without invalidating everything"
   "feed-no-begin-wait|feed|race|a_registration_racing_an_munmap_in_flight_is_never_committed_stale|a flush applies a START and returns without waiting for its END (no begin-wait)"
   "uring-madvise-unseen|feed|uring|an_io_uring_madvise_drops_the_registration_of_its_pages|io_uring's MADVISE is not fed (its programs are left unattached)"
+  "uring-end-at-start|feed|uring|a_registration_racing_an_io_uring_madvise_in_flight_is_never_committed_stale|an io_uring MADVISE's START is ended at once instead of at its completion (no begin-wait for io-wq work)"
   "pins-ignored|feed|pins|a_pinned_program_set_is_reused_before_loading_one|a process loads a program set of its own although one is pinned"
   "unpaired-trusted|feed|uring_unpaired|an_io_uring_madvise_that_posts_no_completion_makes_the_feed_untrusted|a MADVISE whose end cannot be seen is invalidated and the feed still trusted"
 )
