@@ -130,6 +130,8 @@ struct MirrorState {
     /// (`dmirror->mutex`).
     pt: DriverLock<BTreeMap<u64, (FrameRef, Tag)>>,
     sub: OnceLock<IntervalNotifier>,
+    /// This mirror's registration as a driver of its owner's memory.
+    pagemap: OnceLock<Arc<dyn DevicePagemap>>,
     counters: Counters,
 }
 
@@ -246,13 +248,21 @@ impl MirrorState {
             let installed = self.pt.commit(sub, seq, |pt| {
                 for (i, p) in range.pfns.iter().enumerate() {
                     if let (true, Some(f)) = (p.valid, p.frame) {
+                        if write && !p.write {
+                            // dmirror_do_fault: a write fault answered with a
+                            // read-only page (this device's own memory, which
+                            // range_fault reports without faulting it, as
+                            // hmm_range_fault does) is -EFAULT.
+                            return Err(DmirrorError::Fault);
+                        }
                         let tag = if p.write { Tag::Write } else { Tag::Read };
                         pt.insert(start + i as u64 * PAGE_SIZE, (f, tag));
                     }
                 }
+                Ok(())
             });
-            if installed.is_some() {
-                return Ok(());
+            if let Some(done) = installed {
+                return done;
             }
             self.counters.retries.fetch_add(1, Ordering::Relaxed);
         }
@@ -339,6 +349,7 @@ impl DeviceMirror {
             owner,
             pt: DriverLock::new(BTreeMap::new()),
             sub: OnceLock::new(),
+            pagemap: OnceLock::new(),
             counters: Counters::default(),
         });
         let sub = inner.mm.subscriptions().interval_insert(
@@ -347,10 +358,9 @@ impl DeviceMirror {
             Arc::new(MirrorNotifier(Arc::downgrade(&inner))),
         )?;
         let _ = inner.sub.set(sub);
-        inner
-            .mm
-            .phys()
-            .register_pagemap(owner, Arc::new(Pagemap(Arc::downgrade(&inner))));
+        let pagemap: Arc<dyn DevicePagemap> = Arc::new(Pagemap(Arc::downgrade(&inner)));
+        inner.mm.phys().register_pagemap(owner, pagemap.clone());
+        let _ = inner.pagemap.set(pagemap);
         Ok(DeviceMirror { inner })
     }
 
@@ -404,7 +414,11 @@ impl DeviceMirror {
     /// writable device entries, faulting for writing where missing.
     ///
     /// # Errors
-    /// `Inval`; `Perm` for a read-only VMA; `Fault`.
+    /// `Inval`; `Perm` for a read-only VMA; `Fault`, as dmirror, where the
+    /// write fault finds this device's own memory mapped read-only (a
+    /// forked child's inherited device pages: the fault reports them
+    /// without migrating them back, so they cannot become writable here;
+    /// migrate them to system memory first).
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<Cmd, DmirrorError> {
         let npages = data.len() as u64 / PAGE_SIZE;
         if data.len() as u64 % PAGE_SIZE != 0 {
@@ -413,7 +427,6 @@ impl DeviceMirror {
         let (start, end) = check_buf(addr, npages)?;
         let mut cmd = Cmd::default();
         let mut at = start;
-        let mut stuck = None;
         let mut rounds = 0;
         loop {
             {
@@ -436,15 +449,6 @@ impl DeviceMirror {
             if at >= end {
                 break;
             }
-            if stuck == Some(at) {
-                // No progress: possibly a read-only entry of this device's
-                // own memory, which range_fault reports without faulting (as
-                // Linux does), so a write fault alone never makes progress
-                // (dmirror would loop forever). Bring the page back to
-                // system memory first.
-                self.migrate_to_system(at, 1)?;
-            }
-            stuck = Some(at);
             rounds += 1;
             if rounds > MAX_ROUNDS {
                 return Err(DmirrorError::Busy);
@@ -524,18 +528,27 @@ impl DeviceMirror {
     }
 
     /// dmirror MIGRATE_TO_SYS: migrates this device's pages in the range
-    /// back to system memory; `cpages` counts the pages migrated.
+    /// back to system memory, per 64-page chunk clipped to its VMA;
+    /// `cpages` counts the pages migrated.
     ///
     /// # Errors
-    /// `Inval` for bad ranges.
+    /// `Inval` for bad ranges, and (as dmirror) where a chunk starts outside
+    /// any VMA or in one that is not readable (`PROT_NONE`).
     pub fn migrate_to_system(&self, addr: u64, npages: u64) -> Result<Cmd, DmirrorError> {
         let (start, end) = check(addr, npages)?;
         let mm = self.inner.mm.get().map_err(|_| DmirrorError::Inval)?;
-        let moved = mm.migrate_to_ram(start, end - start, self.inner.owner)?;
-        Ok(Cmd {
-            cpages: moved.len() as u64,
-            faults: 0,
-        })
+        let mut cpages = 0;
+        let mut a = start;
+        while a < end {
+            let vma = mm
+                .vma(a)
+                .filter(|v| v.prot.read)
+                .ok_or(DmirrorError::Inval)?;
+            let next = (a + CHUNK_PAGES * PAGE_SIZE).min(end).min(vma.end);
+            cpages += mm.migrate_to_ram(a, next - a, self.inner.owner)?.len() as u64;
+            a = next;
+        }
+        Ok(Cmd { cpages, faults: 0 })
     }
 
     /// dmirror SNAPSHOT: one byte per page describing what the primary maps
@@ -636,7 +649,8 @@ impl DeviceMirror {
     /// pages with the atomic tag, then reads the range back.
     ///
     /// # Errors
-    /// `Inval`; `Busy` if some page could not be made exclusive.
+    /// `Inval`; `Busy` if some page could not be made exclusive; `NoEnt`,
+    /// as dmirror, if an entry was invalidated before the read-back.
     pub fn exclusive(&self, addr: u64, npages: u64) -> Result<(Vec<u8>, Cmd), DmirrorError> {
         let (start, end) = check_buf(addr, npages)?;
         let mm = self.inner.mm.get().map_err(|_| DmirrorError::Inval)?;
@@ -661,10 +675,15 @@ impl DeviceMirror {
         }
         let mut out = vec![0u8; (end - start) as usize];
         let at = self.inner.copy_out(start, end, &mut out, start)?;
+        if at < end {
+            // An entry vanished before the read-back (an invalidation of
+            // the range meanwhile): dmirror_do_read's -ENOENT.
+            return Err(DmirrorError::NoEnt);
+        }
         Ok((
             out,
             Cmd {
-                cpages: (at - start) / PAGE_SIZE,
+                cpages: npages,
                 faults: 0,
             },
         ))
@@ -683,13 +702,27 @@ impl DeviceMirror {
         Ok(())
     }
 
-    /// dmirror RELEASE: evicts all of this device's memory back to system
-    /// memory.
+    /// dmirror RELEASE: evicts this device's memory mapped in this mirror's
+    /// address space back to system memory, over every VMA.
+    ///
+    /// Deliberate difference: dmirror's RELEASE evicts the device's memory
+    /// of every process (it walks the device's chunks and migrates what
+    /// they hold); softmm has no reverse map from a frame to the address
+    /// spaces mapping it, so this evicts only this address space's pages: a
+    /// forked child keeps the device pages it inherited until it migrates
+    /// or releases them itself.
     ///
     /// # Errors
     /// `NoMem`.
     pub fn release_device_memory(&self) -> Result<Cmd, DmirrorError> {
-        self.migrate_to_system(0, TASK_SIZE / PAGE_SIZE)
+        let mm = self.inner.mm.get().map_err(|_| DmirrorError::Inval)?;
+        let mut cpages = 0;
+        for v in mm.vmas() {
+            cpages += mm
+                .migrate_to_ram(v.start, v.end - v.start, self.inner.owner)?
+                .len() as u64;
+        }
+        Ok(Cmd { cpages, faults: 0 })
     }
 
     /// The device-side view of one page: the frame and tag, if mapped.
@@ -704,6 +737,11 @@ impl Drop for DeviceMirror {
         if let Some(sub) = self.inner.sub.get() {
             let _ = sub.remove();
         }
-        self.inner.mm.phys().unregister_pagemap(self.inner.owner);
+        if let Some(pagemap) = self.inner.pagemap.get() {
+            self.inner
+                .mm
+                .phys()
+                .unregister_pagemap(self.inner.owner, pagemap);
+        }
     }
 }

@@ -100,7 +100,10 @@ pub struct PhysMem {
     frees: AtomicU64,
     underflows: AtomicU64,
     swap: Mutex<SwapStore>,
-    pagemaps: Mutex<std::collections::HashMap<Owner, std::sync::Arc<dyn DevicePagemap>>>,
+    /// The drivers of each owner's device memory: one per open of the
+    /// device (dmirror's file descriptors share its pagemap), each told
+    /// of every page of that owner migrating back to RAM.
+    pagemaps: Mutex<std::collections::HashMap<Owner, Vec<std::sync::Arc<dyn DevicePagemap>>>>,
     pub(crate) oracle: Oracle,
 }
 
@@ -152,20 +155,35 @@ impl PhysMem {
         })
     }
 
-    /// Registers the driver of device memory with pgmap owner `owner`
-    /// (Linux `memremap_pages` with a `dev_pagemap_ops`); replaces an
-    /// earlier registration of the same owner.
+    /// Registers a driver of device memory with pgmap owner `owner` (Linux
+    /// `memremap_pages` with a `dev_pagemap_ops`). Several may be
+    /// registered for one owner (several opens of one device): each is told
+    /// of every page of the owner migrating back to RAM and keeps to its
+    /// own, and each stays registered until it is itself unregistered.
     pub fn register_pagemap(&self, owner: Owner, ops: std::sync::Arc<dyn DevicePagemap>) {
-        lock(&self.pagemaps).insert(owner, ops);
+        lock(&self.pagemaps).entry(owner).or_default().push(ops);
     }
 
-    /// Removes the driver of `owner`.
-    pub fn unregister_pagemap(&self, owner: Owner) {
-        lock(&self.pagemaps).remove(&owner);
+    /// Removes `ops` (one registration made with `owner`); the owner's
+    /// other registrations stay. Removing one not registered does nothing.
+    pub fn unregister_pagemap(&self, owner: Owner, ops: &std::sync::Arc<dyn DevicePagemap>) {
+        let mut maps = lock(&self.pagemaps);
+        if let Some(list) = maps.get_mut(&owner) {
+            if let Some(i) = list.iter().position(|o| std::sync::Arc::ptr_eq(o, ops)) {
+                list.remove(i);
+            }
+            if list.is_empty() {
+                maps.remove(&owner);
+            }
+        }
     }
 
-    pub(crate) fn pagemap(&self, owner: Owner) -> Option<std::sync::Arc<dyn DevicePagemap>> {
-        lock(&self.pagemaps).get(&owner).cloned()
+    /// Every driver registered for `owner`.
+    pub(crate) fn pagemaps(&self, owner: Owner) -> Vec<std::sync::Arc<dyn DevicePagemap>> {
+        lock(&self.pagemaps)
+            .get(&owner)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The coherence oracle of this machine.

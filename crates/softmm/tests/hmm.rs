@@ -159,3 +159,32 @@ fn pinned_frames_survive_munmap_and_cow() {
     pin.unpin().unwrap();
     assert!(pin.frames().iter().all(|f| !phys.is_current(*f)));
 }
+
+/// Several drivers of one owner (several opens of one device): each is told
+/// of the owner's pages going back to RAM, and unregistering one leaves the
+/// others registered.
+#[test]
+fn unregistering_one_of_an_owners_drivers_keeps_the_others() {
+    let (phys, mm) = machine(64);
+    let a = populated(&mm, 1, 71);
+    let owner = Owner(9);
+    let first = Arc::new(Driver(Mutex::new(Vec::new())));
+    let second = Arc::new(Driver(Mutex::new(Vec::new())));
+    let (first_dyn, second_dyn): (Arc<dyn DevicePagemap>, Arc<dyn DevicePagemap>) =
+        (first.clone(), second.clone());
+    phys.register_pagemap(owner, first_dyn.clone());
+    phys.register_pagemap(owner, second_dyn.clone());
+    mm.migrate_to_device(a, P, owner).unwrap();
+    phys.unregister_pagemap(owner, &second_dyn);
+    mm.migrate_to_ram(a, P, owner).unwrap();
+    assert_eq!(
+        first.0.lock().unwrap().len(),
+        1,
+        "the remaining driver was told"
+    );
+    assert!(
+        second.0.lock().unwrap().is_empty(),
+        "the removed one was not"
+    );
+    phys.unregister_pagemap(owner, &first_dyn);
+}

@@ -58,7 +58,7 @@ impl MmInner {
             }
         }
         inv.end();
-        if let Some(pm) = self.phys.pagemap(owner) {
+        for pm in self.phys.pagemaps(owner) {
             for &(addr, pfn, _) in &collected {
                 pm.migrating_to_ram(self.subs.id(), addr, self.phys.frame_ref(pfn));
             }
