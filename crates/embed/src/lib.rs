@@ -135,7 +135,7 @@ impl MmuNotifier for ShadowMmu {
         Ok(())
     }
 
-    fn release(&self, _mm: &Subscriptions) {
+    fn release(&self) {
         self.table.lock().clear();
         self.released.fetch_add(1, Ordering::Relaxed);
     }

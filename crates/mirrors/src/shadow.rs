@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use mmu_notifier::sync::{AtomicU64, CheckedMutex, MutexGuard, Ordering};
 
-use mmu_notifier::{Again, Callbacks, MmuNotifier, NotifierHandle, PteValue, Range, Subscriptions};
+use mmu_notifier::{Again, Callbacks, MmuNotifier, NotifierHandle, PteValue, Range};
 use softmm::{FrameRef, PAGE_SIZE};
 
 use crate::primary::{FramePrimary, MirrorError, Result};
@@ -252,7 +252,7 @@ impl<P: FramePrimary> MmuNotifier for ShadowShared<P> {
         debug_assert!(st.in_progress >= 0);
     }
 
-    fn change_pte(&self, _mm: &Subscriptions, addr: u64, pte: PteValue) {
+    fn change_pte(&self, addr: u64, pte: PteValue) {
         let mut st = self.lock();
         if st.in_progress == 0 {
             return;
@@ -278,11 +278,11 @@ impl<P: FramePrimary> MmuNotifier for ShadowShared<P> {
         self.stats.change_pte.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn clear_flush_young(&self, _mm: &Subscriptions, start: u64, end: u64) -> bool {
-        self.clear_young(_mm, start, end)
+    fn clear_flush_young(&self, start: u64, end: u64) -> bool {
+        self.clear_young(start, end)
     }
 
-    fn clear_young(&self, _mm: &Subscriptions, start: u64, end: u64) -> bool {
+    fn clear_young(&self, start: u64, end: u64) -> bool {
         let mut st = self.lock();
         let mut young = false;
         for (_, s) in st.sptes.range_mut(start..end) {
@@ -291,14 +291,14 @@ impl<P: FramePrimary> MmuNotifier for ShadowShared<P> {
         young
     }
 
-    fn test_young(&self, _mm: &Subscriptions, addr: u64) -> bool {
+    fn test_young(&self, addr: u64) -> bool {
         let st = self.lock();
         st.sptes
             .get(&(addr & !(PAGE_SIZE - 1)))
             .is_some_and(|s| s.young)
     }
 
-    fn release(&self, _mm: &Subscriptions) {
+    fn release(&self) {
         // kvm_flush_shadow_all
         let mut st = self.lock();
         let n = st.sptes.len();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use mmu_notifier::sync::{AtomicU64, CheckedMutex, MutexGuard, Ordering};
 
-use mmu_notifier::{Callbacks, MmuNotifier, NotifierHandle, Subscriptions};
+use mmu_notifier::{Callbacks, MmuNotifier, NotifierHandle};
 use softmm::{FrameRef, PAGE_SIZE};
 
 use crate::primary::{FramePrimary, MirrorError, Result};
@@ -161,7 +161,7 @@ impl<P: FramePrimary> MmuNotifier for TlbShared<P> {
         Callbacks::ARCH_INVALIDATE_SECONDARY_TLBS | Callbacks::RELEASE
     }
 
-    fn arch_invalidate_secondary_tlbs(&self, _mm: &Subscriptions, start: u64, end: u64) {
+    fn arch_invalidate_secondary_tlbs(&self, start: u64, end: u64) {
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         let mut tlb = self.lock();
         if start == 0 && end == u64::MAX {
@@ -174,7 +174,7 @@ impl<P: FramePrimary> MmuNotifier for TlbShared<P> {
         }
     }
 
-    fn release(&self, _mm: &Subscriptions) {
+    fn release(&self) {
         // Stop translation (quiet PASID entry), then flush everything.
         let mut tlb = self.lock();
         tlb.released = true;

@@ -52,7 +52,7 @@ impl MmuNotifier for ShadowMmu {
         s.seq += 1;
         s.in_progress -= 1;
     }
-    fn release(&self, _mm: &Subscriptions) {
+    fn release(&self) {
         self.state.lock().unwrap().spte.clear();
     }
 }

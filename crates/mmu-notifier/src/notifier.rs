@@ -93,6 +93,13 @@ impl BitOr for Callbacks {
 /// [`crate::Error::WouldDeadlock`] there); `release` may call
 /// [`Subscriptions::put`].
 ///
+/// Every callback has one shape: `&self` and what it acts on (a [`Range`]
+/// for the invalidations, `start`/`end` or an address for the aging and
+/// TLB calls, an address and the new PTE for `change_pte`). None receives
+/// the [`Subscriptions`] (Linux passes the `mm` to some and not others): a
+/// notifier that needs its address space keeps a handle of it, as
+/// [`NotifierAlloc::alloc_notifier`] is given one to keep.
+///
 /// ```
 /// use std::sync::atomic::{AtomicUsize, Ordering};
 /// use mmu_notifier::{Again, Callbacks, MmuNotifier, Range};
@@ -121,29 +128,29 @@ pub trait MmuNotifier: Send + Sync + 'static {
     /// ones. Runs before any page of the address space is freed. Unlike Linux,
     /// this crate calls it **exactly once** per notifier, even when unregister
     /// races with exit.
-    fn release(&self, _mm: &Subscriptions) {}
+    fn release(&self) {}
 
     /// Test and clear the accessed bit of `[start, end)` and flush the
     /// secondary TLB. Results are ORed over all notifiers; every one is called.
     /// Must not sleep (runs under the primary's page-table lock).
-    fn clear_flush_young(&self, _mm: &Subscriptions, _start: u64, _end: u64) -> bool {
+    fn clear_flush_young(&self, _start: u64, _end: u64) -> bool {
         false
     }
 
     /// Like `clear_flush_young` without the flush (page_idle, DAMON).
-    fn clear_young(&self, _mm: &Subscriptions, _start: u64, _end: u64) -> bool {
+    fn clear_young(&self, _start: u64, _end: u64) -> bool {
         false
     }
 
     /// Test the accessed bit of `address` without clearing it. The first
     /// notifier (newest first) returning true wins; the rest are not called.
-    fn test_young(&self, _mm: &Subscriptions, _address: u64) -> bool {
+    fn test_young(&self, _address: u64) -> bool {
         false
     }
 
     /// The PTE for `address` is about to be set to `pte` (COW, KSM); always
     /// inside an invalidate_range_start/end pair. Must not sleep.
-    fn change_pte(&self, _mm: &Subscriptions, _address: u64, _pte: PteValue) {}
+    fn change_pte(&self, _address: u64, _pte: PteValue) {}
 
     /// PTEs in `range` are about to change: stop creating secondary mappings
     /// there and drop the existing ones **before returning**. Dropping them
@@ -169,7 +176,7 @@ pub trait MmuNotifier: Send + Sync + 'static {
     /// For TLBs that share the CPU page tables (IOMMU SVA, ATS): invalidate
     /// `[start, end)` (`end` may be `u64::MAX`: everything) whenever the CPU
     /// TLB is. Must not sleep. Exclusive with start/end (Linux 1af5a810).
-    fn arch_invalidate_secondary_tlbs(&self, _mm: &Subscriptions, _start: u64, _end: u64) {}
+    fn arch_invalidate_secondary_tlbs(&self, _start: u64, _end: u64) {}
 }
 
 /// Allocation side of the get/put lifetime (Linux `alloc_notifier` /

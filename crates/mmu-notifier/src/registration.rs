@@ -193,7 +193,7 @@ impl Subscriptions {
             #[cfg(all(feature = "std", panic = "unwind"))]
             {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    entry.ops.release(self);
+                    entry.ops.release();
                 }));
                 if r.is_err() {
                     self.inner
@@ -202,7 +202,7 @@ impl Subscriptions {
                 }
             }
             #[cfg(not(all(feature = "std", panic = "unwind")))]
-            entry.ops.release(self);
+            entry.ops.release();
         }
     }
 

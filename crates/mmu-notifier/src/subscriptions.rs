@@ -619,7 +619,7 @@ impl Subscriptions {
         if self.has_notifiers() {
             self.walk_atomic("clear_flush_young", |e| {
                 if e.callbacks.contains(Callbacks::CLEAR_FLUSH_YOUNG) {
-                    young |= e.ops.clear_flush_young(self, start, end);
+                    young |= e.ops.clear_flush_young(start, end);
                 }
                 true
             });
@@ -633,7 +633,7 @@ impl Subscriptions {
         if self.has_notifiers() {
             self.walk_atomic("clear_young", |e| {
                 if e.callbacks.contains(Callbacks::CLEAR_YOUNG) {
-                    young |= e.ops.clear_young(self, start, end);
+                    young |= e.ops.clear_young(start, end);
                 }
                 true
             });
@@ -648,7 +648,7 @@ impl Subscriptions {
         if self.has_notifiers() {
             self.walk_atomic("test_young", |e| {
                 if e.callbacks.contains(Callbacks::TEST_YOUNG) {
-                    young = e.ops.test_young(self, address);
+                    young = e.ops.test_young(address);
                 }
                 !young
             });
@@ -663,7 +663,7 @@ impl Subscriptions {
         if self.has_notifiers() {
             self.walk_atomic("change_pte", |e| {
                 if e.callbacks.contains(Callbacks::CHANGE_PTE) {
-                    e.ops.change_pte(self, address, pte);
+                    e.ops.change_pte(address, pte);
                 }
                 true
             });
@@ -679,7 +679,7 @@ impl Subscriptions {
                 if e.callbacks
                     .contains(Callbacks::ARCH_INVALIDATE_SECONDARY_TLBS)
                 {
-                    e.ops.arch_invalidate_secondary_tlbs(self, start, end);
+                    e.ops.arch_invalidate_secondary_tlbs(start, end);
                 }
                 true
             });

@@ -165,7 +165,7 @@ fn panicking_callback_is_reported_and_contained() {
         fn invalidate_range_end(&self, _r: &Range) {
             panic!("driver bug in end");
         }
-        fn release(&self, _mm: &Subscriptions) {
+        fn release(&self) {
             panic!("driver bug in release");
         }
     }

@@ -176,14 +176,15 @@ fn exit_releases_all_then_nothing() {
 #[test]
 fn put_from_release_is_deferred_and_runs() {
     struct PutsItself {
+        mm: Subscriptions,
         handle: std::sync::OnceLock<mmu_notifier::NotifierHandle>,
     }
     impl MmuNotifier for PutsItself {
         fn callbacks(&self) -> Callbacks {
             Callbacks::RELEASE
         }
-        fn release(&self, mm: &Subscriptions) {
-            mm.put(self.handle.get().unwrap()).unwrap();
+        fn release(&self) {
+            self.mm.put(self.handle.get().unwrap()).unwrap();
         }
     }
     struct Ops {
@@ -193,9 +194,10 @@ fn put_from_release_is_deferred_and_runs() {
     impl NotifierAlloc for Ops {
         fn alloc_notifier(
             &self,
-            _mm: &Subscriptions,
+            mm: &Subscriptions,
         ) -> Result<Arc<dyn MmuNotifier>, Box<dyn std::error::Error + Send + Sync>> {
             let n = Arc::new(PutsItself {
+                mm: mm.clone(),
                 handle: Default::default(),
             });
             *self.made.lock().unwrap() = Some(n.clone());

@@ -48,7 +48,7 @@ impl MmuNotifier for Counting {
     fn callbacks(&self) -> Callbacks {
         self.callbacks
     }
-    fn release(&self, _mm: &Subscriptions) {
+    fn release(&self) {
         self.check();
         self.releases.fetch_add(1, Relaxed);
     }

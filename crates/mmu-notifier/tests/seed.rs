@@ -88,20 +88,22 @@ fn seed_8ee53820_test_young_stops_at_first_young() {
 #[test]
 fn seed_3ad3d901_release_runs_before_removal_from_list() {
     struct SeesItself {
+        mm: Subscriptions,
         on_list_during_release: AtomicBool,
     }
     impl MmuNotifier for SeesItself {
         fn callbacks(&self) -> Callbacks {
             Callbacks::RELEASE
         }
-        fn release(&self, mm: &Subscriptions) {
+        fn release(&self) {
             self.on_list_during_release
-                .store(mm.notifier_count() == 1, Ordering::SeqCst);
+                .store(self.mm.notifier_count() == 1, Ordering::SeqCst);
         }
     }
     for via_exit in [true, false] {
         let mm = Subscriptions::new();
         let n = Arc::new(SeesItself {
+            mm: mm.clone(),
             on_list_during_release: AtomicBool::new(false),
         });
         let h = mm.register(n.clone()).unwrap();
@@ -131,7 +133,7 @@ fn seed_751efd86_unregister_racing_exit_releases_once() {
         fn callbacks(&self) -> Callbacks {
             Callbacks::RELEASE
         }
-        fn release(&self, _mm: &Subscriptions) {
+        fn release(&self) {
             self.releases.fetch_add(1, Ordering::SeqCst);
             thread::sleep(Duration::from_micros(200));
             self.finished.store(true, Ordering::SeqCst);

@@ -13,9 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use mmu_notifier::{
-    Again, Callbacks, IntervalNotifier, IntervalOps, MmuNotifier, Range, Subscriptions,
-};
+use mmu_notifier::{Again, Callbacks, IntervalNotifier, IntervalOps, MmuNotifier, Range};
 use softmm::{MapKind, Mm, PhysMem, Prot, PAGE_SIZE, TASK_SIZE};
 
 const PAGES: u64 = 16;
@@ -40,7 +38,7 @@ impl MmuNotifier for Tlb {
     fn callbacks(&self) -> Callbacks {
         Callbacks::ARCH_INVALIDATE_SECONDARY_TLBS
     }
-    fn arch_invalidate_secondary_tlbs(&self, _mm: &Subscriptions, _s: u64, _e: u64) {
+    fn arch_invalidate_secondary_tlbs(&self, _s: u64, _e: u64) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
 }

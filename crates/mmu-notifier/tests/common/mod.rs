@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use mmu_notifier::{Again, Callbacks, MmuNotifier, PteValue, Range, Subscriptions};
+use mmu_notifier::{Again, Callbacks, MmuNotifier, PteValue, Range};
 
 /// One recorded callback.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,23 +76,23 @@ impl MmuNotifier for Recorder {
     fn callbacks(&self) -> Callbacks {
         self.callbacks
     }
-    fn release(&self, _mm: &Subscriptions) {
+    fn release(&self) {
         self.releases.fetch_add(1, Ordering::SeqCst);
         self.rec(Call::Release);
     }
-    fn clear_flush_young(&self, _mm: &Subscriptions, start: u64, end: u64) -> bool {
+    fn clear_flush_young(&self, start: u64, end: u64) -> bool {
         self.rec(Call::ClearFlushYoung(start, end));
         self.young.load(Ordering::SeqCst)
     }
-    fn clear_young(&self, _mm: &Subscriptions, start: u64, end: u64) -> bool {
+    fn clear_young(&self, start: u64, end: u64) -> bool {
         self.rec(Call::ClearYoung(start, end));
         self.young.load(Ordering::SeqCst)
     }
-    fn test_young(&self, _mm: &Subscriptions, address: u64) -> bool {
+    fn test_young(&self, address: u64) -> bool {
         self.rec(Call::TestYoung(address));
         self.young.load(Ordering::SeqCst)
     }
-    fn change_pte(&self, _mm: &Subscriptions, address: u64, pte: PteValue) {
+    fn change_pte(&self, address: u64, pte: PteValue) {
         self.rec(Call::ChangePte(address, pte));
     }
     fn invalidate_range_start(&self, range: &Range) -> Result<(), Again> {
@@ -106,7 +106,7 @@ impl MmuNotifier for Recorder {
     fn invalidate_range_end(&self, range: &Range) {
         self.rec(Call::End(*range));
     }
-    fn arch_invalidate_secondary_tlbs(&self, _mm: &Subscriptions, start: u64, end: u64) {
+    fn arch_invalidate_secondary_tlbs(&self, start: u64, end: u64) {
         self.rec(Call::SecondaryTlbs(start, end));
     }
 }

@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use mmu_notifier::{
     Again, Callbacks, Event, IntervalNotifier, IntervalOps, MmuNotifier, Owner, Range,
-    Subscriptions,
 };
 use softmm::{FrameRef, MapKind, Mm, MmGrab, PhysMem, Prot, Pte, PAGE_SIZE};
 
@@ -115,22 +114,22 @@ impl MmuNotifier for Rec {
             base | Callbacks::INVALIDATE_RANGE_END
         }
     }
-    fn release(&self, _mm: &Subscriptions) {
+    fn release(&self) {
         self.log.push(Call::Release);
     }
-    fn clear_flush_young(&self, _mm: &Subscriptions, s: u64, e: u64) -> bool {
+    fn clear_flush_young(&self, s: u64, e: u64) -> bool {
         self.log.push(Call::ClearFlushYoung(s, e));
         self.young.load(Ordering::Relaxed)
     }
-    fn clear_young(&self, _mm: &Subscriptions, s: u64, e: u64) -> bool {
+    fn clear_young(&self, s: u64, e: u64) -> bool {
         self.log.push(Call::ClearYoung(s, e));
         self.young.load(Ordering::Relaxed)
     }
-    fn test_young(&self, _mm: &Subscriptions, a: u64) -> bool {
+    fn test_young(&self, a: u64) -> bool {
         self.log.push(Call::TestYoung(a));
         self.young.load(Ordering::Relaxed)
     }
-    fn change_pte(&self, _mm: &Subscriptions, addr: u64, pte: mmu_notifier::PteValue) {
+    fn change_pte(&self, addr: u64, pte: mmu_notifier::PteValue) {
         let primary = self.log.mm.get().and_then(|m| m.pte(addr));
         self.log.push(Call::ChangePte {
             addr,
@@ -169,7 +168,7 @@ impl MmuNotifier for TlbRec {
     fn callbacks(&self) -> Callbacks {
         Callbacks::ARCH_INVALIDATE_SECONDARY_TLBS
     }
-    fn arch_invalidate_secondary_tlbs(&self, _mm: &Subscriptions, s: u64, e: u64) {
+    fn arch_invalidate_secondary_tlbs(&self, s: u64, e: u64) {
         // Record whether the watched frames are still allocated at flush time.
         self.log.note_alive();
         self.log.push(Call::Tlb(s, e));
