@@ -42,11 +42,11 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::debug::Warning;
+use crate::debug::{DiagHandle, Warning};
 use crate::itree::{ITree, NodeId};
 use crate::range::Range;
+use crate::rcu::Anchored;
 use crate::srcu::Domain;
-use crate::subscriptions::{MmapWriteGuard, Mode, Subscriptions, SubscriptionsState};
 use crate::sync::{self, AtomicBool, AtomicU64, Mutex, Ordering, RwLock};
 use crate::Error;
 
@@ -91,15 +91,16 @@ struct IntervalNotifierState {
     ops: Arc<dyn IntervalOps>,
     /// The notifier's sequence: odd while inserted.
     seq: AtomicU64,
-    /// The address space; held until remove (Linux `mmgrab`).
-    mm: Arc<SubscriptionsState>,
+    /// The interval part of the address space, with the address space held
+    /// until remove (Linux `mmgrab`).
+    mm: Anchored<dyn Send + Sync, IntervalState>,
     /// Changed only under the address space's `state` lock.
     place: Mutex<Place>,
     removed: AtomicBool,
 }
 
 /// An interval notifier (Linux `struct mmu_interval_notifier`, the
-/// "interval_sub"): created by [`Subscriptions::interval_insert`], ended by
+/// "interval_sub"): created by [`Subscriptions::interval_insert`](crate::Subscriptions::interval_insert), ended by
 /// [`remove`](Self::remove). A cheap handle; clones refer to the same
 /// notifier, and [`IntervalOps::invalidate`] receives one.
 ///
@@ -199,10 +200,14 @@ pub(crate) struct IntervalState {
     /// restored around each walk, so nested walks of other address spaces
     /// work), and its backend says how to wait.
     domain: &'static Domain,
+    /// The address space's identity ([`Subscriptions::id`](crate::Subscriptions::id)).
+    key: u64,
+    /// Where the address space's warnings go.
+    diag: DiagHandle,
 }
 
 impl IntervalState {
-    pub(crate) fn new(domain: &'static Domain) -> IntervalState {
+    pub(crate) fn new(domain: &'static Domain, key: u64, diag: DiagHandle) -> IntervalState {
         IntervalState {
             seq: CachePadded(AtomicU64::new(2)),
             state: Mutex::new(Locked {
@@ -214,6 +219,8 @@ impl IntervalState {
             wq: sync::Condvar::new(),
             tree: RwLock::new(ITree::new()),
             domain,
+            key,
+            diag,
         }
     }
 
@@ -230,7 +237,7 @@ impl IntervalState {
     /// Begins one range (Linux `mn_itree_invalidate`): counts it in, and invalidates
     /// every overlapping notifier. On `Err` the range has already been
     /// ended again (the caller must not call [`end`](Self::end)).
-    pub(crate) fn start(&self, mm: &Subscriptions, range: &Range) -> Result<(), ()> {
+    pub(crate) fn start(&self, range: &Range) -> Result<(), ()> {
         let mut st = sync::lock(&self.state);
         st.active += 1;
         let tree = sync::read(&self.tree);
@@ -244,19 +251,19 @@ impl IntervalState {
         // so keeping the shared guard taken for the overlap check blocks no
         // writer (they only write while the seq is even).
         let blockable = range.blockable();
-        let key = mm.inner.key;
+        let key = self.key;
         let failed = {
             let outer = self.domain.set_walking(key);
             let mut failed = false;
             tree.for_each_overlap(range.start(), range.last(), |sub| {
                 let ok = contain(|| {
-                    let _nb = crate::debug::NonBlockSection::enter(&mm.inner.diag, !blockable);
+                    let _nb = crate::debug::NonBlockSection::enter(&self.diag, !blockable);
                     sub.inner.ops.invalidate(sub, range, cur_seq)
                 });
                 match ok {
                     Ok(true) => true,
                     Ok(false) if blockable => {
-                        mm.inner.diag.report(
+                        self.diag.report(
                             Warning::BlockableStartFailed,
                             "interval invalidate returned false in a blockable range",
                         );
@@ -267,7 +274,7 @@ impl IntervalState {
                         false
                     }
                     Err(_) => {
-                        mm.inner.diag.report(
+                        self.diag.report(
                             Warning::CallbackPanicked,
                             "interval invalidate callback panicked",
                         );
@@ -349,22 +356,6 @@ impl IntervalState {
     }
 }
 
-impl MmapWriteGuard<'_> {
-    /// [`Subscriptions::interval_insert`] with the mmap write lock held
-    /// (Linux `mmu_interval_notifier_insert_locked`).
-    ///
-    /// # Errors
-    /// As [`Subscriptions::interval_insert`].
-    pub fn interval_insert(
-        &self,
-        start: u64,
-        length: u64,
-        ops: Arc<dyn IntervalOps>,
-    ) -> Result<IntervalNotifier, Error> {
-        self.mm.interval_insert_under(self, start, length, ops)
-    }
-}
-
 /// Runs an interval callback; where panics unwind, a panic is caught
 /// (`Err`) so one broken notifier cannot stop the walk.
 #[inline]
@@ -375,79 +366,34 @@ fn contain<R>(f: impl FnOnce() -> R) -> Result<R, ()> {
     return Ok(f());
 }
 
-impl Subscriptions {
-    /// Inserts an interval notifier for `[start, start + length)` (Linux
-    /// `mmu_interval_notifier_insert`). Takes the mmap write lock the first
-    /// time interval mode is enabled on this address space.
-    ///
-    /// On return the notifier may not be in the tree yet (it was inserted
-    /// while an invalidation was running): populate secondary mappings only
-    /// through [`IntervalNotifier::read_begin`] /
-    /// [`read_retry`](IntervalNotifier::read_retry), which cope with that.
-    ///
-    /// # Errors
-    /// [`Error::InvalidInterval`] if `length` is 0 or the end overflows,
-    /// [`Error::AddressSpaceExited`] once exit started (seed c9682d10: the
-    /// check is on liveness, not on the object still existing), and
-    /// [`Error::WouldDeadlock`] from a notifier callback.
-    pub fn interval_insert(
-        &self,
+impl IntervalState {
+    /// Inserts an interval notifier for `[start, last]` (Linux
+    /// `mmu_interval_notifier_insert`'s body, under `state`); `mm` is this
+    /// state, held by the notifier with its address space. `live` says
+    /// whether the address space still takes registrations (read under
+    /// `state`, c9682d10).
+    pub(crate) fn insert(
+        mm: Anchored<dyn Send + Sync, IntervalState>,
         start: u64,
-        length: u64,
+        last: u64,
         ops: Arc<dyn IntervalOps>,
+        live: impl FnOnce() -> bool,
     ) -> Result<IntervalNotifier, Error> {
-        if !self.interval_enabled() {
-            // Enabling interval mode takes the mmap write lock.
-            self.refuse_in_callback("interval_insert")?;
-            return self.mmap_write().interval_insert(start, length, ops);
-        }
-        self.interval_insert_common(start, length, ops)
-    }
-
-    /// The body of [`MmapWriteGuard::interval_insert`], under the guard.
-    fn interval_insert_under(
-        &self,
-        _held: &MmapWriteGuard<'_>,
-        start: u64,
-        length: u64,
-        ops: Arc<dyn IntervalOps>,
-    ) -> Result<IntervalNotifier, Error> {
-        if self.is_live() {
-            // Linux `__mmu_notifier_register(NULL, mm)`.
-            self.inner
-                .mode
-                .fetch_or(Mode::HAS_NOTIFIERS | Mode::HAS_ITREE, Ordering::Release);
-        }
-        self.interval_insert_common(start, length, ops)
-    }
-
-    fn interval_insert_common(
-        &self,
-        start: u64,
-        length: u64,
-        ops: Arc<dyn IntervalOps>,
-    ) -> Result<IntervalNotifier, Error> {
-        if length == 0 {
-            return Err(Error::InvalidInterval { start, length });
-        }
-        let last = start
-            .checked_add(length - 1)
-            .ok_or(Error::InvalidInterval { start, length })?;
-        let iv = &self.inner.interval;
         let sub = IntervalNotifier {
             inner: Arc::new(IntervalNotifierState {
                 start,
                 last,
                 ops,
                 seq: AtomicU64::new(0),
-                mm: self.inner.clone(),
+                mm,
                 place: Mutex::new(Place::Gone),
                 removed: AtomicBool::new(false),
             }),
         };
+        let iv = &*sub.inner.mm;
         let mut st = sync::lock(&iv.state);
         // c9682d10: refuse once the address space is no longer live.
-        if !self.is_live() {
+        if !live() {
             tracing::warn!("mmu_notifier: interval_insert on an address space that has exited");
             return Err(Error::AddressSpaceExited);
         }
@@ -476,27 +422,14 @@ impl Subscriptions {
         Ok(sub)
     }
 
-    /// The address space's interval sequence (`invalidate_seq`): even when no
-    /// invalidation touches an interval notifier. For tests and diagnostics.
-    pub fn interval_seq(&self) -> u64 {
-        self.inner.interval.seq()
-    }
-
-    /// Interval notifiers linked in the tree now (deferred inserts not
-    /// counted yet, deferred removes still counted).
-    pub fn interval_count(&self) -> usize {
-        sync::read(&self.inner.interval.tree).len()
-    }
-
-    /// Invalidations in flight as counted by the interval part (Linux
-    /// `active_invalidate_ranges`). For tests and diagnostics.
-    pub fn interval_active_ranges(&self) -> u64 {
-        self.inner.interval.active()
+    /// Interval notifiers linked in the tree now.
+    pub(crate) fn count(&self) -> usize {
+        sync::read(&self.tree).len()
     }
 }
 
 impl IntervalNotifier {
-    /// The [`id`](Subscriptions::id) of the address space it was inserted
+    /// The [`id`](crate::Subscriptions::id) of the address space it was inserted
     /// in.
     pub fn mm_id(&self) -> u64 {
         self.inner.mm.key
@@ -530,7 +463,7 @@ impl IntervalNotifier {
     /// invalidation covering this notifier (or in flight when it was
     /// inserted) has not ended yet.
     pub fn is_invalidating(&self) -> bool {
-        self.inner.seq.load(Ordering::Acquire) == self.inner.mm.interval.seq.load(Ordering::Acquire)
+        self.inner.seq.load(Ordering::Acquire) == self.inner.mm.seq.load(Ordering::Acquire)
     }
 
     /// Begins a read section (Linux `mmu_interval_read_begin`): returns the
@@ -551,7 +484,7 @@ impl IntervalNotifier {
         // see a notifier seq written after the mm seq was made odd, we see
         // that odd mm seq (or a later one) too.
         let seq = self.inner.seq.load(Ordering::Acquire);
-        if seq != self.inner.mm.interval.seq.load(Ordering::Acquire) {
+        if seq != self.inner.mm.seq.load(Ordering::Acquire) {
             if self.is_removed() {
                 return Err(Error::NotRegistered);
             }
@@ -565,14 +498,14 @@ impl IntervalNotifier {
         if self.is_removed() {
             return Err(Error::NotRegistered);
         }
-        if self.inner.mm.interval.domain.walking() == self.inner.mm.key {
+        if self.inner.mm.domain.walking() == self.inner.mm.key {
             tracing::warn!(
                 "mmu_notifier: read_begin from an invalidate callback of the same address space"
             );
             return Err(Error::WouldDeadlock("read_begin"));
         }
         crate::debug::might_sleep();
-        self.inner.mm.interval.wait_seq_change(seq);
+        self.inner.mm.wait_seq_change(seq);
         Ok(seq)
     }
 
@@ -612,7 +545,7 @@ impl IntervalNotifier {
     /// from an invalidation callback of the same address space while it
     /// would have to wait (nothing is changed then).
     pub fn remove(&self) -> Result<(), Error> {
-        let iv = &self.inner.mm.interval;
+        let iv = &*self.inner.mm;
         let wait_seq = {
             let mut st = sync::lock(&iv.state);
             if self.inner.removed.load(Ordering::Relaxed) {

@@ -521,7 +521,7 @@ impl<T: Send + Sync + 'static> Drop for RcuSlots<T> {
 /// walk reaches a notifier with one load of this pointer, where an
 /// `Arc<dyn MmuNotifier>` first loads the alignment from the vtable to find
 /// its value (and the hooks' walks make one call per notifier).
-pub(crate) struct Anchored<O, T: ?Sized> {
+pub(crate) struct Anchored<O: ?Sized, T: ?Sized> {
     /// Points into `*owner` (or at a `'static`), see [`Anchored::new`].
     ptr: NonNull<T>,
     /// Never handed out, so no `&mut O` (`Arc::get_mut`) can exist while
@@ -532,9 +532,9 @@ pub(crate) struct Anchored<O, T: ?Sized> {
 // SAFETY: an `Anchored` is an `Arc<O>` plus a shared reference derived from
 // it; it is `Send`/`Sync` exactly when both parts would be: `Arc<O>` needs
 // `O: Send + Sync`, `&T` needs `T: Sync` to be shared or sent.
-unsafe impl<O: Send + Sync, T: ?Sized + Sync> Send for Anchored<O, T> {}
+unsafe impl<O: ?Sized + Send + Sync, T: ?Sized + Sync> Send for Anchored<O, T> {}
 // SAFETY: as for `Send`.
-unsafe impl<O: Send + Sync, T: ?Sized + Sync> Sync for Anchored<O, T> {}
+unsafe impl<O: ?Sized + Send + Sync, T: ?Sized + Sync> Sync for Anchored<O, T> {}
 
 impl<O, T: ?Sized> Anchored<O, T> {
     /// The reference `project` returns for the owner, kept with the owner.
@@ -550,9 +550,24 @@ impl<O, T: ?Sized> Anchored<O, T> {
     pub(crate) fn owner(&self) -> &alloc::sync::Arc<O> {
         &self.owner
     }
+
+    /// The same reference, with the owner's type forgotten (it is only kept
+    /// alive): what lets a module hold a part of a value without naming the
+    /// whole.
+    pub(crate) fn erase_owner(self) -> Anchored<dyn Send + Sync, T>
+    where
+        O: Send + Sync + 'static,
+    {
+        // The pointer still points into the same `*owner`, which the
+        // unsized `Arc` keeps alive exactly as the sized one did.
+        Anchored {
+            ptr: self.ptr,
+            owner: self.owner,
+        }
+    }
 }
 
-impl<O, T: ?Sized> core::ops::Deref for Anchored<O, T> {
+impl<O: ?Sized, T: ?Sized> core::ops::Deref for Anchored<O, T> {
     type Target = T;
     #[inline(always)]
     fn deref(&self) -> &T {

@@ -380,7 +380,7 @@ impl Subscriptions {
             // whole address space. Notifiers stay in the tree; their owners
             // still call `remove`.
             let range = Range::everything(Event::Release);
-            if self.inner.interval.start(self, &range).is_ok() {
+            if self.inner.interval.start(&range).is_ok() {
                 self.inner.interval.end();
             }
         }

@@ -23,11 +23,12 @@ use core::borrow::Borrow;
 use core::sync::atomic::AtomicU64 as PlainU64;
 
 use crate::debug::{DiagHandle, Diagnostics, InvalidateSection, NonBlockSection, Warning};
-use crate::interval::IntervalState;
+use crate::error::Error;
+use crate::interval::{IntervalNotifier, IntervalOps, IntervalState};
 use crate::list::{Linked, NotifierList, Snapshot};
 use crate::notifier::{Again, Callbacks, PteValue};
 use crate::range::Range;
-use crate::rcu::RcuRef;
+use crate::rcu::{Anchored, RcuRef};
 use crate::srcu::Domain;
 use crate::sync::{
     self, AtomicBool, AtomicU32, Ordering, RwLock, RwLockReadGuard, RwLockWriteGuard,
@@ -243,6 +244,7 @@ impl Subscriptions {
     /// [`Domain::with_backend`]).
     pub fn with_domain(domain: &'static Domain) -> Subscriptions {
         let key = NEXT_KEY.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        let diag: DiagHandle = Arc::new(Diagnostics::default());
         Subscriptions {
             inner: Arc::new(SubscriptionsState {
                 key,
@@ -251,8 +253,8 @@ impl Subscriptions {
                 live: AtomicBool::new(true),
                 mmap: RwLock::new(()),
                 list: NotifierList::new(domain),
-                interval: IntervalState::new(domain),
-                diag: Arc::new(Diagnostics::default()),
+                interval: IntervalState::new(domain, key, diag.clone()),
+                diag,
             }),
         }
     }
@@ -386,7 +388,7 @@ impl Subscriptions {
         let interval = mode & Mode::HAS_ITREE != 0;
         if interval {
             // A blockable interval phase cannot fail.
-            let _ = self.inner.interval.start(self, range.borrow());
+            let _ = self.inner.interval.start(range.borrow());
         }
         // The section is opened inline, so its thread-local counter is
         // reached the way the calling crate reaches thread-locals (one
@@ -429,7 +431,7 @@ impl Subscriptions {
         }
         let interval = mode & Mode::HAS_ITREE != 0;
         // A failed interval phase has ended itself.
-        if interval && self.inner.interval.start(self, &range).is_err() {
+        if interval && self.inner.interval.start(&range).is_err() {
             return Err(Again);
         }
         let list = self.inner.list.enter();
@@ -684,5 +686,105 @@ impl Subscriptions {
                 true
             });
         }
+    }
+}
+
+// The interval-notifier API of an address space (the tree itself, its
+// sequence and its walks live in `interval.rs`).
+
+impl MmapWriteGuard<'_> {
+    /// [`Subscriptions::interval_insert`] with the mmap write lock held
+    /// (Linux `mmu_interval_notifier_insert_locked`).
+    ///
+    /// # Errors
+    /// As [`Subscriptions::interval_insert`].
+    pub fn interval_insert(
+        &self,
+        start: u64,
+        length: u64,
+        ops: Arc<dyn IntervalOps>,
+    ) -> Result<IntervalNotifier, Error> {
+        self.mm.interval_insert_under(self, start, length, ops)
+    }
+}
+
+impl Subscriptions {
+    /// Inserts an interval notifier for `[start, start + length)` (Linux
+    /// `mmu_interval_notifier_insert`). Takes the mmap write lock the first
+    /// time interval mode is enabled on this address space.
+    ///
+    /// On return the notifier may not be in the tree yet (it was inserted
+    /// while an invalidation was running): populate secondary mappings only
+    /// through [`IntervalNotifier::read_begin`] /
+    /// [`read_retry`](IntervalNotifier::read_retry), which cope with that.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInterval`] if `length` is 0 or the end overflows,
+    /// [`Error::AddressSpaceExited`] once exit started (seed c9682d10: the
+    /// check is on liveness, not on the object still existing), and
+    /// [`Error::WouldDeadlock`] from a notifier callback.
+    pub fn interval_insert(
+        &self,
+        start: u64,
+        length: u64,
+        ops: Arc<dyn IntervalOps>,
+    ) -> Result<IntervalNotifier, Error> {
+        if !self.interval_enabled() {
+            // Enabling interval mode takes the mmap write lock.
+            self.refuse_in_callback("interval_insert")?;
+            return self.mmap_write().interval_insert(start, length, ops);
+        }
+        self.interval_insert_common(start, length, ops)
+    }
+
+    /// The body of [`MmapWriteGuard::interval_insert`], under the guard.
+    fn interval_insert_under(
+        &self,
+        _held: &MmapWriteGuard<'_>,
+        start: u64,
+        length: u64,
+        ops: Arc<dyn IntervalOps>,
+    ) -> Result<IntervalNotifier, Error> {
+        if self.is_live() {
+            // Linux `__mmu_notifier_register(NULL, mm)`.
+            self.inner
+                .mode
+                .fetch_or(Mode::HAS_NOTIFIERS | Mode::HAS_ITREE, Ordering::Release);
+        }
+        self.interval_insert_common(start, length, ops)
+    }
+
+    fn interval_insert_common(
+        &self,
+        start: u64,
+        length: u64,
+        ops: Arc<dyn IntervalOps>,
+    ) -> Result<IntervalNotifier, Error> {
+        if length == 0 {
+            return Err(Error::InvalidInterval { start, length });
+        }
+        let last = start
+            .checked_add(length - 1)
+            .ok_or(Error::InvalidInterval { start, length })?;
+        let held = Anchored::new(self.inner.clone(), |s| &s.interval).erase_owner();
+        IntervalState::insert(held, start, last, ops, || self.is_live())
+    }
+
+    /// The address space's interval sequence (`invalidate_seq`): even when no
+    /// invalidation touches an interval notifier. For tests and diagnostics.
+    pub fn interval_seq(&self) -> u64 {
+        self.inner.interval.seq()
+    }
+
+    /// Interval notifiers linked in the tree now (deferred inserts not
+    /// counted yet, deferred removes still counted).
+    pub fn interval_count(&self) -> usize {
+        self.inner.interval.count()
+    }
+
+    /// Invalidations in flight as counted by the interval part (Linux
+    /// `active_invalidate_ranges`). For tests and diagnostics.
+    pub fn interval_active_ranges(&self) -> u64 {
+        self.inner.interval.active()
     }
 }
