@@ -197,6 +197,17 @@ impl DevicePagemap for Pagemap {
 /// ones are refused with `ENOMEM` (dmirror's bounce buffer would fail too).
 pub const MAX_CMD_PAGES: u64 = 1 << 18;
 
+/// dmirror's chunking of a migration: from `a`, at most [`CHUNK_PAGES`]
+/// and not past `end` or `a`'s VMA, which must exist and be readable
+/// (`-EINVAL` otherwise). Returns where the chunk ends.
+fn migration_chunk_end(mm: &softmm::Mm, a: u64, end: u64) -> Result<u64, DmirrorError> {
+    let vma = mm
+        .vma(a)
+        .filter(|v| v.prot.read)
+        .ok_or(DmirrorError::Inval)?;
+    Ok((a + CHUNK_PAGES * PAGE_SIZE).min(end).min(vma.end))
+}
+
 fn check_buf(addr: u64, npages: u64) -> Result<(u64, u64), DmirrorError> {
     if npages > MAX_CMD_PAGES {
         return Err(DmirrorError::NoMem);
@@ -487,11 +498,7 @@ impl DeviceMirror {
         let mm = self.inner.mm.get().map_err(|_| DmirrorError::Inval)?;
         let mut a = start;
         while a < end {
-            let vma = mm
-                .vma(a)
-                .filter(|v| v.prot.read)
-                .ok_or(DmirrorError::Inval)?;
-            let next = (a + CHUNK_PAGES * PAGE_SIZE).min(end).min(vma.end);
+            let next = migration_chunk_end(&mm, a, end)?;
             MIGRATING_TO_DEVICE.with(|m| m.set(Some(self.inner.owner)));
             let moved = mm.migrate_to_device(a, next - a, self.inner.owner);
             MIGRATING_TO_DEVICE.with(|m| m.set(None));
@@ -540,11 +547,7 @@ impl DeviceMirror {
         let mut cpages = 0;
         let mut a = start;
         while a < end {
-            let vma = mm
-                .vma(a)
-                .filter(|v| v.prot.read)
-                .ok_or(DmirrorError::Inval)?;
-            let next = (a + CHUNK_PAGES * PAGE_SIZE).min(end).min(vma.end);
+            let next = migration_chunk_end(&mm, a, end)?;
             cpages += mm.migrate_to_ram(a, next - a, self.inner.owner)?.len() as u64;
             a = next;
         }
