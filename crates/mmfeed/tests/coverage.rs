@@ -345,5 +345,12 @@ fn every_call_is_covered_at_the_btf_raw_tracepoints_too() {
         "at tp_btf:\n{report}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(report.contains("test result: ok. 12 passed"), "{report}");
+    // Every other test of this binary ran there (none filtered out but
+    // this one) and passed.
+    let ran = report
+        .lines()
+        .find_map(|l| l.strip_prefix("test result: ok. "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse::<usize>().ok());
+    assert!(ran.is_some_and(|n| n >= 12), "{report}");
 }
