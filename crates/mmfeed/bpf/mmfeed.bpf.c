@@ -234,13 +234,25 @@ static __always_inline __u64 add_len(__u64 addr, __u64 len)
 	return addr + len < addr ? ALL_END : addr + len;
 }
 
-static __always_inline int on_munmap(const __u64 *args)
+/* A START for [addr, addr + len) in this process's feed, if it has one. */
+static __always_inline int start_mine(__u64 addr, __u64 len, __u32 event)
 {
 	struct feed *f = my_feed();
 
 	if (f)
-		start(f, args[0], add_len(args[0], args[1]), EV_UNMAP);
+		start(f, addr, add_len(addr, len), event);
 	return 0;
+}
+
+/* A START of everything: calls whose ranges the feed does not decode. */
+static __always_inline int flush_all(__u32 event)
+{
+	return start_mine(0, ALL_END, event);
+}
+
+static __always_inline int on_munmap(const __u64 *args)
+{
+	return start_mine(args[0], args[1], EV_UNMAP);
 }
 
 #define MREMAP_MAYMOVE 1
@@ -272,15 +284,10 @@ static __always_inline int on_mremap(const __u64 *args)
 
 static __always_inline int on_mmap(const __u64 *args)
 {
-	struct feed *f;
-
 	/* MAP_FIXED replaces what was mapped; MAP_FIXED_NOREPLACE does not. */
 	if (!(args[3] & MAP_FIXED))
 		return 0;
-	f = my_feed();
-	if (f)
-		start(f, args[0], add_len(args[0], args[1]), EV_UNMAP);
-	return 0;
+	return start_mine(args[0], args[1], EV_UNMAP);
 }
 
 #define MADV_DONTNEED 4
@@ -298,14 +305,9 @@ static __always_inline int drops_pages(__u64 advice)
 
 static __always_inline int on_madvise(const __u64 *args)
 {
-	struct feed *f;
-
 	if (!drops_pages(args[2]))
 		return 0;
-	f = my_feed();
-	if (f)
-		start(f, args[0], add_len(args[0], args[1]), EV_CLEAR);
-	return 0;
+	return start_mine(args[0], args[1], EV_CLEAR);
 }
 
 static __always_inline int on_brk(const __u64 *args)
@@ -325,14 +327,11 @@ static __always_inline int on_brk(const __u64 *args)
 	return 0;
 }
 
-/* Calls whose ranges the feed does not decode: everything is flushed. */
+/* The calls below change ranges the feed does not decode: everything is
+ * flushed. */
 static __always_inline int on_shmdt(const __u64 *args)
 {
-	struct feed *f = my_feed();
-
-	if (f)
-		start(f, 0, ALL_END, EV_UNMAP);
-	return 0;
+	return flush_all(EV_UNMAP);
 }
 
 #define SHM_REMAP 040000
@@ -341,33 +340,20 @@ static __always_inline int on_shmdt(const __u64 *args)
  * (its size is not an argument). */
 static __always_inline int on_shmat(const __u64 *args)
 {
-	struct feed *f;
-
 	if (!(args[2] & SHM_REMAP))
 		return 0;
-	f = my_feed();
-	if (f)
-		start(f, 0, ALL_END, EV_UNMAP);
-	return 0;
+	return flush_all(EV_UNMAP);
 }
 
 /* io_destroy unmaps the AIO context's ring. */
 static __always_inline int on_io_destroy(const __u64 *args)
 {
-	struct feed *f = my_feed();
-
-	if (f)
-		start(f, 0, ALL_END, EV_UNMAP);
-	return 0;
+	return flush_all(EV_UNMAP);
 }
 
 static __always_inline int on_process_madvise(const __u64 *args)
 {
-	struct feed *f = my_feed();
-
-	if (f)
-		start(f, 0, ALL_END, EV_CLEAR);
-	return 0;
+	return flush_all(EV_CLEAR);
 }
 
 /* The entry and exit of each call above on the syscalls:* tracepoints
