@@ -2,7 +2,7 @@
 //! interval notifier over the whole address space, the
 //! `read_begin` / `range_fault` / `read_retry` loop, and the dmirror
 //! commands: read, write, migrate to and from device memory, snapshot,
-//! exclusive access.
+//! exclusive access, release, flags (`FAIL_ALLOC`).
 //!
 //! One deliberate difference from dmirror: for MIGRATE events of its own
 //! migration to device memory, dmirror returns at once. Here the callback
@@ -115,6 +115,14 @@ pub mod prot {
     pub const DEV_PRIVATE_REMOTE: u8 = 0x30;
 }
 
+/// dmirror's FLAGS command (`HMM_DMIRROR_FLAGS`): bits of
+/// [`DeviceMirror::set_flags`].
+pub mod flags {
+    /// `HMM_DMIRROR_FLAG_FAIL_ALLOC`: the next device page this mirror
+    /// allocates fails (once), so that page stays in system memory.
+    pub const FAIL_ALLOC: u64 = 1;
+}
+
 #[derive(Debug, Default)]
 struct Counters {
     invalidations: AtomicU64,
@@ -132,6 +140,8 @@ struct MirrorState {
     sub: OnceLock<IntervalNotifier>,
     /// This mirror's registration as a driver of its owner's memory.
     pagemap: OnceLock<Arc<dyn DevicePagemap>>,
+    /// dmirror's `flags` ([`flags`]).
+    flags: AtomicU64,
     counters: Counters,
 }
 
@@ -361,6 +371,7 @@ impl DeviceMirror {
             pt: DriverLock::new(BTreeMap::new()),
             sub: OnceLock::new(),
             pagemap: OnceLock::new(),
+            flags: AtomicU64::new(0),
             counters: Counters::default(),
         });
         let sub = inner.mm.subscriptions().interval_insert(
@@ -500,7 +511,12 @@ impl DeviceMirror {
         while a < end {
             let next = migration_chunk_end(&mm, a, end)?;
             MIGRATING_TO_DEVICE.with(|m| m.set(Some(self.inner.owner)));
-            let moved = mm.migrate_to_device(a, next - a, self.inner.owner);
+            // dmirror_devmem_alloc_page: a FAIL_ALLOC flag fails one
+            // allocation and clears itself.
+            let flags = &self.inner.flags;
+            let mut may_alloc =
+                || flags.fetch_and(!flags::FAIL_ALLOC, Ordering::AcqRel) & flags::FAIL_ALLOC == 0;
+            let moved = mm.migrate_to_device_with(a, next - a, self.inner.owner, &mut may_alloc);
             MIGRATING_TO_DEVICE.with(|m| m.set(None));
             let moved = moved.map_err(|_| DmirrorError::Inval)?;
             let pages: Vec<_> = moved
@@ -726,6 +742,18 @@ impl DeviceMirror {
                 .len() as u64;
         }
         Ok(Cmd { cpages, faults: 0 })
+    }
+
+    /// dmirror FLAGS: sets this mirror's flags ([`flags`]).
+    ///
+    /// # Errors
+    /// `Inval` for a bit dmirror does not know.
+    pub fn set_flags(&self, bits: u64) -> Result<(), DmirrorError> {
+        if bits & !flags::FAIL_ALLOC != 0 {
+            return Err(DmirrorError::Inval);
+        }
+        self.inner.flags.store(bits, Ordering::Release);
+        Ok(())
     }
 
     /// The device-side view of one page: the frame and tag, if mapped.

@@ -157,3 +157,29 @@ fn release_evicts_the_mirrors_own_address_space_and_a_child_releases_its_own() {
         "now in system memory"
     );
 }
+
+/// FLAGS with FAIL_ALLOC fails the mirror's next device-page allocation,
+/// once: that page stays in system memory, so the migration's read-back
+/// misses it (-ENOENT), and the next migration succeeds. An unknown bit is
+/// -EINVAL.
+#[test]
+fn fail_alloc_fails_one_device_allocation() {
+    let (_phys, mm) = machine();
+    let d = DeviceMirror::open(mm.grab(), Owner(6)).unwrap();
+    let a = filled(&mm, 4, Prot::RW);
+    assert_eq!(d.set_flags(1 << 7), Err(DmirrorError::Inval));
+    d.set_flags(mirrors::device::flags::FAIL_ALLOC).unwrap();
+    assert_eq!(d.migrate_to_device(a, 4), Err(DmirrorError::NoEnt));
+    let snap = d.snapshot(a, 4).unwrap().0;
+    let local = mirrors::device::prot::DEV_PRIVATE_LOCAL;
+    assert_eq!(snap[0] & 0x30, 0, "the first page stayed in system memory");
+    assert!(snap[1..].iter().all(|&b| b & 0x30 == local), "{snap:?}");
+    // The flag was used up: the page moves now.
+    d.migrate_to_device(a, 4).unwrap();
+    assert!(d
+        .snapshot(a, 4)
+        .unwrap()
+        .0
+        .iter()
+        .all(|&b| b & 0x30 == local));
+}

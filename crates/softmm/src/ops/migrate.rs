@@ -236,6 +236,23 @@ impl Mm {
         len: u64,
         owner: Owner,
     ) -> Result<Vec<MigratedPage>> {
+        self.migrate_to_device_with(addr, len, owner, &mut || true)
+    }
+
+    /// [`migrate_to_device`](Self::migrate_to_device) with the driver's say
+    /// on each device page it allocates: where `may_alloc` returns false the
+    /// allocation fails (the driver's `alloc_page` returned NULL), and that
+    /// page stays in system memory, as in Linux.
+    ///
+    /// # Errors
+    /// As [`migrate_to_device`](Self::migrate_to_device).
+    pub fn migrate_to_device_with(
+        &self,
+        addr: u64,
+        len: u64,
+        owner: Owner,
+        may_alloc: &mut dyn FnMut() -> bool,
+    ) -> Result<Vec<MigratedPage>> {
         let (start, end) = check_range(addr, len)?;
         let g = self.mmap_read();
         let mm = g.mm;
@@ -289,7 +306,11 @@ impl Mm {
         // 2. allocate and copy
         let mut dsts = Vec::with_capacity(selected.len());
         for (_, sel) in &selected {
-            let d = mm.phys.alloc(FrameKind::DevicePrivate(owner)).ok();
+            let d = if may_alloc() {
+                mm.phys.alloc(FrameKind::DevicePrivate(owner)).ok()
+            } else {
+                None
+            };
             if let (Some(d), Sel::Page { pfn, .. }) = (d, sel) {
                 mm.phys.copy_frame(*pfn, d.pfn);
             }
