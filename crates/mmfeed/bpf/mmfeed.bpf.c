@@ -179,6 +179,22 @@ static __always_inline void publish(struct feed *f, __u64 start, __u64 end, __u3
 	publish_as(f, (__u32)bpf_get_current_pid_tgid(), start, end, kind);
 }
 
+/* The END of `owner`'s STARTs: its call returned or its request completed. */
+static __always_inline void publish_end(struct feed *f, __u32 owner)
+{
+	publish_as(f, owner, 0, 0, KIND_END);
+	__sync_fetch_and_add(&f->inflight, -1);
+}
+
+/* No room to remember `owner` (the map of pending calls or requests is
+ * full): flush everything and end it at once, counted in and out of
+ * `inflight`; the range is then not held in flight. */
+static __always_inline void flush_unheld(struct feed *f, __u32 owner, __u32 event)
+{
+	publish_as(f, owner, 0, ALL_END, KIND_START | (event << 8));
+	publish_end(f, owner);
+}
+
 /* [start, end) rounded outwards to pages; false when empty. */
 static __always_inline int page_range(__u64 *start, __u64 *end)
 {
@@ -201,12 +217,8 @@ static __always_inline void start(struct feed *f, __u64 start, __u64 end, __u32 
 	if (!bpf_map_lookup_elem(&pending, &tid)) {
 		__sync_fetch_and_add(&f->inflight, 1);
 		if (bpf_map_update_elem(&pending, &tid, &one, BPF_ANY)) {
-			/* No room to remember the thread (65536 threads host-wide
-			 * inside these calls at once): flush everything and end it
-			 * at once; the range is then not held in flight. */
-			publish(f, 0, ALL_END, KIND_START | (event << 8));
-			publish(f, 0, 0, KIND_END);
-			__sync_fetch_and_add(&f->inflight, -1);
+			/* 65536 threads host-wide inside these calls at once. */
+			flush_unheld(f, tid, event);
 			return;
 		}
 	}
@@ -224,8 +236,7 @@ static __always_inline int end_of_call(void)
 	f = my_feed();
 	if (!f)
 		return 0;
-	publish(f, 0, 0, KIND_END);
-	__sync_fetch_and_add(&f->inflight, -1);
+	publish_end(f, tid);
 	return 0;
 }
 
@@ -537,10 +548,7 @@ int uring_queue(struct uring_queue_args *ctx)
 	owner.tgid = bpf_get_current_pid_tgid() >> 32;
 	__sync_fetch_and_add(&f->inflight, 1);
 	if (bpf_map_update_elem(&pending_req, &req, &owner, BPF_ANY)) {
-		/* No room to remember the request: as for a thread above. */
-		publish_as(f, token, 0, ALL_END, KIND_START | (EV_CLEAR << 8));
-		publish_as(f, token, 0, 0, KIND_END);
-		__sync_fetch_and_add(&f->inflight, -1);
+		flush_unheld(f, token, EV_CLEAR);
 		return 0;
 	}
 	publish_as(f, token, start_, end_, KIND_START | (EV_CLEAR << 8));
@@ -567,8 +575,7 @@ int uring_complete(struct uring_complete_args *ctx)
 	f = my_feed();
 	if (!f)
 		return 0;
-	publish_as(f, token, 0, 0, KIND_END);
-	__sync_fetch_and_add(&f->inflight, -1);
+	publish_end(f, token);
 	return 0;
 }
 

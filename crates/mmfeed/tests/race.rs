@@ -19,27 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use mmfeed::FeedMm;
-use regcache::{Access, Config, RegCache, RegError, Registrar};
-
-/// Registers a page by reading its tag.
-struct TagDevice;
-
-impl Registrar for TagDevice {
-    type Handle = u64;
-    fn register(&self, start: u64, _end: u64, _: Access) -> Result<u64, RegError> {
-        match read_tag(start) {
-            None => Err(RegError::other("the page is not mapped")),
-            // Mapped, but its mapper has not tagged it yet: a registration
-            // now would hold the right memory under a tag that is about to
-            // change, which the check below could not tell from a stale one.
-            Some(0) => Err(RegError::other("the page is not tagged yet")),
-            Some(tag) => Ok(tag),
-        }
-    }
-    fn deregister(&self, _: u64) -> Result<(), RegError> {
-        Ok(())
-    }
-}
+use regcache::{Access, RegCache};
 
 static NEXT_TAG: AtomicU64 = AtomicU64::new(1);
 
@@ -82,19 +62,6 @@ impl Tally {
     }
 }
 
-/// A cache over `mm` registering with [`TagDevice`]; a registration raced
-/// by the races below may be retried many times.
-fn tag_cache(mm: FeedMm) -> Arc<RegCache<FeedMm, TagDevice>> {
-    Arc::new(RegCache::with_config(
-        mm,
-        TagDevice,
-        Config {
-            max_attempts: 1000,
-            ..Config::default()
-        },
-    ))
-}
-
 /// Threads that map a page, tag it, look it up and unmap it, over and over,
 /// for `run`.
 fn reuse_race(mm: FeedMm, threads: usize, run: Duration) -> Arc<Tally> {
@@ -115,14 +82,6 @@ fn reuse_race(mm: FeedMm, threads: usize, run: Duration) -> Arc<Tally> {
         w.join().unwrap();
     }
     tally
-}
-
-fn seconds() -> Duration {
-    let s = std::env::var("MMFEED_RACE_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3.0);
-    Duration::from_secs_f64(s)
 }
 
 /// Threads reuse each other's freed addresses at once (the kernel hands a

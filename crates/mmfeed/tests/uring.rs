@@ -94,24 +94,6 @@ fn an_io_uring_madvise_drops_the_registration_of_its_pages() {
     raw_munmap(a, 2 * P);
 }
 
-/// Registers a page by reading the tag its owner wrote into it (through
-/// process_vm_readv: an error where nothing is mapped); a page whose tag
-/// is 0 (just dropped by the madvise, not yet tagged again) is refused.
-struct TagDevice;
-
-impl regcache::Registrar for TagDevice {
-    type Handle = u64;
-    fn register(&self, start: u64, _end: u64, _: Access) -> Result<u64, regcache::RegError> {
-        match read_tag(start) {
-            Some(tag) if tag != 0 => Ok(tag),
-            _ => Err(regcache::RegError::other("not tagged")),
-        }
-    }
-    fn deregister(&self, _: u64) -> Result<(), regcache::RegError> {
-        Ok(())
-    }
-}
-
 /// The registration race through io_uring: thread M tags its page afresh,
 /// looks it up, and drops the page with an io_uring MADVISE_DONTNEED (run
 /// by an io-wq worker, between the START published when it is queued and
@@ -122,21 +104,10 @@ impl regcache::Registrar for TagDevice {
 fn a_registration_racing_an_io_uring_madvise_in_flight_is_never_committed_stale() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
     let Some(mm) = feed_mm() else { return };
-    let cache = Arc::new(RegCache::with_config(
-        mm,
-        TagDevice,
-        regcache::Config {
-            max_attempts: 1000,
-            ..regcache::Config::default()
-        },
-    ));
-    let seconds = std::env::var("MMFEED_RACE_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3.0);
-    let until = Instant::now() + Duration::from_secs_f64(seconds);
+    let cache = tag_cache(mm);
+    let until = Instant::now() + seconds();
     let page = map(1);
     let stop = Arc::new(AtomicBool::new(false));
     let registrars: Vec<_> = (0..2)

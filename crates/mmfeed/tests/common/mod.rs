@@ -177,3 +177,53 @@ pub fn uring_madvise(
     got.extend(ring.completion().map(|c| (c.user_data(), c.result())));
     got
 }
+
+/// The race tests' device: registers a page by reading the tag its mapper
+/// wrote into it (through process_vm_readv, so an unmapped page is an
+/// error, as a pin would be); a registration's handle is the tag of the
+/// memory it holds.
+pub struct TagDevice;
+
+impl regcache::Registrar for TagDevice {
+    type Handle = u64;
+    fn register(
+        &self,
+        start: u64,
+        _end: u64,
+        _: regcache::Access,
+    ) -> Result<u64, regcache::RegError> {
+        match read_tag(start) {
+            None => Err(regcache::RegError::other("the page is not mapped")),
+            // Mapped, but its mapper has not tagged it yet: a registration
+            // now would hold the right memory under a tag that is about to
+            // change, which a race's check could not tell from a stale one.
+            Some(0) => Err(regcache::RegError::other("the page is not tagged yet")),
+            Some(tag) => Ok(tag),
+        }
+    }
+    fn deregister(&self, _: u64) -> Result<(), regcache::RegError> {
+        Ok(())
+    }
+}
+
+/// A cache over `mm` registering with [`TagDevice`]; a registration raced
+/// by the race tests may be retried many times.
+pub fn tag_cache(mm: FeedMm) -> Arc<regcache::RegCache<FeedMm, TagDevice>> {
+    Arc::new(regcache::RegCache::with_config(
+        mm,
+        TagDevice,
+        regcache::Config {
+            max_attempts: 1000,
+            ..regcache::Config::default()
+        },
+    ))
+}
+
+/// How long each race runs: `MMFEED_RACE_SECONDS`, else 3 s.
+pub fn seconds() -> std::time::Duration {
+    let s = std::env::var("MMFEED_RACE_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
+    std::time::Duration::from_secs_f64(s)
+}
