@@ -208,7 +208,8 @@ impl FeedMm {
                         }
                         Kind::End => {
                             self.stats.ends.fetch_add(1, Ordering::Relaxed);
-                            // Close this thread's pairs, last opened first.
+                            // Close this owner's pairs (its thread, or its io_uring
+                            // request's token), last opened first.
                             let mut i = open.len();
                             while i > 0 {
                                 i -= 1;
