@@ -30,12 +30,16 @@ export CARGO_TARGET_DIR="$work/target"
 export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}"
 
 set_name=race
-if [ "${1:-}" = --whole-system ] || [ "${1:-}" = --devices ]; then
+if [ "${1:-}" = --whole-system ] || [ "${1:-}" = --devices ] || [ "${1:-}" = --primary ]; then
   set_name=${1#--}
   shift
 fi
 
-# name | kind (std, loom, shuttle, embed, uring, uffd, feed or regcache) | test target | test name (empty: every
+# `scripts/mutants.sh --primary [name...]` checks the software primary MMU:
+# each bug in mutants/primary/ (a transparent-huge-page hook or accounting
+# step left out) must fail its test in crates/softmm/tests.
+#
+# name | kind (std, loom, shuttle, embed, uring, uffd, feed, regcache or softmm) | test target | test name (empty: every
 # test of the target) | what the mutant does
 race_mutants=(
   "3ad3d901|std|seed|seed_3ad3d901_release_runs_before_removal_from_list|exit takes notifiers off the list before calling release"
@@ -80,9 +84,19 @@ device_mutants=(
   "pins-ignored|feed|pins|a_pinned_program_set_is_reused_before_loading_one|a process loads a program set of its own although one is pinned"
   "unpaired-trusted|feed|uring_unpaired|an_io_uring_madvise_that_posts_no_completion_makes_the_feed_untrusted|a MADVISE whose end cannot be seen is invalidated and the feed still trusted"
 )
+primary_mutants=(
+  "thp-split-unnotified|softmm|thp|a_partial_munmap_splits_the_pmd_before_the_unmap_pair|a PMD split sends no CLEAR pair over its block"
+  "pmd-downgrade-unrecorded|softmm|thp|stale_tlb_entries_of_a_pmd_are_honoured_until_the_flush|a PMD entry's downgrade is not recorded as awaiting its TLB flush"
+  "shared-thp-reused|softmm|thp|fork_shares_the_thp_and_a_cow_write_splits_before_copying_one_page|a write fault reuses a THP another process maps (no COW)"
+  "huge-oracle-head-only|softmm|thp|the_oracle_checks_a_device_mapping_a_thp_whole_or_by_pages|the oracle checks only the first page of a device's huge mapping"
+  "zap-splits-nothing|softmm|thp|madvise_dontneed_splits_a_thp_it_covers_in_part_inside_its_pair|a zap covering part of a THP zaps all of it"
+)
 if [ "$set_name" = race ]; then
   mutants=("${race_mutants[@]}")
   patches="$root/mutants"
+elif [ "$set_name" = primary ]; then
+  mutants=("${primary_mutants[@]}")
+  patches="$root/mutants/primary"
 elif [ "$set_name" = devices ]; then
   mutants=("${device_mutants[@]}")
   patches="$root/mutants/devices"
@@ -117,6 +131,7 @@ cargo_test() { # kind target [test args...]
     feed) (cd "$tree" && MMFEED_RACE_SECONDS="${MMFEED_RACE_SECONDS:-6}" \
       cargo test -q -p mmfeed --test "$target" "$@") ;;
     regcache) (cd "$tree" && cargo test -q -p regcache --test "$target" "$@") ;;
+    softmm) (cd "$tree" && cargo test -q -p softmm --test "$target" "$@") ;;
     *) (cd "$tree" && cargo test -q -p mmu-notifier --test "$target" "$@") ;;
   esac
 }

@@ -105,8 +105,11 @@ pub mod prot {
     pub const READ: u8 = 0x01;
     /// Writable.
     pub const WRITE: u8 = 0x02;
-    /// PMD-mapped.
+    /// Mapped by a PMD entry in the primary (a 2 MiB huge page).
     pub const PMD: u8 = 0x04;
+    /// Mapped by a PUD entry in the primary (a 1 GiB huge page; softmm
+    /// has none, so it is never set).
+    pub const PUD: u8 = 0x08;
     /// The zero page.
     pub const ZERO: u8 = 0x10;
     /// Device-private memory of this device.
@@ -639,7 +642,13 @@ impl DeviceMirror {
                                 (_, Some(FrameKind::DevicePrivate(_))) => prot::DEV_PRIVATE_REMOTE,
                                 _ => 0,
                             };
-                            base | rw
+                            // dmirror_mkentry: the primary's mapping order.
+                            let order = match p.order {
+                                softmm::PMD_ORDER => prot::PMD,
+                                18 => prot::PUD,
+                                _ => 0,
+                            };
+                            base | rw | order
                         })
                         .collect::<Vec<u8>>()
                 });

@@ -1,8 +1,9 @@
 //! A peer of Linux's `tools/testing/selftests/mm/hmm-tests.c`:
 //! the same scenarios with the same expected counts, against
 //! `DeviceMirror` on softmm. Device 0 and 1 are DEVICE_PRIVATE; the
-//! DEVICE_COHERENT variants (skipped by Linux without module parameters),
-//! hugetlbfs (`anon_write_hugetlbfs`, `compound`) are not modelled.
+//! DEVICE_COHERENT variants (skipped by Linux without module parameters)
+//! and hugetlbfs (`anon_write_hugetlbfs`, `compound`) are not modelled.
+//! `anon_write_huge` runs on a real transparent huge page.
 
 use std::sync::Arc;
 
@@ -161,10 +162,19 @@ fn anon_write_huge() {
     let a = mm
         .mmap_fixed(64 * huge, huge, Prot::RW, MapKind::AnonPrivate)
         .unwrap();
+    mm.madvise_hugepage(a, huge).unwrap();
     let data = pattern(huge / P, 0);
     let cmd = d.write(a, &data).unwrap();
     assert_eq!((cmd.cpages, cmd.faults), (512, 1));
     assert_eq!(cpu_read(&mm, a, 512), data);
+    // The device's fault made a THP, and SNAPSHOT reports it PMD-mapped.
+    assert!(mm.is_pmd_mapped(a));
+    let (snap, _) = d.snapshot(a, 512).unwrap();
+    assert!(
+        snap.iter().all(|&b| b == prot::WRITE | prot::PMD),
+        "{:?}",
+        &snap[..4]
+    );
 }
 
 #[test]

@@ -16,7 +16,9 @@ use softmm::{MapKind, Mm, PhysMem, Prot, PAGE_SIZE};
 
 use crate::rng::Rng;
 use crate::trace::{self, Monitor};
-use crate::world::{self, Space, FILE, PRIV, PRIV_PAGES, SCRATCH, SHARED, SHARED_PAGES};
+use crate::world::{
+    self, Space, FILE, HUGE, HUGE_PAGES, PRIV, PRIV_PAGES, SCRATCH, SHARED, SHARED_PAGES,
+};
 
 const P: u64 = PAGE_SIZE;
 
@@ -70,6 +72,9 @@ kinds! {
     RegLookup = "regcache lookup+use", 8, false;
     Attach = "mirror attach+use+detach", 1, false;
     ChildMirror = "fork+mirror vs exit", 1, false;
+    HugeRemap = "THP block remap+fault", 1, true;
+    HugeAdvice = "madvise (no)hugepage", 1, true;
+    Collapse = "khugepaged collapse", 1, true;
 }
 
 /// Why an operation did not succeed.
@@ -106,9 +111,10 @@ impl From<DmirrorError> for Fail {
 }
 
 fn region(rng: &mut Rng) -> (u64, u64) {
-    match rng.below(10) {
+    match rng.below(12) {
         0 | 1 => (SHARED, SHARED_PAGES),
         2 => (FILE, SHARED_PAGES),
+        3 | 4 => (HUGE, HUGE_PAGES),
         _ => (PRIV, PRIV_PAGES),
     }
 }
@@ -120,6 +126,11 @@ fn spot(rng: &mut Rng, hot: Option<u64>) -> (u64, u64, u64) {
     let i = rng.below(hot.map_or(pages, |h| h.clamp(1, pages)));
     let n = (1 + rng.below(4)).min(pages - i);
     (base, base + i * P, n)
+}
+
+/// A 2 MiB block of the THP region.
+fn huge_block(rng: &mut Rng) -> u64 {
+    HUGE + rng.below(HUGE_PAGES / softmm::HPAGE_PMD_NR) * softmm::PMD_SIZE
 }
 
 fn remap_kind(sp: &Space, base: u64, addr: u64) -> MapKind {
@@ -213,6 +224,26 @@ pub fn exec(kind: Kind, sp: &Space, rng: &mut Rng) -> Result<(), Fail> {
         Kind::SoftDirty => mm.clear_soft_dirty(),
         Kind::Writeback => {
             mm.writeback(addr, len)?;
+        }
+        Kind::HugeRemap => {
+            // A fresh MADV_HUGEPAGE block (other operations fragment the
+            // region's VMAs), faulted in as a THP when frames allow.
+            let b = huge_block(rng);
+            mm.munmap(b, softmm::PMD_SIZE)?;
+            mm.mmap_fixed(b, softmm::PMD_SIZE, Prot::RW, MapKind::AnonPrivate)?;
+            mm.madvise_hugepage(b, softmm::PMD_SIZE)?;
+            mm.write(
+                b + rng.below(softmm::PMD_SIZE - 8),
+                &rng.next_u64().to_le_bytes(),
+            )?;
+        }
+        Kind::HugeAdvice => {
+            let a = HUGE + rng.below(HUGE_PAGES - 4) * P;
+            mm.madvise_nohugepage(a, len)?;
+            mm.madvise_hugepage(a, len)?;
+        }
+        Kind::Collapse => {
+            mm.collapse(huge_block(rng))?;
         }
         _ => return exec_secondary(kind, sp, rng, addr, n, write),
     }
@@ -497,6 +528,27 @@ pub fn run(s: &Settings) -> Report {
     let _ = writeln!(t, "\n{:<26} {:>10}", "faults (primary+secondary)", faults);
     let _ = writeln!(t, "{:<26} {:>10}", "secondary fault retries", retries);
     let _ = writeln!(t, "{:<26} {:>10}", "oracle checks", oracle.checks());
+    // Transparent huge pages: allocated (by faults and collapses), PMD
+    // splits and collapses in the parent address spaces.
+    let count = |op| spaces.iter().map(|sp| sp.mm.op_count(op)).sum::<u64>();
+    let _ = writeln!(
+        t,
+        "{:<26} {:>10}",
+        "THPs allocated",
+        phys.stats().huge_allocs
+    );
+    let _ = writeln!(
+        t,
+        "{:<26} {:>10}",
+        "PMD splits",
+        count(softmm::Op::SplitHugePmd)
+    );
+    let _ = writeln!(
+        t,
+        "{:<26} {:>10}",
+        "THP collapses",
+        count(softmm::Op::Collapse)
+    );
     let _ = writeln!(t, "{:<26} {:>10}", "violations", violations);
     // The sleep check of the debug builds (always 0 in release builds).
     let sleeps: u64 = spaces

@@ -21,6 +21,11 @@ pub const FILE: u64 = 0x3000_0000;
 pub const SHARED_PAGES: u64 = 16;
 /// Where mremap moves pages to (and back from).
 pub const SCRATCH: u64 = 0x4000_0000;
+/// Private anonymous region under `MADV_HUGEPAGE` (2 MiB aligned): its
+/// faults map transparent huge pages, which the other operations split.
+pub const HUGE: u64 = 0x5000_0000;
+/// Pages in it: two 2 MiB blocks.
+pub const HUGE_PAGES: u64 = 2 * softmm::HPAGE_PMD_NR;
 
 /// The four reference secondaries attached to one address space.
 pub struct Mirrors {
@@ -88,6 +93,10 @@ pub fn space(phys: &Arc<PhysMem>, monitor: &Arc<Monitor>, idx: u64, with_mirrors
         },
     )
     .expect("fixed layout");
+    mm.mmap_fixed(HUGE, HUGE_PAGES * PAGE_SIZE, Prot::RW, MapKind::AnonPrivate)
+        .expect("fixed layout");
+    mm.madvise_hugepage(HUGE, HUGE_PAGES * PAGE_SIZE)
+        .expect("fixed layout");
     let mirrors =
         with_mirrors.then(|| Mirrors::attach(&mm, Owner(idx + 1)).expect("live address space"));
     Space {

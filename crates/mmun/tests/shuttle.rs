@@ -177,6 +177,31 @@ fn secondary_faults_against_unmaps_on_hot_pages() {
     run(skip, Some(2), Sched::Pct);
 }
 
+/// Transparent huge pages faulted in, split (partial unmap, madvise,
+/// mprotect, reclaim, device migration), remapped and collapsed, against
+/// the secondaries' faults, on the first pages of each region (the THP
+/// region's first block).
+#[test]
+fn thp_splits_and_collapses_against_secondary_faults() {
+    let skip = all_but(&[
+        Kind::HugeRemap,
+        Kind::HugeAdvice,
+        Kind::Collapse,
+        Kind::CpuWrite,
+        Kind::DontNeed,
+        Kind::Mprotect,
+        Kind::SwapOut,
+        Kind::KvmFault,
+        Kind::DevRead,
+        Kind::DevWrite,
+        Kind::DevMigrate,
+        Kind::TlbAccess,
+        Kind::RegLookup,
+    ]);
+    run(skip.clone(), Some(4), Sched::Random);
+    run(skip, Some(4), Sched::Pct);
+}
+
 /// Notifiers and interval notifiers registered and unregistered, and
 /// address spaces exiting under a secondary, while invalidations run.
 #[test]

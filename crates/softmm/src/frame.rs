@@ -73,7 +73,13 @@ pub struct FrameStats {
     pub underflows: u64,
     /// Swap slots in use.
     pub swap_slots: u64,
+    /// Transparent huge pages allocated so far (each also counts
+    /// [`HPAGE_PMD_NR`] frames in `allocs`).
+    pub huge_allocs: u64,
 }
+
+/// Frames in a transparent huge page: the pages one PMD entry maps.
+pub const HPAGE_PMD_NR: u64 = 512;
 
 struct SwapSlot {
     count: u32,
@@ -97,6 +103,7 @@ pub struct PhysMem {
     frames: Box<[Frame]>,
     free: Mutex<Vec<u64>>,
     allocs: AtomicU64,
+    huge_allocs: AtomicU64,
     frees: AtomicU64,
     underflows: AtomicU64,
     swap: Mutex<SwapStore>,
@@ -147,6 +154,7 @@ impl PhysMem {
             frames: pool,
             free: Mutex::new(free),
             allocs: AtomicU64::new(0),
+            huge_allocs: AtomicU64::new(0),
             frees: AtomicU64::new(0),
             underflows: AtomicU64::new(0),
             swap: Mutex::new(SwapStore::default()),
@@ -213,6 +221,46 @@ impl PhysMem {
     /// [`Error::OutOfMemory`] when every frame is in use.
     pub fn alloc(&self, kind: FrameKind) -> Result<FrameRef> {
         let pfn = lock(&self.free).pop().ok_or(Error::OutOfMemory)?;
+        Ok(self.take_free(pfn, kind))
+    }
+
+    /// Allocates a transparent huge page: [`HPAGE_PMD_NR`] zeroed system
+    /// frames, contiguous and aligned to their number (as a PMD maps them),
+    /// each with one reference. Returns the head frame. Like Linux's THP
+    /// allocation it fails rather than waits when no such run is free (the
+    /// fault then falls back to base pages).
+    ///
+    /// The frames are counted one by one afterwards (Linux counts the folio
+    /// as a whole): a THP that is split and partly unmapped frees its
+    /// unmapped frames at once, where Linux keeps them until the deferred
+    /// split. A secondary still using such a frame is caught all the same.
+    ///
+    /// # Errors
+    /// [`Error::OutOfMemory`] when no aligned run of free frames exists.
+    pub fn alloc_huge(&self) -> Result<FrameRef> {
+        let head = {
+            let mut free = lock(&self.free);
+            let set: std::collections::HashSet<u64> = free.iter().copied().collect();
+            let blocks = self.frames.len() as u64 / HPAGE_PMD_NR;
+            // Block 0 holds the zero page.
+            let head = (1..blocks)
+                .map(|b| b * HPAGE_PMD_NR)
+                .find(|&h| (h..h + HPAGE_PMD_NR).all(|p| set.contains(&p)))
+                .ok_or(Error::OutOfMemory)?;
+            free.retain(|&p| !(head..head + HPAGE_PMD_NR).contains(&p));
+            head
+        };
+        self.huge_allocs.fetch_add(1, Ordering::Relaxed);
+        let first = self.take_free(head, FrameKind::System);
+        for pfn in head + 1..head + HPAGE_PMD_NR {
+            self.take_free(pfn, FrameKind::System);
+        }
+        Ok(first)
+    }
+
+    /// Marks `pfn`, just taken off the free list, allocated as `kind` with
+    /// one reference.
+    fn take_free(&self, pfn: u64, kind: FrameKind) -> FrameRef {
         let f = &self.frames[pfn as usize];
         let mut m = lock(&f.meta);
         debug_assert!(!m.allocated);
@@ -224,10 +272,10 @@ impl PhysMem {
         m.ksm = false;
         m.lazyfree = false;
         self.allocs.fetch_add(1, Ordering::Relaxed);
-        Ok(FrameRef {
+        FrameRef {
             pfn,
             gen: f.gen.load(Ordering::Acquire),
-        })
+        }
     }
 
     /// The current handle of frame `pfn` (its present generation).
@@ -472,6 +520,7 @@ impl PhysMem {
             frees: self.frees.load(Ordering::Relaxed),
             underflows: self.underflows.load(Ordering::Relaxed),
             swap_slots: lock(&self.swap).slots.len() as u64,
+            huge_allocs: self.huge_allocs.load(Ordering::Relaxed),
         }
     }
 

@@ -17,6 +17,9 @@ use crate::PAGE_SIZE;
 /// page); larger ranges are [`Error::InvalidRange`].
 pub const MAX_RANGE_PAGES: usize = 1 << 22;
 
+/// [`HmmPfn::order`] of a page a PMD entry maps.
+pub const PMD_ORDER: u8 = 9;
+
 /// One page of a [`HmmRange`] result (Linux `hmm_pfns[i]`). All false/none
 /// means "not present but faultable" (the value 0).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -34,7 +37,10 @@ pub struct HmmPfn {
     /// A device-private frame of this owner (only the caller's own device
     /// is reported valid).
     pub device: Option<Owner>,
-    /// Mapping order (`PMD` = 9); always 0: the model has 4 KiB pages only.
+    /// Mapping order of the primary's entry (Linux
+    /// `hmm_pfn_to_map_order`): 9 for a page of a PMD mapping (a
+    /// transparent huge page), 0 for a PTE. A device may map the whole
+    /// aligned 2 MiB block at once when it is 9.
     pub order: u8,
 }
 
@@ -158,6 +164,11 @@ impl MmapRead<'_> {
                 }
                 let ptl = mm.ptl();
                 let pte = ptl.get_pte(addr);
+                let order = if ptl.get_pmd(addr).is_some() {
+                    PMD_ORDER
+                } else {
+                    0
+                };
                 let needs_fault = match pte.map(|p| p.kind) {
                     None | Some(PteKind::Swap { .. }) => true,
                     Some(PteKind::Present { pfn }) => {
@@ -170,6 +181,7 @@ impl MmapRead<'_> {
                                 valid: true,
                                 write: p.write,
                                 zero: pfn == ZERO_PFN,
+                                order,
                                 ..HmmPfn::default()
                             };
                             false

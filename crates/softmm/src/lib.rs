@@ -61,9 +61,10 @@ mod verdict;
 mod vma;
 
 pub use error::{Error, Result};
-pub use frame::{DevicePagemap, FrameKind, FrameStats, PhysMem};
-pub use hmm::{HmmPfn, HmmRange, PinnedPages};
+pub use frame::{DevicePagemap, FrameKind, FrameStats, PhysMem, HPAGE_PMD_NR};
+pub use hmm::{HmmPfn, HmmRange, PinnedPages, PMD_ORDER};
 pub use mm::{Mm, MmGrab, MmapRead, MmapWrite, GATHER_BATCH, MMAP_BASE, TASK_SIZE};
+pub use ops::huge::{Collapse, MAX_PTES_NONE, MAX_PTES_SHARED};
 pub use ops::map::{pages, OomReport};
 pub use ops::migrate::MigratedPage;
 pub use ops::protect::{PMD_SIZE, PUD_SIZE};

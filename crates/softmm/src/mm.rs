@@ -39,7 +39,8 @@ use mmu_notifier::{
 };
 
 use crate::error::{Error, Result};
-use crate::frame::PhysMem;
+use crate::frame::{PhysMem, HPAGE_PMD_NR};
+use crate::ops::protect::PMD_SIZE;
 use crate::pte::{PageTable, Pte, PteKind};
 use crate::trace::{Op, Trace, TraceEntry};
 use crate::vma::Vmas;
@@ -416,6 +417,16 @@ impl MmInner {
             .collect()
     }
 
+    /// Start addresses of the 2 MiB blocks mapped by PMD entries that
+    /// overlap `[start, end)`, read without the PTL.
+    pub(crate) fn pmd_blocks_lockless(&self, start: u64, end: u64) -> Vec<u64> {
+        self.pt()
+            .pmd_blocks(start / PAGE_SIZE, end.div_ceil(PAGE_SIZE))
+            .into_iter()
+            .map(|b| b * PMD_SIZE)
+            .collect()
+    }
+
     /// `mmu_notifier_invalidate_range_start` (blockable), traced.
     pub(crate) fn invalidate(
         &self,
@@ -530,6 +541,17 @@ impl<'a> Ptl<'a> {
         self.mm.pt().get(addr / PAGE_SIZE)
     }
 
+    /// The PTE at `addr` when a page table maps it, `None` inside a PMD
+    /// mapping (Linux `pte_offset_map_lock` fails on a huge PMD): what the
+    /// paths that replace an entry by another kind re-check under the PTL.
+    pub(crate) fn pte_offset_map(&self, addr: u64) -> Option<Pte> {
+        let pt = self.mm.pt();
+        match pt.pmd(addr / PMD_SIZE) {
+            Some(_) => None,
+            None => pt.get(addr / PAGE_SIZE),
+        }
+    }
+
     /// Writes the PTE at `addr`.
     pub(crate) fn set_pte(&self, addr: u64, pte: Pte) {
         self.mm.pt().set(addr / PAGE_SIZE, pte);
@@ -540,9 +562,32 @@ impl<'a> Ptl<'a> {
         self.mm.pt().remove(addr / PAGE_SIZE)
     }
 
-    /// PTEs in `[start, end)`, in address order: `(vaddr, pte)`.
+    /// PTEs in `[start, end)`, in address order: `(vaddr, pte)` (the pages
+    /// of PMD mappings included, as the PTEs they imply).
     pub(crate) fn ptes_in(&self, start: u64, end: u64) -> Vec<(u64, Pte)> {
         self.mm.ptes_lockless(start, end)
+    }
+
+    /// The PMD entry mapping the 2 MiB block of `addr`, if a PMD maps it
+    /// (Linux `pmd_trans_huge`).
+    pub(crate) fn get_pmd(&self, addr: u64) -> Option<Pte> {
+        self.mm.pt().pmd(addr / PMD_SIZE)
+    }
+
+    /// Maps the 2 MiB block of `addr` with the PMD entry `head`.
+    pub(crate) fn set_pmd(&self, addr: u64, head: Pte) {
+        self.mm.pt().set_pmd(addr / PMD_SIZE, head);
+    }
+
+    /// Clears the PMD entry of the block of `addr`; returns it.
+    pub(crate) fn clear_pmd(&self, addr: u64) -> Option<Pte> {
+        self.mm.pt().clear_pmd(addr / PMD_SIZE)
+    }
+
+    /// Replaces the PMD entry of the block of `addr` by the PTEs it implies
+    /// (Linux `__split_huge_pmd_locked`); whether there was one.
+    pub(crate) fn split_pmd(&self, addr: u64) -> bool {
+        self.mm.pt().split_pmd(addr / PMD_SIZE)
     }
 
     /// `set_pte_at_notify`: announce `pte` to `change_pte`, then write it.
@@ -579,7 +624,9 @@ impl<'a> Ptl<'a> {
 /// invalidation pair.
 pub(crate) struct Gather<'a> {
     mm: &'a MmInner,
-    frames: Vec<u64>,
+    /// Batch entries: a first frame and how many frames follow it (a
+    /// compound page is one entry, as Linux's `tlb_remove_page_size`).
+    frames: Vec<(u64, u64)>,
     lo: u64,
     hi: u64,
 }
@@ -594,9 +641,16 @@ impl<'a> Gather<'a> {
         }
     }
 
-    /// Clears the PTE at `addr` (under `ptl`) and queues what it
-    /// referenced. Returns the old PTE.
+    /// Clears the entry at `addr` (under `ptl`) and queues what it
+    /// referenced; inside a PMD mapping the whole PMD goes (Linux
+    /// `zap_huge_pmd`: callers split blocks the range only partly covers
+    /// first). Returns the old PTE.
     pub(crate) fn zap(&mut self, ptl: &Ptl<'_>, addr: u64) -> Option<Pte> {
+        if ptl.get_pmd(addr).is_some() {
+            let old = ptl.get_pte(addr);
+            self.zap_pmd(ptl, addr);
+            return old;
+        }
         let old = ptl.clear_pte(addr)?;
         self.lo = self.lo.min(addr);
         self.hi = self.hi.max(addr + PAGE_SIZE);
@@ -604,14 +658,32 @@ impl<'a> Gather<'a> {
             PteKind::Swap { slot } => self.mm.phys.swap_free(slot),
             _ => {
                 if let Some(pfn) = old.maps_frame() {
-                    self.frames.push(pfn);
+                    self.queue(pfn, 1);
                 }
             }
         }
+        Some(old)
+    }
+
+    /// Linux `zap_huge_pmd`: clears the PMD entry of the block of `addr`
+    /// and queues its compound page as one batch entry.
+    fn zap_pmd(&mut self, ptl: &Ptl<'_>, addr: u64) {
+        let block = addr & !(PMD_SIZE - 1);
+        let Some(head) = ptl.clear_pmd(block) else {
+            return;
+        };
+        self.lo = self.lo.min(block);
+        self.hi = self.hi.max(block + PMD_SIZE);
+        if let Some(pfn) = head.maps_frame() {
+            self.queue(pfn, HPAGE_PMD_NR);
+        }
+    }
+
+    fn queue(&mut self, pfn: u64, nr: u64) {
+        self.frames.push((pfn, nr));
         if self.frames.len() >= GATHER_BATCH {
             self.flush();
         }
-        Some(old)
     }
 
     /// `tlb_flush_mmu`: flush what was gathered, then drop the references.
@@ -621,8 +693,10 @@ impl<'a> Gather<'a> {
             self.lo = u64::MAX;
             self.hi = 0;
         }
-        for pfn in self.frames.drain(..) {
-            self.mm.phys.unmap(pfn);
+        for (first, nr) in self.frames.drain(..) {
+            for pfn in first..first + nr {
+                self.mm.phys.unmap(pfn);
+            }
         }
     }
 

@@ -14,12 +14,47 @@
 
 use mmu_notifier::sync;
 
+use crate::frame::HPAGE_PMD_NR;
 use crate::hmm::PinnedPages;
 use crate::mm::MmGrab;
 use crate::pfn::FrameRef;
 use crate::pte::Pte;
 use crate::verdict::{Oracle, Violation, ViolationKind};
-use crate::PAGE_SIZE;
+use crate::{PAGE_SIZE, PMD_SIZE};
+
+/// Whether a secondary may access `vaddr` of `mm` through `frame` now: the
+/// present PTE, an unflushed old one or the one `set_pte_at_notify` is
+/// installing grants it, and the frame was not freed since.
+fn page_verdict(
+    mm: &MmGrab,
+    vaddr: u64,
+    frame: FrameRef,
+    write: bool,
+) -> Result<(), ViolationKind> {
+    let inner = &mm.inner;
+    let vpn = vaddr / PAGE_SIZE;
+    let pt = inner.pt();
+    let pending = sync::lock(&inner.pending)
+        .filter(|&(v, _)| v == vpn)
+        .map(|(_, p)| p);
+    let mut verdict = match pt.get(vpn) {
+        None => Err(ViolationKind::NotMapped),
+        Some(p) => grants(&p, frame.pfn, write),
+    };
+    for alt in pending.into_iter().chain(pt.unflushed(vpn)) {
+        if verdict.is_err() && grants(&alt, frame.pfn, write).is_ok() {
+            verdict = Ok(());
+        }
+    }
+    verdict.and_then(|()| {
+        let gen = inner.phys.generation(frame.pfn);
+        if gen == frame.gen {
+            Ok(())
+        } else {
+            Err(ViolationKind::FrameFreed { current_gen: gen })
+        }
+    })
+}
 
 /// Whether `pte` lets an access to `pfn` happen.
 fn grants(pte: &Pte, pfn: u64, write: bool) -> Result<(), ViolationKind> {
@@ -49,33 +84,47 @@ impl Oracle {
         write: bool,
     ) -> Result<(), Box<Violation>> {
         self.count_check();
-        let inner = &mm.inner;
-        let vpn = vaddr / PAGE_SIZE;
-        let verdict = {
-            let pt = inner.pt();
-            let pending = sync::lock(&inner.pending)
-                .filter(|&(v, _)| v == vpn)
-                .map(|(_, p)| p);
-            let current = pt.get(vpn);
-            let mut verdict = match current {
-                None => Err(ViolationKind::NotMapped),
-                Some(p) => grants(&p, frame.pfn, write),
-            };
-            for alt in pending.into_iter().chain(pt.unflushed(vpn)) {
-                if verdict.is_err() && grants(&alt, frame.pfn, write).is_ok() {
-                    verdict = Ok(());
-                }
-            }
-            verdict.and_then(|()| {
-                let gen = inner.phys.generation(frame.pfn);
-                if gen == frame.gen {
-                    Ok(())
-                } else {
-                    Err(ViolationKind::FrameFreed { current_gen: gen })
-                }
+        let r = page_verdict(mm, vaddr, frame, write)
+            .map_err(|kind| self.report(mm, vaddr, frame, write, kind));
+        self.observe(mm.id(), vaddr, write, r.as_ref().err().map(|v| &**v));
+        r
+    }
+
+    /// Checks an access through a secondary mapping of a whole transparent
+    /// huge page: `vaddr` (2 MiB aligned) through `frames`, the 512 frames
+    /// the device mapped there (as `range_fault` reported them, order 9).
+    /// Coherent when every page is, as [`check_access`](Self::check_access)
+    /// decides: a device that keeps its huge mapping after a change to any
+    /// page of the block is caught, as one that maps the pages one by one.
+    ///
+    /// # Errors
+    /// The [`Violation`] of the first incoherent page; a `frames` that is
+    /// not 512 contiguous frames or a `vaddr` not 2 MiB aligned is reported
+    /// as [`ViolationKind::WrongFrame`] at `vaddr`.
+    pub fn check_access_huge(
+        &self,
+        mm: &MmGrab,
+        vaddr: u64,
+        frames: &[FrameRef],
+        write: bool,
+    ) -> Result<(), Box<Violation>> {
+        self.count_check();
+        let first = frames
+            .first()
+            .copied()
+            .unwrap_or(FrameRef { pfn: 0, gen: 0 });
+        let shaped = vaddr % PMD_SIZE == 0
+            && frames.len() as u64 == HPAGE_PMD_NR
+            && frames.iter().zip(first.pfn..).all(|(f, p)| f.pfn == p);
+        let r = if shaped {
+            frames.iter().enumerate().try_for_each(|(i, &f)| {
+                let a = vaddr + i as u64 * PAGE_SIZE;
+                page_verdict(mm, a, f, write).map_err(|kind| self.report(mm, a, f, write, kind))
             })
+        } else {
+            let kind = ViolationKind::WrongFrame { mapped: None };
+            Err(self.report(mm, vaddr, first, write, kind))
         };
-        let r = verdict.map_err(|kind| self.report(mm, vaddr, frame, write, kind));
         self.observe(mm.id(), vaddr, write, r.as_ref().err().map(|v| &**v));
         r
     }

@@ -57,6 +57,13 @@ pub enum Op {
     RangeFault,
     /// `pin` (pin_user_pages).
     Pin,
+    /// `madvise(MADV_HUGEPAGE)` or `madvise(MADV_NOHUGEPAGE)`.
+    MadviseHugepage,
+    /// A PMD mapping split into PTEs (`__split_huge_pmd`), alone or as the
+    /// first step of a THP split (`split_huge_page`).
+    SplitHugePmd,
+    /// khugepaged's collapse of a block of base pages into a THP.
+    Collapse,
     /// Start of an invalidation.
     InvalidateStart,
     /// End of an invalidation.
@@ -67,7 +74,7 @@ pub enum Op {
 
 impl Op {
     /// The primary-MMU operations (what the per-op counters count).
-    pub const OPERATIONS: [Op; 23] = [
+    pub const OPERATIONS: [Op; 26] = [
         Op::Mmap,
         Op::Munmap,
         Op::Mremap,
@@ -91,6 +98,9 @@ impl Op {
         Op::OomReap,
         Op::RangeFault,
         Op::Pin,
+        Op::MadviseHugepage,
+        Op::SplitHugePmd,
+        Op::Collapse,
     ];
 
     pub(crate) fn index(self) -> usize {

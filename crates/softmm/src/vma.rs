@@ -162,6 +162,10 @@ pub struct Vma {
     /// An anonymous page was ever faulted in (Linux `anon_vma` set); fork
     /// only copies page tables of such VMAs.
     pub anon_vma: bool,
+    /// `madvise(MADV_HUGEPAGE)` was given (Linux `VM_HUGEPAGE`): faults in
+    /// its 2 MiB-aligned blocks allocate transparent huge pages (the model
+    /// runs THP in `madvise` mode).
+    pub hugepage: bool,
 }
 
 impl Vma {
@@ -184,6 +188,18 @@ impl Vma {
     }
 
     /// Page offset in the object of `addr`.
+    /// Whether the 2 MiB block of `addr` may be a transparent huge page:
+    /// private anonymous memory under `MADV_HUGEPAGE`, the whole block
+    /// inside this VMA (Linux `thp_vma_suitable_order` plus `madvise` mode).
+    pub(crate) fn thp_block(&self, addr: u64) -> Option<u64> {
+        let block = addr & !(crate::PMD_SIZE - 1);
+        (self.hugepage
+            && self.is_private()
+            && self.start <= block
+            && block + crate::PMD_SIZE <= self.end)
+            .then_some(block)
+    }
+
     pub(crate) fn pgoff_of(&self, addr: u64) -> u64 {
         self.pgoff + (addr - self.start) / PAGE_SIZE
     }

@@ -5,9 +5,9 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
-use common::P;
+use common::{check_accounting, P};
 use mmu_notifier::Owner;
 use proptest::prelude::*;
 use softmm::{Error, MapKind, Mm, PhysMem, PinnedPages, Prot};
@@ -34,6 +34,12 @@ enum Action {
     Mremap(usize),
     Pin(usize, bool),
     Unpin,
+    /// A 2 MiB block under MADV_HUGEPAGE (its first fault maps a THP).
+    MmapHuge,
+    /// khugepaged's collapse of the block of a page.
+    Collapse(usize),
+    /// MADV_NOHUGEPAGE on one page (splits the VMA, and a THP there).
+    NoHuge(usize),
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -59,6 +65,9 @@ fn action() -> impl Strategy<Value = Action> {
         1 => k.clone().prop_map(Action::Mremap),
         1 => (k.clone(), any::<bool>()).prop_map(|(k, w)| Action::Pin(k, w)),
         1 => Just(Action::Unpin),
+        1 => Just(Action::MmapHuge),
+        1 => k.clone().prop_map(Action::Collapse),
+        1 => k.clone().prop_map(Action::NoHuge),
     ]
 }
 
@@ -87,36 +96,9 @@ impl Model {
 
 const DEV: Owner = Owner(1);
 
-/// Every frame's mapcount equals the PTEs mapping it across live address
-/// spaces, and its refcount is mappings plus pins.
-fn check_accounting(phys: &PhysMem, mms: &[&Mm]) {
-    let mut maps: HashMap<u64, u32> = HashMap::new();
-    for mm in mms {
-        for (_, pte) in mm.ptes() {
-            if let Some(pfn) = pte.pfn().filter(|&p| p != softmm::ZERO_PFN) {
-                if !matches!(pte.kind, softmm::PteKind::Swap { .. }) {
-                    *maps.entry(pfn).or_default() += 1;
-                }
-            }
-        }
-    }
-    for (pfn, m, pins, refs) in phys.frame_counts() {
-        assert_eq!(
-            m,
-            maps.get(&pfn).copied().unwrap_or(0),
-            "mapcount of frame {pfn}"
-        );
-        assert_eq!(refs, m + pins, "refcount of frame {pfn}");
-        assert!(refs > 0, "allocated frame {pfn} without references (leak)");
-    }
-    for pfn in maps.keys() {
-        assert!(phys.mapcount(*pfn) > 0, "a PTE maps free frame {pfn}");
-    }
-    assert_eq!(phys.stats().underflows, 0);
-}
-
 fn run(actions: Vec<Action>) {
-    let phys = PhysMem::new(512);
+    // Room for a few transparent huge pages next to the base pages.
+    let phys = PhysMem::new(4 * softmm::HPAGE_PMD_NR as usize);
     let parent = Mm::new(&phys);
     let mut models = vec![Model::default()];
     let mut child: Option<Mm> = None;
@@ -272,6 +254,27 @@ fn run(actions: Vec<Action>) {
             Action::Unpin => {
                 if let Some(p) = pins.pop() {
                     p.unpin().unwrap();
+                }
+            }
+            Action::MmapHuge => {
+                let len = softmm::PMD_SIZE;
+                let a = mm.mmap(2 * len, Prot::RW, MapKind::AnonPrivate).unwrap();
+                let b = (a + len - 1) & !(len - 1);
+                mm.munmap(a, b - a).ok();
+                mm.munmap(b + len, a + 2 * len - (b + len)).ok();
+                mm.madvise_hugepage(b, len).unwrap();
+                for i in 0..len / P {
+                    model.pages.insert(b + i * P, (Val::Is(0), false));
+                }
+            }
+            Action::Collapse(k) => {
+                if let Some(a) = model.key(k) {
+                    mm.collapse(a).unwrap();
+                }
+            }
+            Action::NoHuge(k) => {
+                if let Some(a) = model.key(k) {
+                    mm.madvise_nohugepage(a, P).unwrap();
                 }
             }
         }

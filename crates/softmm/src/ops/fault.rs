@@ -69,8 +69,9 @@ impl MmInner {
         let addr = addr & !(PAGE_SIZE - 1);
         let vma = self.vma_for(addr, access)?;
         self.trace.record(Op::Fault, None, addr, addr + PAGE_SIZE);
-        if access.is_write() && vma.is_private() {
-            // Before the PTL: the VMA lock is never taken under it.
+        if (access.is_write() || vma.thp_block(addr).is_some()) && vma.is_private() {
+            // Before the PTL: the VMA lock is never taken under it. (A THP
+            // fault allocates anonymous memory on a read too.)
             self.mark_anon(&vma);
         }
         let ptl = self.ptl();
@@ -93,6 +94,11 @@ impl MmInner {
                 let mut p = pte;
                 p.read = vma.prot.read;
                 ptl.set_pte(addr, p);
+                Ok(())
+            }
+            PteKind::Present { .. } if ptl.get_pmd(addr).is_some() => {
+                // A write to a read-only PMD mapping of a writable VMA.
+                self.do_huge_pmd_wp_page(ptl, addr, pte);
                 Ok(())
             }
             PteKind::Present { pfn } => {
@@ -146,6 +152,9 @@ impl MmInner {
     /// mapping.
     fn fault_none(&self, ptl: &Ptl<'_>, vma: &Vma, addr: u64, access: Access) -> Result<()> {
         let read = vma.prot.read;
+        if self.do_huge_pmd_anonymous_page(ptl, vma, addr) {
+            return Ok(());
+        }
         match vma.object() {
             None if !access.is_write() => {
                 let mut pte = Pte::present(ZERO_PFN, read, false);
@@ -194,7 +203,7 @@ impl MmInner {
         let mut release_old = false;
         {
             let ptl = self.ptl();
-            if ptl.get_pte(addr).and_then(|p| p.present_pfn()) == Some(old_pfn) {
+            if ptl.pte_offset_map(addr).and_then(|p| p.present_pfn()) == Some(old_pfn) {
                 ptl.clear_pte(addr);
                 self.flush_tlb(addr, addr + PAGE_SIZE);
                 self.phys.map(new.pfn);

@@ -9,7 +9,7 @@ use crate::mm::{check_range, Gather, Mm, MmInner, MmapWrite, MMAP_BASE, TASK_SIZ
 use crate::pte::PteKind;
 use crate::trace::Op;
 use crate::vma::{Backing, MapKind, Prot, SharedObject, Vma};
-use crate::PAGE_SIZE;
+use crate::{PAGE_SIZE, PMD_SIZE};
 
 /// What [`Mm::oom_reap`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -35,6 +35,8 @@ impl MmapWrite<'_> {
     /// it needs.
     pub(crate) fn do_munmap(&self, start: u64, end: u64) {
         let mm = self.mm;
+        // __split_vma → vma_adjust_trans_huge, before the unmap's pair.
+        mm.split_huge_pmds_at(start, end);
         let removed = mm.vmas_write().remove_range(start, end);
         if removed.is_empty() {
             return;
@@ -56,14 +58,30 @@ impl MmapWrite<'_> {
         mm.vmas_write().insert(moved);
         {
             let inv = mm.invalidate(Event::Unmap, ostart, oend, None);
+            let moved_end = oend.min(ostart + new_len);
+            // move_page_tables: a PMD moves whole when the block is inside
+            // the range and lands aligned; otherwise it is split first.
+            let mut pmds = Vec::new();
+            for block in mm.split_partial_huge_pmds(ostart, moved_end) {
+                if (nstart + (block - ostart)) % PMD_SIZE == 0 {
+                    pmds.push(block);
+                } else {
+                    mm.split_huge_pmd(block);
+                }
+            }
             {
                 let ptl = mm.ptl();
-                let ptes = ptl.ptes_in(ostart, oend.min(ostart + new_len));
+                for &block in &pmds {
+                    if let Some(head) = ptl.clear_pmd(block) {
+                        ptl.set_pmd(nstart + (block - ostart), head);
+                    }
+                }
+                let ptes = ptl.ptes_in(ostart, moved_end);
                 for (addr, _) in &ptes {
                     let pte = ptl.clear_pte(*addr).expect("listed under the PTL");
                     ptl.set_pte(nstart + (addr - ostart), pte);
                 }
-                if !ptes.is_empty() {
+                if !ptes.is_empty() || !pmds.is_empty() {
                     mm.flush_tlb(ostart, oend);
                 }
             }
@@ -74,12 +92,31 @@ impl MmapWrite<'_> {
 }
 
 impl MmInner {
-    /// Zaps every PTE of `vmas` (PTL taken here).
+    /// Zaps every PTE and PMD entry of `vmas` (PTL taken here). A PMD
+    /// mapping a VMA part covers whole is zapped whole; one it covers in
+    /// part is split first, wherever the walk meets it, with its own CLEAR
+    /// pair nested in the caller's (Linux `zap_pmd_range`: under the mmap
+    /// read lock a THP may be faulted in next to a madvise at any time).
     pub(crate) fn zap_vmas(&self, gather: &mut Gather<'_>, vmas: &[Vma]) {
-        let ptl = self.ptl();
         for v in vmas {
-            for (addr, _) in ptl.ptes_in(v.start, v.end) {
-                gather.zap(&ptl, addr);
+            loop {
+                let partial = |blocks: Vec<u64>| {
+                    blocks
+                        .into_iter()
+                        .find(|&b| b < v.start || b + PMD_SIZE > v.end)
+                };
+                if let Some(b) = partial(self.pmd_blocks_lockless(v.start, v.end)) {
+                    self.split_huge_pmd(b);
+                    continue;
+                }
+                let ptl = self.ptl();
+                if partial(self.pmd_blocks_lockless(v.start, v.end)).is_some() {
+                    continue;
+                }
+                for (addr, _) in ptl.ptes_in(v.start, v.end) {
+                    gather.zap(&ptl, addr);
+                }
+                break;
             }
         }
     }
@@ -134,6 +171,7 @@ impl Mm {
             backing,
             pgoff,
             anon_vma: false,
+            hugepage: false,
         });
         g.mm.trace.record(Op::Mmap, None, addr, addr + len);
         Ok(addr)
@@ -285,10 +323,24 @@ impl Mm {
         mm.trace.record(Op::MadviseFree, None, start, end);
         for v in vmas {
             let inv = mm.invalidate(Event::Clear, v.start, v.end, None);
+            // madvise_free_huge_pmd: a THP the range covers in part is
+            // split (split_folio), so only the advised pages are freed.
+            for block in mm.pmd_blocks_lockless(v.start, v.end) {
+                if block < v.start || block + PMD_SIZE > v.end {
+                    mm.split_folio(block);
+                }
+            }
             {
                 let ptl = mm.ptl();
                 let mut flushed = false;
                 for (a, mut pte) in ptl.ptes_in(v.start, v.end) {
+                    if ptl.get_pmd(a).is_some_and(|_| {
+                        let b = a & !(PMD_SIZE - 1);
+                        b < v.start || b + PMD_SIZE > v.end
+                    }) {
+                        // A THP faulted in since the split: not advised whole.
+                        continue;
+                    }
                     match pte.kind {
                         PteKind::Swap { slot } => {
                             ptl.clear_pte(a);

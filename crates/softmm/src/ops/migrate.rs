@@ -9,7 +9,7 @@ use crate::pfn::{FrameRef, ZERO_PFN};
 use crate::pte::Access;
 use crate::pte::{Pte, PteKind};
 use crate::trace::Op;
-use crate::PAGE_SIZE;
+use crate::{PAGE_SIZE, PMD_SIZE};
 
 /// A page moved to device memory by [`Mm::migrate_to_device`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,10 +135,15 @@ impl MmInner {
     /// read-only and clean through `set_pte_at_notify`. Fails when the page
     /// has references besides its mappings (a pin, a migration).
     fn ksm_write_protect(&self, addr: u64, pfn: u64) -> bool {
+        // try_to_merge_one_page: KSM merges base pages; a THP is split
+        // first.
+        if self.pt().pmd(addr / PMD_SIZE).is_some() {
+            self.split_folio(addr);
+        }
         let inv = self.invalidate(Event::Clear, addr, addr + PAGE_SIZE, None);
         let ok = {
             let ptl = self.ptl();
-            match ptl.get_pte(addr) {
+            match ptl.pte_offset_map(addr) {
                 Some(pte) if pte.kind == PteKind::Present { pfn } => {
                     let exclusive_refs = self.phys.refcount(pfn) == self.phys.mapcount(pfn);
                     if exclusive_refs && (pte.write || pte.dirty) {
@@ -175,7 +180,7 @@ impl MmInner {
         let inv = self.invalidate(Event::Clear, addr, addr + PAGE_SIZE, None);
         let done = {
             let ptl = self.ptl();
-            match ptl.get_pte(addr) {
+            match ptl.pte_offset_map(addr) {
                 Some(pte) if pte.kind == PteKind::Present { pfn: old } && !pte.write => {
                     self.phys.map(kpage);
                     ptl.clear_pte(addr);
@@ -273,9 +278,16 @@ impl Mm {
         let inv = mm.invalidate(Event::Migrate, start, end, Some(owner));
         let mut selected: Vec<(u64, Sel)> = Vec::new();
         if vma.is_private() {
+            // migrate_vma_collect_pmd: a THP is split (split_folio, nested
+            // in this pair) and its pages collected one by one.
+            mm.split_folios_in(start, end);
             let ptl = mm.ptl();
             let mut flush = false;
             for a in page_addrs(start, end) {
+                if ptl.get_pmd(a).is_some() {
+                    // A THP faulted in since the split: left in place.
+                    continue;
+                }
                 match ptl.get_pte(a) {
                     None => selected.push((a, Sel::Hole { zero: false })),
                     Some(p) if p.is_zero() => selected.push((a, Sel::Hole { zero: true })),
@@ -395,6 +407,10 @@ impl Mm {
             .collect();
         let mut moved = 0;
         for (vs, ve) in private {
+            // A THP is split and its pages migrated one by one (what Linux
+            // does when it cannot allocate a THP at the destination; the
+            // model always does).
+            mm.split_folios_in(vs, ve);
             for (a, pte) in mm.ptes_lockless(vs, ve) {
                 let Some(pfn) = pte.present_pfn().filter(|&p| p != ZERO_PFN) else {
                     continue;
@@ -406,7 +422,7 @@ impl Mm {
                 let entry = {
                     let ptl = mm.ptl();
                     let cur = ptl
-                        .get_pte(a)
+                        .pte_offset_map(a)
                         .filter(|p| p.kind == PteKind::Present { pfn });
                     if let Some(cur) = cur {
                         mm.phys.get(pfn);
@@ -459,10 +475,14 @@ impl Mm {
                 continue;
             };
             let pfn = pte.present_pfn().expect("faulted in");
+            // get_user_pages with FOLL_SPLIT_PMD.
+            if mm.pt().pmd(a / PMD_SIZE).is_some() {
+                mm.split_huge_pmd(a);
+            }
             let inv = mm.invalidate(Event::Exclusive, a, a + PAGE_SIZE, owner);
             let done = {
                 let ptl = mm.ptl();
-                match ptl.get_pte(a) {
+                match ptl.pte_offset_map(a) {
                     Some(cur) if cur.kind == PteKind::Present { pfn } && cur.write => {
                         ptl.clear_pte(a);
                         mm.flush_tlb(a, a + PAGE_SIZE);

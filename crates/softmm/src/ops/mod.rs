@@ -10,6 +10,7 @@
 //! | `mprotect`, `fork`, `clear_soft_dirty`, `writeback` | `protect.rs` | `change_protection`, `dup_mmap` / `copy_pte_range`, `clear_refs`, `folio_mkclean` |
 //! | `age`, `clear_young`, `test_young`, `swap_out` | `reclaim.rs` | `folio_referenced`, `try_to_unmap` |
 //! | `migrate_to_ram`, `migrate_to_device`, `migrate_pages`, `make_device_exclusive`, `ksm_merge` | `migrate.rs` | `migrate_vma_*`, `migrate_pages`, `make_device_exclusive_range`, KSM `replace_page` |
+//! | `madvise_hugepage`, `madvise_nohugepage`, `collapse` (and the THP fault, PMD split and THP split every other operation uses) | `huge.rs` | `do_huge_pmd_anonymous_page`, `__split_huge_pmd`, `split_huge_page`, `collapse_huge_page` |
 //! | `MmapRead::range_fault`, `pin` (the secondary's side) | `../hmm.rs` | `hmm_range_fault`, `pin_user_pages` |
 //!
 //! Shared by all of them, in `../mm.rs`: the invalidation pair, the TLB
@@ -17,6 +18,7 @@
 //! methods are the only way to change a PTE.
 
 pub(crate) mod fault;
+pub mod huge;
 pub mod map;
 pub mod migrate;
 pub mod protect;

@@ -4,7 +4,8 @@
 use mmu_notifier::{Event, END_OF_ADDRESS_SPACE};
 
 use crate::error::Result;
-use crate::mm::{check_range, Mm, MmapWrite, Ptl, TASK_SIZE};
+use crate::frame::HPAGE_PMD_NR;
+use crate::mm::{check_range, Mm, MmInner, MmapWrite, Ptl, TASK_SIZE};
 use crate::pfn::ZERO_PFN;
 use crate::pte::{Pte, PteKind};
 use crate::trace::Op;
@@ -49,6 +50,31 @@ impl MmapWrite<'_> {
     }
 }
 
+/// Linux `copy_huge_pmd` (both PTLs held): the parent's PMD entry is
+/// write-protected and the child maps the same THP with an old,
+/// write-protected PMD entry. Returns whether the parent's entry was
+/// writable.
+fn copy_huge_pmd(mm: &MmInner, ptl: &Ptl<'_>, child_ptl: &Ptl<'_>, block: u64) -> bool {
+    let Some(mut head) = ptl.get_pmd(block) else {
+        return false;
+    };
+    let pfn = head.present_pfn().expect("a PMD maps a present THP");
+    for p in pfn..pfn + HPAGE_PMD_NR {
+        mm.phys.map(p);
+    }
+    let was_writable = head.write;
+    head.write = false;
+    ptl.set_pte(block, head);
+    child_ptl.set_pmd(
+        block,
+        Pte {
+            young: false,
+            ..head
+        },
+    );
+    was_writable
+}
+
 impl Mm {
     /// Changes the protection of `[addr, addr + len)` (Linux `mprotect`):
     /// VMAs are split at the range's ends, then per VMA the PTEs change under
@@ -65,6 +91,7 @@ impl Mm {
         let mm = g.mm;
         mm.vmas_read().covers(start, end)?;
         mm.trace.record(Op::Mprotect, None, start, end);
+        mm.split_huge_pmds_at(start, end);
         mm.vmas_write().update_range(start, end, |v| v.prot = prot);
         let parts = mm.vmas_read().overlapping(start, end);
         for v in parts {
@@ -99,12 +126,26 @@ impl Mm {
                 continue;
             }
             let inv = mm.invalidate(Event::ProtectionPage, v.start, v.end, None);
+            // copy_huge_pmd: a THP that may be pinned is split in the
+            // parent (its own CLEAR pair, nested) and copied as PTEs.
+            for block in mm.pmd_blocks_lockless(v.start, v.end) {
+                let head = mm.pt().pmd(block / PMD_SIZE).and_then(|p| p.present_pfn());
+                if head.is_some_and(|h| (h..h + HPAGE_PMD_NR).any(|p| mm.phys.pincount(p) > 0)) {
+                    mm.split_huge_pmd(block);
+                }
+            }
             let copied = {
                 // Both page tables' locks, as copy_pte_range takes them.
                 let ptl = mm.ptl();
                 let child_ptl = child.inner.ptl();
+                for block in mm.pmd_blocks_lockless(v.start, v.end) {
+                    protected |= copy_huge_pmd(mm, &ptl, &child_ptl, block);
+                }
                 let mut res = Ok(());
                 for (a, pte) in ptl.ptes_in(v.start, v.end) {
+                    if ptl.get_pmd(a).is_some() {
+                        continue;
+                    }
                     match self.copy_pte(&ptl, &child_ptl, a, pte) {
                         Ok(p) => protected |= p,
                         Err(e) => {

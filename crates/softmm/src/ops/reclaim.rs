@@ -3,18 +3,88 @@
 use mmu_notifier::Event;
 
 use crate::error::Result;
-use crate::mm::Mm;
+use crate::frame::HPAGE_PMD_NR;
+use crate::mm::{Mm, MmInner, Ptl};
 use crate::pfn::ZERO_PFN;
 use crate::pte::{Pte, PteKind};
 use crate::trace::Op;
-use crate::PAGE_SIZE;
+use crate::{PAGE_SIZE, PMD_SIZE};
+
+impl MmInner {
+    /// After the private page `pfn` that `cur` mapped at `a` was cleared
+    /// and flushed: its content moves to a new swap slot that the PTE then
+    /// points at, unless it was lazily freed and is still clean (then it is
+    /// discarded and the PTE stays none).
+    fn swap_entry(&self, ptl: &Ptl<'_>, a: u64, cur: Pte, pfn: u64) {
+        if self.phys.is_lazyfree(pfn) && !cur.dirty {
+            return;
+        }
+        let slot = self.phys.swap_out(self.phys.content(pfn));
+        ptl.set_pte(
+            a,
+            Pte {
+                kind: PteKind::Swap { slot },
+                ..cur
+            },
+        );
+    }
+
+    /// Reclaim of the THP mapped at `block` (Linux `shrink_folio_list` →
+    /// `try_to_unmap` with `TTU_SPLIT_HUGE_PMD`; the THP is swapped out
+    /// whole): the PMD split (a CLEAR pair over the block), then a CLEAR
+    /// pair over the THP's range around clearing its PTEs, the TLB flush
+    /// and, for private memory, the swap entries; the frames are released
+    /// after the end. A THP with a pinned page is left alone. Returns the
+    /// pages unmapped.
+    fn swap_out_thp(&self, block: u64, private: bool) -> usize {
+        let Some(head) = self
+            .pt()
+            .pmd(block / PMD_SIZE)
+            .and_then(|p| p.present_pfn())
+        else {
+            return 0;
+        };
+        if (head..head + HPAGE_PMD_NR).any(|p| self.phys.pincount(p) > 0) {
+            return 0;
+        }
+        self.split_huge_pmd(block);
+        let inv = self.invalidate(Event::Clear, block, block + PMD_SIZE, None);
+        let released = {
+            let ptl = self.ptl();
+            let mut cleared = Vec::new();
+            for (a, cur) in ptl.ptes_in(block, block + PMD_SIZE) {
+                let pfn = head + (a - block) / PAGE_SIZE;
+                if ptl.pte_offset_map(a).map(|p| p.kind) == Some(PteKind::Present { pfn }) {
+                    ptl.clear_pte(a);
+                    cleared.push((a, cur, pfn));
+                }
+            }
+            if !cleared.is_empty() {
+                self.flush_tlb(block, block + PMD_SIZE);
+            }
+            if private {
+                for &(a, cur, pfn) in &cleared {
+                    self.swap_entry(&ptl, a, cur, pfn);
+                }
+            }
+            cleared
+        };
+        inv.end();
+        for &(_, _, pfn) in &released {
+            self.phys.unmap(pfn);
+        }
+        released.len()
+    }
+}
 
 impl Mm {
     /// Reclaim aging (Linux `folio_referenced_one` →
     /// `ptep_clear_flush_young_notify`): for each present page, under the
     /// PTL, test and clear the accessed bit, flush if it was set, and OR in
-    /// the notifiers' `clear_flush_young` for that page. Returns the number
-    /// of pages found referenced.
+    /// the notifiers' `clear_flush_young` for that page; a PMD mapping is
+    /// one entry (`pmdp_clear_flush_young_notify` over its 2 MiB block).
+    /// Returns the number of pages found referenced (a PMD mapping counts
+    /// as its 512 pages).
     ///
     /// # Errors
     /// [`Error::InvalidRange`](crate::Error::InvalidRange).
@@ -35,8 +105,33 @@ impl Mm {
         let (g, start, end) = self.read_op(Op::Age, addr, len)?;
         let mm = g.mm;
         let mut referenced = 0;
+        let mut done_block = None;
         for (a, _) in mm.ptes_lockless(start, end) {
+            let block = a & !(PMD_SIZE - 1);
+            if done_block == Some(block) {
+                continue;
+            }
             let ptl = mm.ptl();
+            if let Some(mut pmd) = ptl.get_pmd(a) {
+                // pmdp_clear_flush_young_notify / pmdp_clear_young_notify:
+                // one PMD entry, its whole block.
+                done_block = Some(block);
+                let mut young = pmd.young;
+                if young {
+                    pmd.young = false;
+                    ptl.set_pte(block, pmd);
+                    if flush {
+                        mm.flush_tlb(block, block + PMD_SIZE);
+                    }
+                }
+                young |= if flush {
+                    mm.subs.clear_flush_young(block, block + PMD_SIZE)
+                } else {
+                    mm.subs.clear_young(block, block + PMD_SIZE)
+                };
+                referenced += if young { HPAGE_PMD_NR as usize } else { 0 };
+                continue;
+            }
             let Some(mut pte) = ptl.get_pte(a) else {
                 continue;
             };
@@ -86,6 +181,9 @@ impl Mm {
         let mut unmapped = 0;
         let vmas = mm.vmas_read().overlapping(start, end);
         for v in vmas {
+            for block in mm.pmd_blocks_lockless(v.start, v.end) {
+                unmapped += mm.swap_out_thp(block, v.is_private());
+            }
             for (a, pte) in mm.ptes_lockless(v.start, v.end) {
                 let Some(pfn) = pte.present_pfn().filter(|&p| p != ZERO_PFN) else {
                     continue;
@@ -96,22 +194,12 @@ impl Mm {
                 let inv = mm.invalidate(Event::Clear, a, a + PAGE_SIZE, None);
                 let released = {
                     let ptl = mm.ptl();
-                    match ptl.get_pte(a) {
+                    match ptl.pte_offset_map(a) {
                         Some(cur) if cur.kind == PteKind::Present { pfn } => {
                             ptl.clear_pte(a);
                             mm.flush_tlb(a, a + PAGE_SIZE);
                             if v.is_private() {
-                                let discard = mm.phys.is_lazyfree(pfn) && !cur.dirty;
-                                if !discard {
-                                    let slot = mm.phys.swap_out(mm.phys.content(pfn));
-                                    ptl.set_pte(
-                                        a,
-                                        Pte {
-                                            kind: PteKind::Swap { slot },
-                                            ..cur
-                                        },
-                                    );
-                                }
+                                mm.swap_entry(&ptl, a, cur, pfn);
                             }
                             true
                         }

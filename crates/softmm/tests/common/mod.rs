@@ -368,3 +368,31 @@ impl MiniDevice {
         Ok(true)
     }
 }
+
+/// Every frame's mapcount equals the PTEs mapping it across live address
+/// spaces, and its refcount is mappings plus pins.
+pub fn check_accounting(phys: &PhysMem, mms: &[&Mm]) {
+    let mut maps: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
+    for mm in mms {
+        for (_, pte) in mm.ptes() {
+            if let Some(pfn) = pte.pfn().filter(|&p| p != softmm::ZERO_PFN) {
+                if !matches!(pte.kind, softmm::PteKind::Swap { .. }) {
+                    *maps.entry(pfn).or_default() += 1;
+                }
+            }
+        }
+    }
+    for (pfn, m, pins, refs) in phys.frame_counts() {
+        assert_eq!(
+            m,
+            maps.get(&pfn).copied().unwrap_or(0),
+            "mapcount of frame {pfn}"
+        );
+        assert_eq!(refs, m + pins, "refcount of frame {pfn}");
+        assert!(refs > 0, "allocated frame {pfn} without references (leak)");
+    }
+    for pfn in maps.keys() {
+        assert!(phys.mapcount(*pfn) > 0, "a PTE maps free frame {pfn}");
+    }
+    assert_eq!(phys.stats().underflows, 0);
+}
