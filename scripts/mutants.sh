@@ -36,8 +36,8 @@ if [ "${1:-}" = --whole-system ] || [ "${1:-}" = --devices ] || [ "${1:-}" = --p
 fi
 
 # `scripts/mutants.sh --primary [name...]` checks the software primary MMU:
-# each bug in mutants/primary/ (a transparent-huge-page hook or accounting
-# step left out) must fail its test in crates/softmm/tests.
+# each bug in mutants/primary/ (a huge-page hook, range or accounting step
+# wrong) must fail its test in crates/softmm/tests.
 #
 # name | kind (std, loom, shuttle, embed, uring, uffd, feed, regcache or softmm) | test target | test name (empty: every
 # test of the target) | what the mutant does
@@ -90,6 +90,8 @@ primary_mutants=(
   "shared-thp-reused|softmm|thp|fork_shares_the_thp_and_a_cow_write_splits_before_copying_one_page|a write fault reuses a THP another process maps (no COW)"
   "huge-oracle-head-only|softmm|thp|the_oracle_checks_a_device_mapping_a_thp_whole_or_by_pages|the oracle checks only the first page of a device's huge mapping"
   "zap-splits-nothing|softmm|thp|madvise_dontneed_splits_a_thp_it_covers_in_part_inside_its_pair|a zap covering part of a THP zaps all of it"
+  "hugetlb-cow-one-page|softmm|hugetlb|fork_of_private_hugetlb_clears_the_parent_and_cow_copies_a_huge_page|a hugetlb COW notifies only the first 4 KiB of the huge page it replaces"
+  "pmd-sharing-not-widened|softmm|hugetlb|ranges_in_a_shared_vma_spanning_an_aligned_gigabyte_widen_to_it|ranges in shared hugetlb memory are not widened for PMD sharing"
 )
 if [ "$set_name" = race ]; then
   mutants=("${race_mutants[@]}")

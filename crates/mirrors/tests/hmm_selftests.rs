@@ -2,8 +2,8 @@
 //! the same scenarios with the same expected counts, against
 //! `DeviceMirror` on softmm. Device 0 and 1 are DEVICE_PRIVATE; the
 //! DEVICE_COHERENT variants (skipped by Linux without module parameters)
-//! and hugetlbfs (`anon_write_hugetlbfs`, `compound`) are not modelled.
-//! `anon_write_huge` runs on a real transparent huge page.
+//! are not modelled. `anon_write_huge` runs on a real transparent huge
+//! page, `anon_write_hugetlbfs` and `compound` on hugetlb memory (2 MiB).
 
 use std::sync::Arc;
 
@@ -175,6 +175,40 @@ fn anon_write_huge() {
         "{:?}",
         &snap[..4]
     );
+}
+
+#[test]
+fn anon_write_hugetlbfs() {
+    let (_phys, mm) = machine();
+    let d = dev(&mm, 0);
+    let size = softmm::PMD_SIZE;
+    let npages = size / P;
+    let a = mm
+        .mmap(size, Prot::RW, MapKind::Hugetlb { shared: false })
+        .unwrap();
+    let data = pattern(npages, 0);
+    let cmd = d.write(a, &data).unwrap();
+    assert_eq!((cmd.cpages, cmd.faults), (npages, 1));
+    assert_eq!(cpu_read(&mm, a, npages), data);
+}
+
+#[test]
+fn compound() {
+    let (_phys, mm) = machine();
+    let d = dev(&mm, 0);
+    let size = softmm::PMD_SIZE;
+    let npages = size / P;
+    let a = mm
+        .mmap(size, Prot::RW, MapKind::Hugetlb { shared: false })
+        .unwrap();
+    mm.write(a, &pattern(npages, 0)).unwrap();
+    let (snap, cmd) = d.snapshot(a, npages).unwrap();
+    assert_eq!(cmd.cpages, npages);
+    assert!(snap.iter().all(|&m| m == prot::WRITE | prot::PMD));
+    mm.mprotect(a, size, Prot::READ).unwrap();
+    let (snap, cmd) = d.snapshot(a, npages).unwrap();
+    assert_eq!(cmd.cpages, npages);
+    assert!(snap.iter().all(|&m| m == prot::READ | prot::PMD));
 }
 
 #[test]

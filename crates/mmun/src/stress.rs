@@ -17,7 +17,8 @@ use softmm::{MapKind, Mm, PhysMem, Prot, PAGE_SIZE};
 use crate::rng::Rng;
 use crate::trace::{self, Monitor};
 use crate::world::{
-    self, Space, FILE, HUGE, HUGE_PAGES, PRIV, PRIV_PAGES, SCRATCH, SHARED, SHARED_PAGES,
+    self, Space, FILE, HUGE, HUGETLB, HUGETLB_PAGES, HUGE_PAGES, PRIV, PRIV_PAGES, SCRATCH, SHARED,
+    SHARED_PAGES,
 };
 
 const P: u64 = PAGE_SIZE;
@@ -75,6 +76,7 @@ kinds! {
     HugeRemap = "THP block remap+fault", 1, true;
     HugeAdvice = "madvise (no)hugepage", 1, true;
     Collapse = "khugepaged collapse", 1, true;
+    Hugetlb = "hugetlb page ops", 1, true;
 }
 
 /// Why an operation did not succeed.
@@ -111,10 +113,11 @@ impl From<DmirrorError> for Fail {
 }
 
 fn region(rng: &mut Rng) -> (u64, u64) {
-    match rng.below(12) {
+    match rng.below(13) {
         0 | 1 => (SHARED, SHARED_PAGES),
         2 => (FILE, SHARED_PAGES),
         3 | 4 => (HUGE, HUGE_PAGES),
+        5 => (HUGETLB, HUGETLB_PAGES),
         _ => (PRIV, PRIV_PAGES),
     }
 }
@@ -244,6 +247,28 @@ pub fn exec(kind: Kind, sp: &Space, rng: &mut Rng) -> Result<(), Fail> {
         }
         Kind::Collapse => {
             mm.collapse(huge_block(rng))?;
+        }
+        Kind::Hugetlb => {
+            // Whole hugetlb pages (the 4 KiB operations of the mix on this
+            // region are refused: they would split one).
+            let h = softmm::PMD_SIZE;
+            let p = HUGETLB + rng.below(HUGETLB_PAGES / softmm::HPAGE_PMD_NR) * h;
+            match rng.below(3) {
+                0 => {
+                    mm.munmap(p, h)?;
+                    mm.mmap_fixed(p, h, Prot::RW, MapKind::Hugetlb { shared: false })?;
+                    mm.write(p + rng.below(h - 8), &rng.next_u64().to_le_bytes())?;
+                }
+                1 => mm.madvise_dontneed(p, h)?,
+                _ => {
+                    let prot = if rng.below(2) == 0 {
+                        Prot::READ
+                    } else {
+                        Prot::RW
+                    };
+                    mm.mprotect(p, h, prot)?;
+                }
+            }
         }
         _ => return exec_secondary(kind, sp, rng, addr, n, write),
     }
@@ -528,13 +553,13 @@ pub fn run(s: &Settings) -> Report {
     let _ = writeln!(t, "\n{:<26} {:>10}", "faults (primary+secondary)", faults);
     let _ = writeln!(t, "{:<26} {:>10}", "secondary fault retries", retries);
     let _ = writeln!(t, "{:<26} {:>10}", "oracle checks", oracle.checks());
-    // Transparent huge pages: allocated (by faults and collapses), PMD
-    // splits and collapses in the parent address spaces.
+    // Huge pages: allocated (THPs by faults and collapses, hugetlb pages),
+    // PMD splits and collapses in the parent address spaces.
     let count = |op| spaces.iter().map(|sp| sp.mm.op_count(op)).sum::<u64>();
     let _ = writeln!(
         t,
         "{:<26} {:>10}",
-        "THPs allocated",
+        "huge pages allocated",
         phys.stats().huge_allocs
     );
     let _ = writeln!(

@@ -26,6 +26,10 @@ pub const SCRATCH: u64 = 0x4000_0000;
 pub const HUGE: u64 = 0x5000_0000;
 /// Pages in it: two 2 MiB blocks.
 pub const HUGE_PAGES: u64 = 2 * softmm::HPAGE_PMD_NR;
+/// Private hugetlb region (`MAP_HUGETLB`): two 2 MiB pages.
+pub const HUGETLB: u64 = 0x6000_0000;
+/// Pages in it.
+pub const HUGETLB_PAGES: u64 = 2 * softmm::HPAGE_PMD_NR;
 
 /// The four reference secondaries attached to one address space.
 pub struct Mirrors {
@@ -97,6 +101,13 @@ pub fn space(phys: &Arc<PhysMem>, monitor: &Arc<Monitor>, idx: u64, with_mirrors
         .expect("fixed layout");
     mm.madvise_hugepage(HUGE, HUGE_PAGES * PAGE_SIZE)
         .expect("fixed layout");
+    mm.mmap_fixed(
+        HUGETLB,
+        HUGETLB_PAGES * PAGE_SIZE,
+        Prot::RW,
+        MapKind::Hugetlb { shared: false },
+    )
+    .expect("fixed layout");
     let mirrors =
         with_mirrors.then(|| Mirrors::attach(&mm, Owner(idx + 1)).expect("live address space"));
     Space {

@@ -131,13 +131,13 @@ fn stress_passes_and_one_thread_runs_are_reproducible() {
     assert!(s.contains("OK: no coherence violation, no leak"), "{s}");
     let violations = s.lines().find(|l| l.starts_with("violations")).unwrap();
     assert!(violations.ends_with(" 0"), "{violations}");
-    // The default mix runs transparent huge pages: faulted in, split by the
-    // other operations, collapsed.
+    // The default mix runs huge pages: THPs faulted in and split by the
+    // other operations, hugetlb pages.
     let figure = |name: &str| -> u64 {
         let l = s.lines().find(|l| l.starts_with(name)).unwrap();
         l.split_whitespace().last().unwrap().parse().unwrap()
     };
-    assert!(figure("THPs allocated") > 0, "{s}");
+    assert!(figure("huge pages allocated") > 0, "{s}");
     assert!(figure("PMD splits") > 0, "{s}");
 
     let run = || {

@@ -6,7 +6,9 @@
 //! (the README's call-site table), in the same order relative to PTE changes and frame
 //! frees: munmap, mremap, mprotect, madvise, faults with COW, fork, KSM,
 //! migration (system and device), device-exclusive entries, reclaim (aging
-//! and swap-out), soft-dirty, writeback, exit and the OOM reaper. Secondary
+//! and swap-out), soft-dirty, writeback, exit and the OOM reaper, plus
+//! transparent huge pages (fault, split, collapse: `ops::huge`) and hugetlb
+//! memory ([`MapKind::Hugetlb`]). Secondary
 //! MMUs use [`MmapRead::range_fault`] (hmm_range_fault, a method of the mmap read lock) and [`Mm::pin`]
 //! (pin_user_pages), and check every access they make with the coherence
 //! [`Oracle`].

@@ -509,6 +509,16 @@ impl MmInner {
             let _mmap = self.subs.mmap_write();
             let mut gather = Gather::new(self);
             let inv = self.invalidate(Event::Unmap, 0, mmu_notifier::END_OF_ADDRESS_SPACE, None);
+            // unmap_single_vma: each hugetlb VMA in a pair of its own.
+            let hugetlb: Vec<crate::vma::Vma> = self
+                .vmas_read()
+                .all()
+                .filter(|v| v.is_hugetlb())
+                .cloned()
+                .collect();
+            for v in &hugetlb {
+                self.unmap_hugepage_range(&mut gather, v, v.start, v.end);
+            }
             {
                 let ptl = self.ptl();
                 let all: Vec<(u64, Pte)> = ptl.ptes_in(0, TASK_SIZE);

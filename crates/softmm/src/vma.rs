@@ -1,6 +1,6 @@
 //! Virtual memory areas and the shared objects behind shared mappings.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use mmu_notifier::sync::{self, Mutex};
@@ -45,6 +45,9 @@ pub enum Backing {
     AnonShared(Arc<SharedObject>),
     /// A shared mapping of a file-like object.
     File(Arc<SharedObject>),
+    /// hugetlb memory (`MAP_HUGETLB`): fixed 2 MiB pages, private (COW on
+    /// fork; `None`) or shared (a hugetlbfs object).
+    Hugetlb(Option<Arc<SharedObject>>),
 }
 
 /// What kind of mapping to create (the object for shared kinds is made or
@@ -55,6 +58,14 @@ pub enum MapKind {
     AnonPrivate,
     /// Shared anonymous memory: a new object, shared with fork children.
     AnonShared,
+    /// hugetlb memory of 2 MiB pages (`MAP_HUGETLB`, private or
+    /// `MAP_SHARED`: a new hugetlbfs object shared with fork children).
+    /// Address and length are rounded to 2 MiB as Linux does (a fixed
+    /// address must be aligned).
+    Hugetlb {
+        /// `MAP_SHARED`.
+        shared: bool,
+    },
     /// A shared mapping of `file` starting at page `pgoff`.
     File {
         /// The file.
@@ -68,7 +79,12 @@ pub enum MapKind {
 /// cache holding one reference on each of its frames.
 pub struct SharedObject {
     phys: Arc<PhysMem>,
-    pages: Mutex<HashMap<u64, u64>>,
+    /// Frames by page offset (ordered, so that the object's frames are
+    /// freed in the same order every run: frame reuse, and so where huge
+    /// pages fit, stays a function of the operations).
+    pages: Mutex<BTreeMap<u64, u64>>,
+    /// hugetlbfs objects: the head frame of each 2 MiB page by its index.
+    huge_pages: Mutex<BTreeMap<u64, u64>>,
     len_pages: u64,
 }
 
@@ -86,7 +102,8 @@ impl SharedObject {
     pub fn new_file(phys: &Arc<PhysMem>, len_pages: u64, content: &[u8]) -> Result<Arc<Self>> {
         let obj = Arc::new(SharedObject {
             phys: phys.clone(),
-            pages: Mutex::new(HashMap::new()),
+            pages: Mutex::new(BTreeMap::new()),
+            huge_pages: Mutex::new(BTreeMap::new()),
             len_pages,
         });
         for (i, chunk) in content.chunks(PAGE_SIZE as usize).enumerate() {
@@ -99,9 +116,23 @@ impl SharedObject {
     pub(crate) fn anon(phys: &Arc<PhysMem>) -> Arc<Self> {
         Arc::new(SharedObject {
             phys: phys.clone(),
-            pages: Mutex::new(HashMap::new()),
+            pages: Mutex::new(BTreeMap::new()),
+            huge_pages: Mutex::new(BTreeMap::new()),
             len_pages: u64::MAX / PAGE_SIZE,
         })
+    }
+
+    /// The head frame of 2 MiB page `index` of a hugetlbfs object,
+    /// allocating a zeroed one if needed (the object keeps a reference on
+    /// each of its frames).
+    pub(crate) fn huge_page(&self, index: u64) -> Result<u64> {
+        let mut pages = sync::lock(&self.huge_pages);
+        if let Some(&head) = pages.get(&index) {
+            return Ok(head);
+        }
+        let f = self.phys.alloc_huge()?;
+        pages.insert(index, f.pfn);
+        Ok(f.pfn)
     }
 
     /// Size in pages.
@@ -143,6 +174,12 @@ impl Drop for SharedObject {
         for (_, pfn) in pages {
             self.phys.put_frame(pfn);
         }
+        let huge = std::mem::take(self.huge_pages.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for (_, head) in huge {
+            for pfn in head..head + crate::HPAGE_PMD_NR {
+                self.phys.put_frame(pfn);
+            }
+        }
     }
 }
 
@@ -177,12 +214,19 @@ impl Vma {
     /// Anonymous memory, private or shared (Linux `vma_is_anonymous` plus
     /// shmem-backed shared anonymous memory).
     pub fn is_anonymous(&self) -> bool {
-        !matches!(self.backing, Backing::File(_))
+        matches!(self.backing, Backing::AnonPrivate | Backing::AnonShared(_))
     }
 
+    /// hugetlb memory (Linux `is_vm_hugetlb_page`).
+    pub fn is_hugetlb(&self) -> bool {
+        matches!(self.backing, Backing::Hugetlb(_))
+    }
+
+    /// The object behind a shared mapping of base pages (hugetlbfs objects
+    /// are reached through [`Backing::Hugetlb`]).
     pub(crate) fn object(&self) -> Option<&Arc<SharedObject>> {
         match &self.backing {
-            Backing::AnonPrivate => None,
+            Backing::AnonPrivate | Backing::Hugetlb(_) => None,
             Backing::AnonShared(o) | Backing::File(o) => Some(o),
         }
     }
@@ -306,9 +350,11 @@ impl Vmas {
         self.overlapping(start, end).is_empty()
     }
 
-    /// Lowest free range of `len` bytes at or above `base`.
-    pub(crate) fn find_free(&self, base: u64, len: u64) -> Option<u64> {
-        let mut at = base;
+    /// Lowest free range of `len` bytes at or above `base` starting at a
+    /// multiple of `align` (a power of two).
+    pub(crate) fn find_free_aligned(&self, base: u64, len: u64, align: u64) -> Option<u64> {
+        let up = |a: u64| a.checked_add(align - 1).map(|x| x & !(align - 1));
+        let mut at = up(base)?;
         for v in self.map.values() {
             if v.end <= at {
                 continue;
@@ -316,7 +362,7 @@ impl Vmas {
             if v.start >= at.checked_add(len)? {
                 return Some(at);
             }
-            at = v.end;
+            at = up(v.end)?;
         }
         at.checked_add(len).map(|_| at)
     }

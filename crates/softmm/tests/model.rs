@@ -40,6 +40,8 @@ enum Action {
     Collapse(usize),
     /// MADV_NOHUGEPAGE on one page (splits the VMA, and a THP there).
     NoHuge(usize),
+    /// A private hugetlb mapping of one 2 MiB page.
+    MmapHugetlb,
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -68,6 +70,7 @@ fn action() -> impl Strategy<Value = Action> {
         1 => Just(Action::MmapHuge),
         1 => k.clone().prop_map(Action::Collapse),
         1 => k.clone().prop_map(Action::NoHuge),
+        1 => Just(Action::MmapHugetlb),
     ]
 }
 
@@ -83,6 +86,8 @@ enum Val {
 struct Model {
     /// Mapped page → (value, read-only).
     pages: BTreeMap<u64, (Val, bool)>,
+    /// Start addresses of the hugetlb pages mapped (2 MiB each).
+    hugetlb: std::collections::BTreeSet<u64>,
 }
 
 impl Model {
@@ -92,13 +97,17 @@ impl Model {
         }
         self.pages.keys().nth(k % self.pages.len()).copied()
     }
+
+    fn in_hugetlb(&self, a: u64) -> bool {
+        self.hugetlb.contains(&(a & !(softmm::PMD_SIZE - 1)))
+    }
 }
 
 const DEV: Owner = Owner(1);
 
 fn run(actions: Vec<Action>) {
     // Room for a few transparent huge pages next to the base pages.
-    let phys = PhysMem::new(4 * softmm::HPAGE_PMD_NR as usize);
+    let phys = PhysMem::new(8 * softmm::HPAGE_PMD_NR as usize);
     let parent = Mm::new(&phys);
     let mut models = vec![Model::default()];
     let mut child: Option<Mm> = None;
@@ -112,6 +121,41 @@ fn run(actions: Vec<Action>) {
         };
         let model = &mut models[idx];
         match act {
+            // A 4 KiB operation on hugetlb memory: refused (it would split
+            // a huge page) or a no-op, and nothing changes.
+            Action::Munmap(k, _)
+            | Action::Protect(k, _)
+            | Action::DontNeed(k)
+            | Action::Free(k)
+            | Action::ToDevice(k)
+            | Action::Exclusive(k)
+            | Action::Mremap(k)
+            | Action::NoHuge(k)
+                if model.key(k).is_some_and(|a| model.in_hugetlb(a)) =>
+            {
+                let a = model.key(k).unwrap();
+                let aligned = a % softmm::PMD_SIZE == 0;
+                match act {
+                    Action::Munmap(_, n) => assert!(mm.munmap(a, u64::from(n) * P).is_err()),
+                    Action::Protect(..) => assert!(mm.mprotect(a, P, Prot::READ).is_err()),
+                    // The end rounds down to the start: nothing to do.
+                    Action::DontNeed(_) => assert_eq!(mm.madvise_dontneed(a, P).is_ok(), aligned),
+                    Action::Free(_) => assert!(mm.madvise_free(a, P).is_err()),
+                    Action::ToDevice(_) => assert!(mm.migrate_to_device(a, P, DEV).is_err()),
+                    Action::Exclusive(_) => {
+                        assert_eq!(
+                            mm.make_device_exclusive(a, P, Some(DEV)).unwrap(),
+                            vec![None]
+                        );
+                    }
+                    // Rounded to one huge page each: no growth, no move.
+                    Action::Mremap(_) => match mm.mremap(a, P, 2 * P, true) {
+                        Ok(b) => assert!(aligned && b == a),
+                        Err(_) => assert!(!aligned),
+                    },
+                    _ => assert!(mm.madvise_nohugepage(a, P).is_err()),
+                }
+            }
             Action::Mmap(n) => {
                 let a = mm
                     .mmap(u64::from(n) * P, Prot::RW, MapKind::AnonPrivate)
@@ -134,6 +178,9 @@ fn run(actions: Vec<Action>) {
                     let r = mm.write(a + 5, &[v]);
                     if ro {
                         assert!(matches!(r, Err(Error::Protection { .. })), "{r:?}");
+                    } else if model.in_hugetlb(a) && matches!(r, Err(Error::OutOfMemory)) {
+                        // No huge page free for the fault or the COW copy
+                        // (Linux: SIGBUS): the page is unchanged.
                     } else {
                         r.unwrap();
                         model.pages.insert(a, (Val::Is(v), false));
@@ -143,7 +190,11 @@ fn run(actions: Vec<Action>) {
             Action::Read(_, k) => {
                 if let Some(a) = model.key(k) {
                     let mut b = [0u8];
-                    mm.read(a + 5, &mut b).unwrap();
+                    let r = mm.read(a + 5, &mut b);
+                    if model.in_hugetlb(a) && matches!(r, Err(Error::OutOfMemory)) {
+                        continue;
+                    }
+                    r.unwrap();
                     let (val, ro) = model.pages[&a];
                     match val {
                         Val::Is(v) => assert_eq!(b[0], v, "page {a:#x}"),
@@ -246,6 +297,7 @@ fn run(actions: Vec<Action>) {
                     let r = mm.pin(a, 1, w);
                     if w && ro {
                         assert!(r.is_err());
+                    } else if model.in_hugetlb(a) && matches!(r, Err(Error::OutOfMemory)) {
                     } else {
                         pins.push(r.unwrap());
                     }
@@ -275,6 +327,16 @@ fn run(actions: Vec<Action>) {
             Action::NoHuge(k) => {
                 if let Some(a) = model.key(k) {
                     mm.madvise_nohugepage(a, P).unwrap();
+                }
+            }
+            Action::MmapHugetlb => {
+                let len = softmm::PMD_SIZE;
+                let a = mm
+                    .mmap(len, Prot::RW, MapKind::Hugetlb { shared: false })
+                    .unwrap();
+                model.hugetlb.insert(a);
+                for i in 0..len / P {
+                    model.pages.insert(a + i * P, (Val::Is(0), false));
                 }
             }
         }

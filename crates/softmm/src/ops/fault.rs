@@ -69,6 +69,9 @@ impl MmInner {
         let addr = addr & !(PAGE_SIZE - 1);
         let vma = self.vma_for(addr, access)?;
         self.trace.record(Op::Fault, None, addr, addr + PAGE_SIZE);
+        if vma.is_hugetlb() {
+            return self.hugetlb_fault(&vma, addr, access);
+        }
         if (access.is_write() || vma.thp_block(addr).is_some()) && vma.is_private() {
             // Before the PTL: the VMA lock is never taken under it. (A THP
             // fault allocates anonymous memory on a read too.)

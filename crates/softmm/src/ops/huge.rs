@@ -233,6 +233,7 @@ impl Mm {
         let g = self.mmap_write();
         let mm = g.mm;
         mm.vmas_read().covers(start, end)?;
+        mm.check_hugetlb_split(&[start, end])?;
         mm.trace.record(Op::MadviseHugepage, None, start, end);
         mm.split_huge_pmds_at(start, end);
         mm.vmas_write()

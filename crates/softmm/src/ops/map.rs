@@ -6,6 +6,7 @@ use mmu_notifier::Event;
 
 use crate::error::{Error, Result};
 use crate::mm::{check_range, Gather, Mm, MmInner, MmapWrite, MMAP_BASE, TASK_SIZE};
+use crate::ops::hugetlb::{adjust_range_if_pmd_sharing_possible, huge_len};
 use crate::pte::PteKind;
 use crate::trace::Op;
 use crate::vma::{Backing, MapKind, Prot, SharedObject, Vma};
@@ -56,6 +57,11 @@ impl MmapWrite<'_> {
         moved.start = nstart;
         moved.end = nstart + new_len;
         mm.vmas_write().insert(moved);
+        if vma.is_hugetlb() {
+            self.move_hugetlb_page_tables(vma, ostart, oend.min(ostart + new_len), nstart);
+            self.do_munmap(ostart, oend);
+            return;
+        }
         {
             let inv = mm.invalidate(Event::Unmap, ostart, oend, None);
             let moved_end = oend.min(ostart + new_len);
@@ -99,6 +105,13 @@ impl MmInner {
     /// read lock a THP may be faulted in next to a madvise at any time).
     pub(crate) fn zap_vmas(&self, gather: &mut Gather<'_>, vmas: &[Vma]) {
         for v in vmas {
+            if v.is_hugetlb() {
+                // The whole VMA decides the widening (after munmap took it
+                // out of the tree, the part is the VMA).
+                let full = self.vmas_read().find(v.start).cloned();
+                self.unmap_hugepage_range(gather, full.as_ref().unwrap_or(v), v.start, v.end);
+                continue;
+            }
             loop {
                 let partial = |blocks: Vec<u64>| {
                     blocks
@@ -130,10 +143,14 @@ impl Mm {
     /// [`Error::NoAddressSpace`] when nothing is free.
     pub fn mmap(&self, len: u64, prot: Prot, kind: MapKind) -> Result<u64> {
         check_range(MMAP_BASE, len)?;
+        let (len, align) = match kind {
+            MapKind::Hugetlb { .. } => (huge_len(len), PMD_SIZE),
+            _ => (len, PAGE_SIZE),
+        };
         let g = self.mmap_write();
         let addr =
             g.mm.vmas_read()
-                .find_free(MMAP_BASE, len)
+                .find_free_aligned(MMAP_BASE, len, align)
                 .filter(|a| a + len <= TASK_SIZE)
                 .ok_or(Error::NoAddressSpace { len })?;
         self.insert_vma(&g, addr, len, prot, kind)
@@ -146,7 +163,16 @@ impl Mm {
     /// [`Error::InvalidRange`] for bad ranges.
     pub fn mmap_fixed(&self, addr: u64, len: u64, prot: Prot, kind: MapKind) -> Result<u64> {
         let (start, end) = check_range(addr, len)?;
+        let (start, end) = match kind {
+            MapKind::Hugetlb { .. } if addr % PMD_SIZE != 0 => {
+                return Err(Error::InvalidRange { addr, len });
+            }
+            MapKind::Hugetlb { .. } => check_range(start, huge_len(end - start))?,
+            _ => (start, end),
+        };
+        let len = end - start;
         let g = self.mmap_write();
+        g.mm.check_hugetlb_split(&[start, end])?;
         g.do_munmap(start, end);
         self.insert_vma(&g, addr, len, prot, kind)
     }
@@ -163,6 +189,10 @@ impl Mm {
             MapKind::AnonPrivate => (Backing::AnonPrivate, 0),
             MapKind::AnonShared => (Backing::AnonShared(SharedObject::anon(&g.mm.phys)), 0),
             MapKind::File { file, pgoff } => (Backing::File(file), pgoff),
+            MapKind::Hugetlb { shared: false } => (Backing::Hugetlb(None), 0),
+            MapKind::Hugetlb { shared: true } => {
+                (Backing::Hugetlb(Some(SharedObject::anon(&g.mm.phys))), 0)
+            }
         };
         g.mm.vmas_write().insert(Vma {
             start: addr,
@@ -187,6 +217,7 @@ impl Mm {
     pub fn munmap(&self, addr: u64, len: u64) -> Result<()> {
         let (start, end) = check_range(addr, len)?;
         let g = self.mmap_write();
+        g.mm.check_hugetlb_split(&[start, end])?;
         g.mm.trace.record(Op::Munmap, None, start, end);
         g.do_munmap(start, end);
         Ok(())
@@ -241,6 +272,22 @@ impl Mm {
                 addr: ostart,
                 why: "mremap range is not inside one VMA",
             })?;
+        let (oend, new_len) = if vma.is_hugetlb() {
+            // Linux's mremap of hugetlb: lengths rounded to huge pages,
+            // addresses aligned, no growth.
+            let (old_len, new_len) = (huge_len(oend - ostart), huge_len(new_len));
+            let new_ok = !matches!(target, Some(Some(n)) if n % PMD_SIZE != 0);
+            if ostart % PMD_SIZE != 0 || !new_ok || new_len > old_len || ostart + old_len > vma.end
+            {
+                return Err(Error::InvalidRange {
+                    addr: old,
+                    len: old_len,
+                });
+            }
+            (ostart + old_len, new_len)
+        } else {
+            (oend, new_len)
+        };
         mm.trace.record(Op::Mremap, None, ostart, oend);
         if let Some(Some(new)) = target {
             let (nstart, nend) = check_range(new, new_len)?;
@@ -250,6 +297,7 @@ impl Mm {
                     len: new_len,
                 });
             }
+            mm.check_hugetlb_split(&[nstart, nend])?;
             g.do_munmap(nstart, nend);
             g.move_vma(&vma, ostart, oend, nstart, new_len);
             return Ok(nstart);
@@ -270,9 +318,14 @@ impl Mm {
         if target.is_none() {
             return Err(Error::NoAddressSpace { len: new_len });
         }
+        let align = if vma.is_hugetlb() {
+            PMD_SIZE
+        } else {
+            PAGE_SIZE
+        };
         let nstart = mm
             .vmas_read()
-            .find_free(MMAP_BASE, new_len)
+            .find_free_aligned(MMAP_BASE, new_len, align)
             .filter(|a| a + new_len <= TASK_SIZE)
             .ok_or(Error::NoAddressSpace { len: new_len })?;
         g.move_vma(&vma, ostart, oend, nstart, new_len);
@@ -290,11 +343,25 @@ impl Mm {
         let (start, end) = check_range(addr, len)?;
         let g = self.mmap_read();
         let mm = g.mm;
-        let vmas = mm.vmas_read().covering(start, end)?;
+        let mut vmas = mm.vmas_read().covering(start, end)?;
+        // madvise_dontneed_free_valid_vma: in hugetlb memory the start must
+        // be huge-page aligned and the end is rounded down.
+        for v in &mut vmas {
+            if v.is_hugetlb() {
+                if v.start % PMD_SIZE != 0 {
+                    return Err(Error::InvalidRange { addr, len });
+                }
+                v.end &= !(PMD_SIZE - 1);
+            }
+        }
+        vmas.retain(|v| v.start < v.end);
         mm.trace.record(Op::MadviseDontneed, None, start, end);
         for v in vmas {
             let mut gather = Gather::new(mm);
-            let inv = mm.invalidate(Event::Clear, v.start, v.end, None);
+            // zap_page_range_single, widened for PMD sharing in hugetlb.
+            let full = mm.vmas_read().find(v.start).cloned().unwrap_or(v.clone());
+            let (s, e) = adjust_range_if_pmd_sharing_possible(&full, v.start, v.end);
+            let inv = mm.invalidate(Event::Clear, s, e, None);
             mm.zap_vmas(&mut gather, std::slice::from_ref(&v));
             inv.end();
             gather.finish();

@@ -263,6 +263,13 @@ impl Mm {
         let mm = g.mm;
         mm.check_usable()?;
         let vma = mm.vma_for(start, Access::Read)?;
+        if vma.is_hugetlb() {
+            // migrate_vma_setup refuses hugetlb VMAs (-EINVAL).
+            return Err(Error::NotMapped {
+                addr: start,
+                why: "device migration of hugetlb memory",
+            });
+        }
         if vma.end < end {
             return Err(Error::NotMapped {
                 addr: vma.end,
@@ -475,6 +482,11 @@ impl Mm {
                 continue;
             };
             let pfn = pte.present_pfn().expect("faulted in");
+            if mm.vmas_read().find(a).is_some_and(|v| v.is_hugetlb()) {
+                // Only base pages and THPs (split below) become exclusive.
+                out.push(None);
+                continue;
+            }
             // get_user_pages with FOLL_SPLIT_PMD.
             if mm.pt().pmd(a / PMD_SIZE).is_some() {
                 mm.split_huge_pmd(a);

@@ -11,6 +11,7 @@
 //! | `age`, `clear_young`, `test_young`, `swap_out` | `reclaim.rs` | `folio_referenced`, `try_to_unmap` |
 //! | `migrate_to_ram`, `migrate_to_device`, `migrate_pages`, `make_device_exclusive`, `ksm_merge` | `migrate.rs` | `migrate_vma_*`, `migrate_pages`, `make_device_exclusive_range`, KSM `replace_page` |
 //! | `madvise_hugepage`, `madvise_nohugepage`, `collapse` (and the THP fault, PMD split and THP split every other operation uses) | `huge.rs` | `do_huge_pmd_anonymous_page`, `__split_huge_pmd`, `split_huge_page`, `collapse_huge_page` |
+//! | hugetlb (`MapKind::Hugetlb`): its fault, COW, unmap, mprotect, fork and mremap rows | `hugetlb.rs` | `hugetlb_fault`, `hugetlb_wp`, `__unmap_hugepage_range`, `hugetlb_change_protection`, `copy_hugetlb_page_range`, `move_hugetlb_page_tables` |
 //! | `MmapRead::range_fault`, `pin` (the secondary's side) | `../hmm.rs` | `hmm_range_fault`, `pin_user_pages` |
 //!
 //! Shared by all of them, in `../mm.rs`: the invalidation pair, the TLB
@@ -19,6 +20,7 @@
 
 pub(crate) mod fault;
 pub mod huge;
+pub(crate) mod hugetlb;
 pub mod map;
 pub mod migrate;
 pub mod protect;

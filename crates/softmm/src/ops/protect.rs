@@ -90,12 +90,17 @@ impl Mm {
         let g = self.mmap_write();
         let mm = g.mm;
         mm.vmas_read().covers(start, end)?;
+        mm.check_hugetlb_split(&[start, end])?;
         mm.trace.record(Op::Mprotect, None, start, end);
         mm.split_huge_pmds_at(start, end);
         mm.vmas_write().update_range(start, end, |v| v.prot = prot);
         let parts = mm.vmas_read().overlapping(start, end);
         for v in parts {
-            g.change_protection(v.start, v.end, prot);
+            if v.is_hugetlb() {
+                g.hugetlb_change_protection(&v, prot);
+            } else {
+                g.change_protection(v.start, v.end, prot);
+            }
         }
         Ok(())
     }
@@ -122,6 +127,18 @@ impl Mm {
         let mut protected = false;
         for v in vmas {
             child.inner.vmas_write().insert(v.clone());
+            if v.is_hugetlb() {
+                match self.copy_hugetlb_page_range(&child, &v) {
+                    Ok(p) => protected |= p,
+                    Err(e) => {
+                        if protected {
+                            mm.flush_tlb(0, END_OF_ADDRESS_SPACE);
+                        }
+                        return Err(e);
+                    }
+                }
+                continue;
+            }
             if !(v.is_private() && v.anon_vma) {
                 continue;
             }
@@ -229,9 +246,19 @@ impl Mm {
         let mm = g.mm;
         mm.trace.record(Op::SoftDirtyClear, None, 0, TASK_SIZE);
         let inv = mm.invalidate(Event::SoftDirty, 0, END_OF_ADDRESS_SPACE, None);
+        // clear_refs walks no hugetlb VMA.
+        let hugetlb: Vec<(u64, u64)> = mm
+            .vmas_read()
+            .all()
+            .filter(|v| v.is_hugetlb())
+            .map(|v| (v.start, v.end))
+            .collect();
         {
             let ptl = mm.ptl();
             for (a, mut pte) in ptl.ptes_in(0, TASK_SIZE) {
+                if hugetlb.iter().any(|&(s, e)| s <= a && a < e) {
+                    continue;
+                }
                 pte.soft_dirty = false;
                 if matches!(pte.kind, PteKind::Present { .. }) {
                     pte.write = false;
@@ -257,7 +284,7 @@ impl Mm {
         let mut cleaned = 0;
         let vmas = mm.vmas_read().overlapping(start, end);
         for v in vmas {
-            if v.is_private() {
+            if v.is_private() || v.is_hugetlb() {
                 continue;
             }
             for (a, pte) in mm.ptes_lockless(v.start, v.end) {

@@ -106,9 +106,17 @@ impl Mm {
         let mm = g.mm;
         let mut referenced = 0;
         let mut done_block = None;
+        // hugetlb pages are not on the LRU: reclaim never ages them.
+        let hugetlb: Vec<(u64, u64)> = mm
+            .vmas_read()
+            .overlapping(start, end)
+            .into_iter()
+            .filter(|v| v.is_hugetlb())
+            .map(|v| (v.start, v.end))
+            .collect();
         for (a, _) in mm.ptes_lockless(start, end) {
             let block = a & !(PMD_SIZE - 1);
-            if done_block == Some(block) {
+            if done_block == Some(block) || hugetlb.iter().any(|&(s, e)| s <= a && a < e) {
                 continue;
             }
             let ptl = mm.ptl();
@@ -181,6 +189,10 @@ impl Mm {
         let mut unmapped = 0;
         let vmas = mm.vmas_read().overlapping(start, end);
         for v in vmas {
+            if v.is_hugetlb() {
+                // hugetlb pages are never swapped.
+                continue;
+            }
             for block in mm.pmd_blocks_lockless(v.start, v.end) {
                 unmapped += mm.swap_out_thp(block, v.is_private());
             }
