@@ -172,7 +172,7 @@ pub fn set_context_source(source: &'static dyn ContextSource) -> Result<(), crat
 }
 
 #[cfg(all(debug_assertions, feature = "std"))]
-crate::sync::thread_local! {
+crate::primitive::thread_local! {
     static CONTEXT: DebugContext = DebugContext::new();
 }
 

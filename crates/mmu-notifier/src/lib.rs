@@ -75,6 +75,17 @@ mod list;
 #[cfg(feature = "std")]
 mod mutex;
 mod notifier;
+mod primitive;
+
+/// The shuttle crate, for the facade's macros expanded in other crates.
+#[cfg(shuttle)]
+#[doc(hidden)]
+pub use shuttle as __shuttle;
+
+/// The loom crate, for the facade's macros expanded in other crates.
+#[cfg(loom)]
+#[doc(hidden)]
+pub use loom as __loom;
 mod range;
 // The one module allowed `unsafe`: the RCU pointer and the reader contract.
 #[allow(unsafe_code)]

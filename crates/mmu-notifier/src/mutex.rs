@@ -1,8 +1,8 @@
 //! [`CheckedMutex`]: the mutex of secondary MMUs, which knows when it may
 //! sleep.
 
+use crate::primitive as sync;
 use crate::range::Range;
-use crate::sync;
 
 /// The lock a secondary MMU protects its translations with, taken through
 /// the facade ([`crate::sync`]) and checked against the non-blockable rule:

@@ -16,6 +16,7 @@ use mmu_notifier::sync::{lock, AtomicU64, Mutex, MutexGuard, Ordering};
 use mmu_notifier::Owner;
 
 use crate::error::{Error, Result};
+pub use crate::pfn::HPAGE_PMD_NR;
 use crate::pfn::{FrameRef, ZERO_PFN};
 use crate::verdict::Oracle;
 use crate::PAGE_SIZE;
@@ -77,9 +78,6 @@ pub struct FrameStats {
     /// [`HPAGE_PMD_NR`] frames in `allocs`).
     pub huge_allocs: u64,
 }
-
-/// Frames in a transparent huge page: the pages one PMD entry maps.
-pub const HPAGE_PMD_NR: u64 = 512;
 
 struct SwapSlot {
     count: u32,

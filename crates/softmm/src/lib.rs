@@ -69,9 +69,8 @@ pub use mm::{Mm, MmGrab, MmapRead, MmapWrite, GATHER_BATCH, MMAP_BASE, TASK_SIZE
 pub use ops::huge::{Collapse, MAX_PTES_NONE, MAX_PTES_SHARED};
 pub use ops::map::{pages, OomReport};
 pub use ops::migrate::MigratedPage;
-pub use ops::protect::{PMD_SIZE, PUD_SIZE};
 pub use pfn::{FrameRef, ZERO_PFN};
-pub use pte::{Pte, PteKind};
+pub use pte::{Pte, PteKind, PMD_SIZE, PUD_SIZE};
 pub use trace::{Op, TraceEntry};
 pub use verdict::{Oracle, OracleObserver, Violation, ViolationKind};
 pub use vma::{Backing, MapKind, Prot, SharedObject, Vma};

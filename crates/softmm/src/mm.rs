@@ -40,8 +40,7 @@ use mmu_notifier::{
 
 use crate::error::{Error, Result};
 use crate::frame::{PhysMem, HPAGE_PMD_NR};
-use crate::ops::protect::PMD_SIZE;
-use crate::pte::{PageTable, Pte, PteKind};
+use crate::pte::{PageTable, Pte, PteKind, PMD_SIZE};
 use crate::trace::{Op, Trace, TraceEntry};
 use crate::vma::Vmas;
 use crate::PAGE_SIZE;

@@ -6,6 +6,10 @@
 /// Frame number of the shared zero page (never freed, never written).
 pub const ZERO_PFN: u64 = 0;
 
+/// Frames in a huge page (a THP or a hugetlb page): the pages one PMD
+/// entry maps.
+pub const HPAGE_PMD_NR: u64 = 512;
+
 /// A frame as seen at one moment: its number and generation. Stale once the
 /// frame is freed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -116,8 +116,13 @@ impl Pte {
     }
 }
 
+/// Bytes mapped by one PMD entry (a page table of 512 PTEs).
+pub const PMD_SIZE: u64 = 1 << 21;
+/// Bytes mapped by one PUD entry.
+pub const PUD_SIZE: u64 = 1 << 30;
+
 /// PTEs one PMD entry maps (a page table's worth: 2 MiB of 4 KiB pages).
-pub(crate) const PMD_PAGES: u64 = 512;
+pub(crate) const PMD_PAGES: u64 = crate::pfn::HPAGE_PMD_NR;
 
 /// The PTE a PMD entry `head` (which maps the compound page starting at its
 /// frame) gives page `off` of its block: the same bits, frame `head + off`.

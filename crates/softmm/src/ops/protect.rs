@@ -10,12 +10,7 @@ use crate::pfn::ZERO_PFN;
 use crate::pte::{Pte, PteKind};
 use crate::trace::Op;
 use crate::vma::Prot;
-use crate::PAGE_SIZE;
-
-/// Bytes mapped by one PMD (a page table of 512 PTEs).
-pub const PMD_SIZE: u64 = 1 << 21;
-/// Bytes mapped by one PUD.
-pub const PUD_SIZE: u64 = 1 << 30;
+use crate::{PAGE_SIZE, PMD_SIZE, PUD_SIZE};
 
 impl MmapWrite<'_> {
     /// Linux `change_protection` over one VMA part: per PUD-sized range, a
