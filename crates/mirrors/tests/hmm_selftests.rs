@@ -108,10 +108,16 @@ fn anon_write() {
     let (_phys, mm) = machine();
     let d = dev(&mm, 0);
     let a = anon(&mm, NPAGES, Prot::RW);
-    let data = pattern(NPAGES, 0);
+    device_write_faults_once(&mm, &d, a, NPAGES);
+}
+
+/// A device WRITE of the selftests' pattern over `npages` from `a`: every
+/// page written with one fault, and the CPU reads the pattern back.
+fn device_write_faults_once(mm: &Mm, d: &DeviceMirror, a: u64, npages: u64) {
+    let data = pattern(npages, 0);
     let cmd = d.write(a, &data).unwrap();
-    assert_eq!((cmd.cpages, cmd.faults), (NPAGES, 1));
-    assert_eq!(cpu_read(&mm, a, NPAGES), data);
+    assert_eq!((cmd.cpages, cmd.faults), (npages, 1));
+    assert_eq!(cpu_read(mm, a, npages), data);
 }
 
 #[test]
@@ -163,10 +169,7 @@ fn anon_write_huge() {
         .mmap_fixed(64 * huge, huge, Prot::RW, MapKind::AnonPrivate)
         .unwrap();
     mm.madvise_hugepage(a, huge).unwrap();
-    let data = pattern(huge / P, 0);
-    let cmd = d.write(a, &data).unwrap();
-    assert_eq!((cmd.cpages, cmd.faults), (512, 1));
-    assert_eq!(cpu_read(&mm, a, 512), data);
+    device_write_faults_once(&mm, &d, a, huge / P);
     // The device's fault made a THP, and SNAPSHOT reports it PMD-mapped.
     assert!(mm.is_pmd_mapped(a));
     let (snap, _) = d.snapshot(a, 512).unwrap();
@@ -177,35 +180,33 @@ fn anon_write_huge() {
     );
 }
 
+/// The selftests' hugetlbfs buffer: one 2 MiB huge page, private.
+fn hugetlb_buffer(mm: &Mm) -> (u64, u64) {
+    let size = softmm::PMD_SIZE;
+    let a = mm
+        .mmap(size, Prot::RW, MapKind::Hugetlb { shared: false })
+        .unwrap();
+    (a, size / P)
+}
+
 #[test]
 fn anon_write_hugetlbfs() {
     let (_phys, mm) = machine();
     let d = dev(&mm, 0);
-    let size = softmm::PMD_SIZE;
-    let npages = size / P;
-    let a = mm
-        .mmap(size, Prot::RW, MapKind::Hugetlb { shared: false })
-        .unwrap();
-    let data = pattern(npages, 0);
-    let cmd = d.write(a, &data).unwrap();
-    assert_eq!((cmd.cpages, cmd.faults), (npages, 1));
-    assert_eq!(cpu_read(&mm, a, npages), data);
+    let (a, npages) = hugetlb_buffer(&mm);
+    device_write_faults_once(&mm, &d, a, npages);
 }
 
 #[test]
 fn compound() {
     let (_phys, mm) = machine();
     let d = dev(&mm, 0);
-    let size = softmm::PMD_SIZE;
-    let npages = size / P;
-    let a = mm
-        .mmap(size, Prot::RW, MapKind::Hugetlb { shared: false })
-        .unwrap();
+    let (a, npages) = hugetlb_buffer(&mm);
     mm.write(a, &pattern(npages, 0)).unwrap();
     let (snap, cmd) = d.snapshot(a, npages).unwrap();
     assert_eq!(cmd.cpages, npages);
     assert!(snap.iter().all(|&m| m == prot::WRITE | prot::PMD));
-    mm.mprotect(a, size, Prot::READ).unwrap();
+    mm.mprotect(a, npages * P, Prot::READ).unwrap();
     let (snap, cmd) = d.snapshot(a, npages).unwrap();
     assert_eq!(cmd.cpages, npages);
     assert!(snap.iter().all(|&m| m == prot::READ | prot::PMD));

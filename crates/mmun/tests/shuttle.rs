@@ -158,23 +158,17 @@ fn whole_system_pct_schedules() {
 /// fault..retry window of a page that is being invalidated.
 #[test]
 fn secondary_faults_against_unmaps_on_hot_pages() {
-    let skip = all_but(&[
-        Kind::Remap,
-        Kind::Mremap,
-        Kind::DontNeed,
-        Kind::Free,
-        Kind::Migrate,
-        Kind::SwapOut,
-        Kind::CpuWrite,
-        Kind::KvmFault,
-        Kind::DevRead,
-        Kind::DevWrite,
-        Kind::DevMigrate,
-        Kind::TlbAccess,
-        Kind::RegLookup,
-    ]);
-    run(skip.clone(), Some(2), Sched::Random);
-    run(skip, Some(2), Sched::Pct);
+    run_against_faults(
+        &[
+            Kind::Remap,
+            Kind::Mremap,
+            Kind::DontNeed,
+            Kind::Free,
+            Kind::Migrate,
+            Kind::SwapOut,
+        ],
+        2,
+    );
 }
 
 /// Transparent huge pages faulted in, split (partial unmap, madvise,
@@ -183,23 +177,37 @@ fn secondary_faults_against_unmaps_on_hot_pages() {
 /// region's first block).
 #[test]
 fn thp_splits_and_collapses_against_secondary_faults() {
-    let skip = all_but(&[
-        Kind::HugeRemap,
-        Kind::HugeAdvice,
-        Kind::Collapse,
-        Kind::CpuWrite,
-        Kind::DontNeed,
-        Kind::Mprotect,
-        Kind::SwapOut,
-        Kind::KvmFault,
-        Kind::DevRead,
-        Kind::DevWrite,
-        Kind::DevMigrate,
-        Kind::TlbAccess,
-        Kind::RegLookup,
-    ]);
-    run(skip.clone(), Some(4), Sched::Random);
-    run(skip, Some(4), Sched::Pct);
+    run_against_faults(
+        &[
+            Kind::HugeRemap,
+            Kind::HugeAdvice,
+            Kind::Collapse,
+            Kind::DontNeed,
+            Kind::Mprotect,
+            Kind::SwapOut,
+        ],
+        4,
+    );
+}
+
+/// The CPU's writes and the secondaries' faults and accesses, which the
+/// targeted schedules race against the operations under test.
+const FAULTS: [Kind; 7] = [
+    Kind::CpuWrite,
+    Kind::KvmFault,
+    Kind::DevRead,
+    Kind::DevWrite,
+    Kind::DevMigrate,
+    Kind::TlbAccess,
+    Kind::RegLookup,
+];
+
+/// Only `ops` and [`FAULTS`], on the first `hot` pages of each region,
+/// under both schedulers.
+fn run_against_faults(ops: &[Kind], hot: u64) {
+    let skip = all_but(&[ops, &FAULTS[..]].concat());
+    run(skip.clone(), Some(hot), Sched::Random);
+    run(skip, Some(hot), Sched::Pct);
 }
 
 /// Notifiers and interval notifiers registered and unregistered, and

@@ -284,6 +284,21 @@ impl Vmas {
             .collect()
     }
 
+    /// The `[start, end)` of each VMA part inside `[start, end)` that
+    /// `keep` accepts, in address order.
+    pub(crate) fn ranges(
+        &self,
+        start: u64,
+        end: u64,
+        keep: impl Fn(&Vma) -> bool,
+    ) -> Vec<(u64, u64)> {
+        self.overlapping(start, end)
+            .into_iter()
+            .filter(|v| keep(v))
+            .map(|v| (v.start, v.end))
+            .collect()
+    }
+
     /// Whether `[start, end)` is covered by VMAs without holes.
     pub(crate) fn covers(&self, start: u64, end: u64) -> Result<()> {
         let mut at = start;

@@ -29,7 +29,7 @@ use mmu_notifier::Event;
 
 use crate::error::{Error, Result};
 use crate::frame::HPAGE_PMD_NR;
-use crate::mm::{check_range, Mm, MmInner, Ptl};
+use crate::mm::{check_range, Mm, MmInner, MmapWrite, Ptl};
 use crate::pfn::ZERO_PFN;
 use crate::pte::{Pte, PteKind};
 use crate::trace::Op;
@@ -205,6 +205,33 @@ impl MmInner {
     }
 }
 
+impl MmapWrite<'_> {
+    /// Linux `vma_modify` (as mprotect and madvise use it): `[start, end)`
+    /// must be covered by VMAs; they are split at its ends (a PMD mapping
+    /// an end falls inside is split first, and a hugetlb VMA refuses an
+    /// end that is not 2 MiB aligned), then `f` changes each VMA inside.
+    /// Traced as `op`.
+    ///
+    /// # Errors
+    /// [`Error::NotMapped`] for a hole, [`Error::InvalidRange`] for a
+    /// hugetlb split; nothing is changed then.
+    pub(crate) fn modify_vmas(
+        &self,
+        op: Op,
+        start: u64,
+        end: u64,
+        f: impl FnMut(&mut Vma),
+    ) -> Result<()> {
+        let mm = self.mm;
+        mm.vmas_read().covers(start, end)?;
+        mm.check_hugetlb_split(&[start, end])?;
+        mm.trace.record(op, None, start, end);
+        mm.split_huge_pmds_at(start, end);
+        mm.vmas_write().update_range(start, end, f);
+        Ok(())
+    }
+}
+
 impl Mm {
     /// `madvise(MADV_HUGEPAGE)` over `[addr, addr + len)`: later faults in
     /// its 2 MiB-aligned blocks that lie inside one such VMA allocate
@@ -231,14 +258,7 @@ impl Mm {
     fn set_hugepage(&self, addr: u64, len: u64, on: bool) -> Result<()> {
         let (start, end) = check_range(addr, len)?;
         let g = self.mmap_write();
-        let mm = g.mm;
-        mm.vmas_read().covers(start, end)?;
-        mm.check_hugetlb_split(&[start, end])?;
-        mm.trace.record(Op::MadviseHugepage, None, start, end);
-        mm.split_huge_pmds_at(start, end);
-        mm.vmas_write()
-            .update_range(start, end, |v| v.hugepage = on);
-        Ok(())
+        g.modify_vmas(Op::MadviseHugepage, start, end, |v| v.hugepage = on)
     }
 
     /// Whether a PMD entry maps the page at `addr` (a transparent huge

@@ -9,6 +9,7 @@ use crate::pfn::{FrameRef, ZERO_PFN};
 use crate::pte::Access;
 use crate::pte::{Pte, PteKind};
 use crate::trace::Op;
+use crate::vma::Vma;
 use crate::{PAGE_SIZE, PMD_SIZE};
 
 /// A page moved to device memory by [`Mm::migrate_to_device`].
@@ -405,13 +406,7 @@ impl Mm {
     pub fn migrate_pages(&self, addr: u64, len: u64) -> Result<usize> {
         let (g, start, end) = self.read_op(Op::Migrate, addr, len)?;
         let mm = g.mm;
-        let private: Vec<(u64, u64)> = mm
-            .vmas_read()
-            .overlapping(start, end)
-            .into_iter()
-            .filter(|v| v.is_private())
-            .map(|v| (v.start, v.end))
-            .collect();
+        let private = mm.vmas_read().ranges(start, end, Vma::is_private);
         let mut moved = 0;
         for (vs, ve) in private {
             // A THP is split and its pages migrated one by one (what Linux

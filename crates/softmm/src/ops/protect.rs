@@ -9,7 +9,7 @@ use crate::mm::{check_range, Mm, MmInner, MmapWrite, Ptl, TASK_SIZE};
 use crate::pfn::ZERO_PFN;
 use crate::pte::{Pte, PteKind};
 use crate::trace::Op;
-use crate::vma::Prot;
+use crate::vma::{Prot, Vma};
 use crate::{PAGE_SIZE, PMD_SIZE, PUD_SIZE};
 
 impl MmapWrite<'_> {
@@ -84,11 +84,7 @@ impl Mm {
         let (start, end) = check_range(addr, len)?;
         let g = self.mmap_write();
         let mm = g.mm;
-        mm.vmas_read().covers(start, end)?;
-        mm.check_hugetlb_split(&[start, end])?;
-        mm.trace.record(Op::Mprotect, None, start, end);
-        mm.split_huge_pmds_at(start, end);
-        mm.vmas_write().update_range(start, end, |v| v.prot = prot);
+        g.modify_vmas(Op::Mprotect, start, end, |v| v.prot = prot)?;
         let parts = mm.vmas_read().overlapping(start, end);
         for v in parts {
             if v.is_hugetlb() {
@@ -242,12 +238,7 @@ impl Mm {
         mm.trace.record(Op::SoftDirtyClear, None, 0, TASK_SIZE);
         let inv = mm.invalidate(Event::SoftDirty, 0, END_OF_ADDRESS_SPACE, None);
         // clear_refs walks no hugetlb VMA.
-        let hugetlb: Vec<(u64, u64)> = mm
-            .vmas_read()
-            .all()
-            .filter(|v| v.is_hugetlb())
-            .map(|v| (v.start, v.end))
-            .collect();
+        let hugetlb = mm.vmas_read().ranges(0, TASK_SIZE, Vma::is_hugetlb);
         {
             let ptl = mm.ptl();
             for (a, mut pte) in ptl.ptes_in(0, TASK_SIZE) {

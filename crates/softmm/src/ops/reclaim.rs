@@ -8,9 +8,40 @@ use crate::mm::{Mm, MmInner, Ptl};
 use crate::pfn::ZERO_PFN;
 use crate::pte::{Pte, PteKind};
 use crate::trace::Op;
+use crate::vma::Vma;
 use crate::{PAGE_SIZE, PMD_SIZE};
 
 impl MmInner {
+    /// Linux `ptep_clear_flush_young_notify` (with `flush`) or
+    /// `ptep_clear_young_notify`, and their PMD forms, under `ptl`: the
+    /// accessed bit of `entry`, the entry at `addr` mapping `len` bytes, is
+    /// tested and cleared (with a TLB flush of its range if it was set and
+    /// `flush`), then the notifiers' young callback over the same range is
+    /// ORed in. Whether the entry was referenced.
+    fn clear_young_notify(
+        &self,
+        ptl: &Ptl<'_>,
+        addr: u64,
+        len: u64,
+        mut entry: Pte,
+        flush: bool,
+    ) -> bool {
+        let mut young = entry.young;
+        if young {
+            entry.young = false;
+            ptl.set_pte(addr, entry);
+            if flush {
+                self.flush_tlb(addr, addr + len);
+            }
+        }
+        young |= if flush {
+            self.subs.clear_flush_young(addr, addr + len)
+        } else {
+            self.subs.clear_young(addr, addr + len)
+        };
+        young
+    }
+
     /// After the private page `pfn` that `cur` mapped at `a` was cleared
     /// and flushed: its content moves to a new swap slot that the PTE then
     /// points at, unless it was lazily freed and is still clean (then it is
@@ -107,59 +138,29 @@ impl Mm {
         let mut referenced = 0;
         let mut done_block = None;
         // hugetlb pages are not on the LRU: reclaim never ages them.
-        let hugetlb: Vec<(u64, u64)> = mm
-            .vmas_read()
-            .overlapping(start, end)
-            .into_iter()
-            .filter(|v| v.is_hugetlb())
-            .map(|v| (v.start, v.end))
-            .collect();
+        let hugetlb = mm.vmas_read().ranges(start, end, Vma::is_hugetlb);
         for (a, _) in mm.ptes_lockless(start, end) {
             let block = a & !(PMD_SIZE - 1);
             if done_block == Some(block) || hugetlb.iter().any(|&(s, e)| s <= a && a < e) {
                 continue;
             }
             let ptl = mm.ptl();
-            if let Some(mut pmd) = ptl.get_pmd(a) {
+            if let Some(pmd) = ptl.get_pmd(a) {
                 // pmdp_clear_flush_young_notify / pmdp_clear_young_notify:
                 // one PMD entry, its whole block.
                 done_block = Some(block);
-                let mut young = pmd.young;
-                if young {
-                    pmd.young = false;
-                    ptl.set_pte(block, pmd);
-                    if flush {
-                        mm.flush_tlb(block, block + PMD_SIZE);
-                    }
+                if mm.clear_young_notify(&ptl, block, PMD_SIZE, pmd, flush) {
+                    referenced += HPAGE_PMD_NR as usize;
                 }
-                young |= if flush {
-                    mm.subs.clear_flush_young(block, block + PMD_SIZE)
-                } else {
-                    mm.subs.clear_young(block, block + PMD_SIZE)
-                };
-                referenced += if young { HPAGE_PMD_NR as usize } else { 0 };
                 continue;
             }
-            let Some(mut pte) = ptl.get_pte(a) else {
+            let Some(pte) = ptl.get_pte(a) else {
                 continue;
             };
             if !matches!(pte.kind, PteKind::Present { .. }) || pte.is_zero() {
                 continue;
             }
-            let mut young = pte.young;
-            if young {
-                pte.young = false;
-                ptl.set_pte(a, pte);
-                if flush {
-                    mm.flush_tlb(a, a + PAGE_SIZE);
-                }
-            }
-            young |= if flush {
-                mm.subs.clear_flush_young(a, a + PAGE_SIZE)
-            } else {
-                mm.subs.clear_young(a, a + PAGE_SIZE)
-            };
-            referenced += usize::from(young);
+            referenced += usize::from(mm.clear_young_notify(&ptl, a, PAGE_SIZE, pte, flush));
         }
         Ok(referenced)
     }
