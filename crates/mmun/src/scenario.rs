@@ -349,7 +349,13 @@ fn step(w: &Arc<World>, s: &Step) -> Result<(), String> {
                     file: sp.file.clone(),
                     pgoff: 0,
                 },
-                k => return Err(format!("unknown kind {k:?} (anon, shared, file)")),
+                "hugetlb" => MapKind::Hugetlb { shared: false },
+                "hugetlb_shared" => MapKind::Hugetlb { shared: true },
+                k => {
+                    return Err(format!(
+                        "unknown kind {k:?} (anon, shared, file, hugetlb, hugetlb_shared)"
+                    ))
+                }
             };
             let r = match &s.to {
                 Some(at) => mm.mmap_fixed(w.addr_of(at)?, len(s)?, prot(s)?, kind),
@@ -376,7 +382,13 @@ fn step(w: &Arc<World>, s: &Step) -> Result<(), String> {
             match s.advice.as_deref() {
                 Some("dontneed") => mm.madvise_dontneed(w.addr(s)?, len(s)?).map_err(fail_mm),
                 Some("free") => mm.madvise_free(w.addr(s)?, len(s)?).map_err(fail_mm),
-                a => return Err(format!("unknown advice {a:?} (dontneed, free)")),
+                Some("hugepage") => mm.madvise_hugepage(w.addr(s)?, len(s)?).map_err(fail_mm),
+                Some("nohugepage") => mm.madvise_nohugepage(w.addr(s)?, len(s)?).map_err(fail_mm),
+                a => {
+                    return Err(format!(
+                        "unknown advice {a:?} (dontneed, free, hugepage, nohugepage)"
+                    ))
+                }
             }
         }
         "write" => w
@@ -410,6 +422,19 @@ fn step(w: &Arc<World>, s: &Step) -> Result<(), String> {
                 }
                 Err(e) => Err(fail_mm(e)),
             }
+        }
+        "collapse" => match w.mm(s)?.collapse(w.addr(s)?) {
+            Ok(c) => {
+                let done = u64::from(c == softmm::Collapse::Collapsed);
+                expect_eq("blocks collapsed", s.expect_count, done)?;
+                Ok(())
+            }
+            Err(e) => Err(fail_mm(e)),
+        },
+        "huge" => {
+            let mapped = u64::from(w.mm(s)?.is_pmd_mapped(w.addr(s)?));
+            expect_eq("PMD-mapped", s.expect_count, mapped)?;
+            Ok(())
         }
         "soft_dirty" => {
             w.mm(s)?.clear_soft_dirty();
