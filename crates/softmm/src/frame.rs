@@ -256,6 +256,34 @@ impl PhysMem {
         Ok(first)
     }
 
+    /// The PMD entry mapping the huge page at `head`, just allocated, takes
+    /// over the allocation's reference on each of its frames.
+    pub(crate) fn map_new_huge(&self, head: u64) {
+        for pfn in head..head + HPAGE_PMD_NR {
+            self.map(pfn);
+            self.put_frame(pfn);
+        }
+    }
+
+    /// Copies the huge page at `src` into the one at `dst` (COW, a pinned
+    /// page copied at fork).
+    pub(crate) fn copy_huge(&self, src: u64, dst: u64) {
+        for i in 0..HPAGE_PMD_NR {
+            self.copy_frame(src + i, dst + i);
+        }
+    }
+
+    /// Whether one mapping is all that holds the huge page at `head` (each
+    /// frame mapped once, no other reference): a write may reuse it.
+    pub(crate) fn huge_exclusive(&self, head: u64) -> bool {
+        (head..head + HPAGE_PMD_NR).all(|p| self.refcount(p) == 1 && self.mapcount(p) == 1)
+    }
+
+    /// Whether a frame of the huge page at `head` is pinned.
+    pub(crate) fn huge_pinned(&self, head: u64) -> bool {
+        (head..head + HPAGE_PMD_NR).any(|p| self.pincount(p) > 0)
+    }
+
     /// Marks `pfn`, just taken off the free list, allocated as `kind` with
     /// one reference.
     fn take_free(&self, pfn: u64, kind: FrameKind) -> FrameRef {

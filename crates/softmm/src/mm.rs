@@ -416,6 +416,12 @@ impl MmInner {
             .collect()
     }
 
+    /// The PMD entry mapping the 2 MiB block of `addr`, read without the
+    /// PTL (as [`pte_lockless`](Self::pte_lockless)).
+    pub(crate) fn pmd_lockless(&self, addr: u64) -> Option<Pte> {
+        self.pt().pmd(addr / PMD_SIZE)
+    }
+
     /// Start addresses of the 2 MiB blocks mapped by PMD entries that
     /// overlap `[start, end)`, read without the PTL.
     pub(crate) fn pmd_blocks_lockless(&self, start: u64, end: u64) -> Vec<u64> {

@@ -68,10 +68,7 @@ impl MmInner {
         let Ok(head) = self.phys.alloc_huge() else {
             return false;
         };
-        for pfn in head.pfn..head.pfn + HPAGE_PMD_NR {
-            self.phys.map(pfn);
-            self.phys.put_frame(pfn);
-        }
+        self.phys.map_new_huge(head.pfn);
         // mk_huge_pmd + pmd_mkdirty + maybe_pmd_mkwrite.
         ptl.set_pmd(block, Pte::present(head.pfn, vma.prot.read, vma.prot.write));
         true
@@ -84,9 +81,7 @@ impl MmInner {
     /// page.
     pub(crate) fn do_huge_pmd_wp_page(&self, ptl: Ptl<'_>, addr: u64, pte: Pte) {
         let head = ptl.get_pmd(addr).and_then(|p| p.present_pfn());
-        let exclusive = head.is_some_and(|h| {
-            (h..h + HPAGE_PMD_NR).all(|p| self.phys.refcount(p) == 1 && self.phys.mapcount(p) == 1)
-        });
+        let exclusive = head.is_some_and(|h| self.phys.huge_exclusive(h));
         if exclusive {
             let pfn = pte.present_pfn().expect("a PMD maps present pages");
             ptl.set_pte(addr, Pte::present(pfn, true, true));
@@ -123,11 +118,7 @@ impl MmInner {
     /// entry.
     pub(crate) fn split_folio(&self, addr: u64) {
         let block = addr & !(PMD_SIZE - 1);
-        let Some(head) = self
-            .pt()
-            .pmd(block / PMD_SIZE)
-            .and_then(|p| p.present_pfn())
-        else {
+        let Some(head) = self.pmd_lockless(block).and_then(|p| p.present_pfn()) else {
             return;
         };
         self.split_huge_pmd(block);
@@ -175,7 +166,7 @@ impl MmInner {
     /// boundary) is split. Called with the mmap lock held for writing.
     pub(crate) fn split_huge_pmds_at(&self, start: u64, end: u64) {
         for a in [start, end] {
-            if a % PMD_SIZE != 0 && self.pt().pmd(a / PMD_SIZE).is_some() {
+            if a % PMD_SIZE != 0 && self.pmd_lockless(a).is_some() {
                 self.split_huge_pmd(a);
             }
         }
@@ -264,7 +255,7 @@ impl Mm {
     /// Whether a PMD entry maps the page at `addr` (a transparent huge
     /// page), as the hardware walker sees it now.
     pub fn is_pmd_mapped(&self, addr: u64) -> bool {
-        self.inner.pt().pmd(addr / PMD_SIZE).is_some()
+        self.inner.pmd_lockless(addr).is_some()
     }
 
     /// khugepaged's collapse of the 2 MiB block of `addr` (Linux
@@ -301,7 +292,7 @@ impl Mm {
                 "the block is not inside one private MADV_HUGEPAGE VMA",
             ));
         }
-        if mm.pt().pmd(block / PMD_SIZE).is_some() {
+        if mm.pmd_lockless(block).is_some() {
             return Ok(Collapse::Skipped("already a THP"));
         }
         let old = mm.ptes_lockless(block, block + PMD_SIZE);
@@ -332,10 +323,7 @@ impl Mm {
                 mm.phys.copy_frame(pfn, new.pfn + (a - block) / PAGE_SIZE);
             }
         }
-        for pfn in new.pfn..new.pfn + HPAGE_PMD_NR {
-            mm.phys.map(pfn);
-            mm.phys.put_frame(pfn);
-        }
+        mm.phys.map_new_huge(new.pfn);
         {
             let ptl = mm.ptl();
             ptl.set_pmd(block, Pte::present(new.pfn, vma.prot.read, vma.prot.write));

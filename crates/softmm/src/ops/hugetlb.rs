@@ -97,9 +97,8 @@ impl MmInner {
             return Ok(());
         }
         let head = pmd.present_pfn().expect("a hugetlb PMD maps a page");
-        let exclusive = matches!(vma.backing, Backing::Hugetlb(None))
-            && (head..head + HPAGE_PMD_NR)
-                .all(|p| self.phys.refcount(p) == 1 && self.phys.mapcount(p) == 1);
+        let exclusive =
+            matches!(vma.backing, Backing::Hugetlb(None)) && self.phys.huge_exclusive(head);
         if exclusive || matches!(vma.backing, Backing::Hugetlb(Some(_))) {
             // Reuse (the only mapping of an anonymous page), or a shared
             // page: made writable in place, no notifier.
@@ -123,10 +122,7 @@ impl MmInner {
             }
             _ => {
                 let head = self.phys.alloc_huge()?.pfn;
-                for pfn in head..head + HPAGE_PMD_NR {
-                    self.phys.map(pfn);
-                    self.phys.put_frame(pfn);
-                }
+                self.phys.map_new_huge(head);
                 (head, access.is_write() && vma.prot.write)
             }
         };
@@ -142,9 +138,7 @@ impl MmInner {
     fn hugetlb_wp(&self, vma: &Vma, haddr: u64, old: Pte) -> Result<()> {
         let old_head = old.present_pfn().expect("COW of a present page");
         let new = self.phys.alloc_huge()?;
-        for i in 0..HPAGE_PMD_NR {
-            self.phys.copy_frame(old_head + i, new.pfn + i);
-        }
+        self.phys.copy_huge(old_head, new.pfn);
         self.trace
             .record(Op::CowFault, None, haddr, haddr + PMD_SIZE);
         let inv = self.invalidate(Event::Clear, haddr, haddr + PMD_SIZE, None);
@@ -266,14 +260,10 @@ impl Mm {
                     continue;
                 };
                 let head = pmd.present_pfn().expect("a hugetlb PMD maps a page");
-                let pinned = (head..head + HPAGE_PMD_NR).any(|p| mm.phys.pincount(p) > 0);
-                if cow && pinned {
+                if cow && mm.phys.huge_pinned(head) {
                     let new = mm.phys.alloc_huge()?;
-                    for i in 0..HPAGE_PMD_NR {
-                        mm.phys.copy_frame(head + i, new.pfn + i);
-                        mm.phys.map(new.pfn + i);
-                        mm.phys.put_frame(new.pfn + i);
-                    }
+                    mm.phys.copy_huge(head, new.pfn);
+                    mm.phys.map_new_huge(new.pfn);
                     child_ptl.set_pmd(block, Pte::present(new.pfn, pmd.read, pmd.write));
                     continue;
                 }

@@ -10,7 +10,7 @@ use crate::pte::Access;
 use crate::pte::{Pte, PteKind};
 use crate::trace::Op;
 use crate::vma::Vma;
-use crate::{PAGE_SIZE, PMD_SIZE};
+use crate::PAGE_SIZE;
 
 /// A page moved to device memory by [`Mm::migrate_to_device`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,7 +138,7 @@ impl MmInner {
     fn ksm_write_protect(&self, addr: u64, pfn: u64) -> bool {
         // try_to_merge_one_page: KSM merges base pages; a THP is split
         // first.
-        if self.pt().pmd(addr / PMD_SIZE).is_some() {
+        if self.pmd_lockless(addr).is_some() {
             self.split_folio(addr);
         }
         let inv = self.invalidate(Event::Clear, addr, addr + PAGE_SIZE, None);
@@ -483,7 +483,7 @@ impl Mm {
                 continue;
             }
             // get_user_pages with FOLL_SPLIT_PMD.
-            if mm.pt().pmd(a / PMD_SIZE).is_some() {
+            if mm.pmd_lockless(a).is_some() {
                 mm.split_huge_pmd(a);
             }
             let inv = mm.invalidate(Event::Exclusive, a, a + PAGE_SIZE, owner);

@@ -137,8 +137,8 @@ impl Mm {
             // copy_huge_pmd: a THP that may be pinned is split in the
             // parent (its own CLEAR pair, nested) and copied as PTEs.
             for block in mm.pmd_blocks_lockless(v.start, v.end) {
-                let head = mm.pt().pmd(block / PMD_SIZE).and_then(|p| p.present_pfn());
-                if head.is_some_and(|h| (h..h + HPAGE_PMD_NR).any(|p| mm.phys.pincount(p) > 0)) {
+                let head = mm.pmd_lockless(block).and_then(|p| p.present_pfn());
+                if head.is_some_and(|h| mm.phys.huge_pinned(h)) {
                     mm.split_huge_pmd(block);
                 }
             }

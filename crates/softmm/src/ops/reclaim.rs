@@ -68,14 +68,10 @@ impl MmInner {
     /// after the end. A THP with a pinned page is left alone. Returns the
     /// pages unmapped.
     fn swap_out_thp(&self, block: u64, private: bool) -> usize {
-        let Some(head) = self
-            .pt()
-            .pmd(block / PMD_SIZE)
-            .and_then(|p| p.present_pfn())
-        else {
+        let Some(head) = self.pmd_lockless(block).and_then(|p| p.present_pfn()) else {
             return 0;
         };
-        if (head..head + HPAGE_PMD_NR).any(|p| self.phys.pincount(p) > 0) {
+        if self.phys.huge_pinned(head) {
             return 0;
         }
         self.split_huge_pmd(block);
