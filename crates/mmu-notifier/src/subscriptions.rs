@@ -453,18 +453,23 @@ impl Subscriptions {
 
     /// The list phase of start (Linux `mn_hlist_invalidate_range_start`),
     /// inside the section the caller opened: on failure every end callback
-    /// has run.
-    #[inline(never)]
+    /// has run. A list of one notifier takes its own out-of-line walk (see
+    /// [`for_each_caught`](Self::for_each_caught)).
+    #[inline(always)]
     fn start_list(&self, snap: &Snapshot, range: &Range) -> Result<(), Again> {
-        let _section = InvalidateSection::enter(self.inner.key, &self.inner.diag);
-        self.start_walk(snap, range)
+        if snap.entries.len() == 1 {
+            self.start_walk::<true>(snap, range)
+        } else {
+            self.start_walk::<false>(snap, range)
+        }
     }
 
-    #[inline(always)]
-    fn start_walk(&self, snap: &Snapshot, range: &Range) -> Result<(), Again> {
+    #[inline(never)]
+    fn start_walk<const ONE: bool>(&self, snap: &Snapshot, range: &Range) -> Result<(), Again> {
+        let _section = InvalidateSection::enter(self.inner.key, &self.inner.diag);
         let mut failed = false;
         let blockable = range.blockable();
-        self.for_each_caught(snap, "invalidate_range_start", |e| {
+        self.for_each_caught::<ONE>(snap, "invalidate_range_start", |e| {
             if e.callbacks.contains(Callbacks::INVALIDATE_RANGE_START) {
                 let r = {
                     let _nb = NonBlockSection::enter(&self.inner.diag, !blockable);
@@ -480,7 +485,7 @@ impl Subscriptions {
         if failed {
             // c2655835: every notifier with an end gets it, including the
             // ones whose start succeeded. No non-block marking here (Linux).
-            self.for_each_caught(snap, "invalidate_range_end", |e| {
+            self.for_each_caught::<ONE>(snap, "invalidate_range_end", |e| {
                 if e.callbacks.contains(Callbacks::INVALIDATE_RANGE_END) {
                     e.ops.invalidate_range_end(range);
                 }
@@ -524,10 +529,19 @@ impl Subscriptions {
     /// The list phase of end (Linux `mn_hlist_invalidate_end`): the
     /// notifiers of the snapshot the start walked, inside the section the
     /// start opened.
-    #[inline(never)]
+    #[inline(always)]
     fn end_walk(&self, snap: &Snapshot, range: &Range) {
+        if snap.entries.len() == 1 {
+            self.end_list_walk::<true>(snap, range);
+        } else {
+            self.end_list_walk::<false>(snap, range);
+        }
+    }
+
+    #[inline(never)]
+    fn end_list_walk<const ONE: bool>(&self, snap: &Snapshot, range: &Range) {
         let _section = InvalidateSection::enter(self.inner.key, &self.inner.diag);
-        self.for_each_caught(snap, "invalidate_range_end", |e| {
+        self.for_each_caught::<ONE>(snap, "invalidate_range_end", |e| {
             if e.callbacks.contains(Callbacks::INVALIDATE_RANGE_END) {
                 let _nb = NonBlockSection::enter(&self.inner.diag, !range.blockable());
                 e.ops.invalidate_range_end(range);
@@ -550,10 +564,17 @@ impl Subscriptions {
     /// Calls `f` on every entry in list order until it returns false. Where
     /// panics unwind, a panic in `f` (a callback) is caught and reported, and
     /// the walk continues with the next entry. One unwind guard per walk, not
-    /// per callback.
+    /// per callback (a guard per callback measured 1.2-1.3x slower with one
+    /// and with eight notifiers).
+    ///
+    /// `ONE`: the caller saw a list of exactly one entry. One notifier per
+    /// address space is the common case (a VM's shadow MMU, one device);
+    /// its walk needs no resume state, so it gets its own instance, which
+    /// keeps fewer registers live (the hook pair measured about 1 ns less).
+    /// Correct whatever the length: other lengths take the general walk.
     #[cfg(all(feature = "std", panic = "unwind"))]
     #[inline(always)]
-    pub(crate) fn for_each_caught(
+    pub(crate) fn for_each_caught<const ONE: bool>(
         &self,
         snap: &Snapshot,
         what: &'static str,
@@ -561,6 +582,14 @@ impl Subscriptions {
     ) {
         use std::panic::{catch_unwind, AssertUnwindSafe};
         let entries = &snap.entries[..];
+        if ONE {
+            if let [only] = entries {
+                if catch_unwind(AssertUnwindSafe(|| f(only))).is_err() {
+                    self.callback_panicked(what);
+                }
+                return;
+            }
+        }
         let mut from = 0;
         // The entry being called, for resuming after a panic. The loop only
         // stores it (the index itself stays in a register): a loop that
@@ -588,7 +617,7 @@ impl Subscriptions {
     /// Calls `f` on every entry in list order until it returns false (no
     /// unwinding here: a panic aborts, so there is nothing to contain).
     #[cfg(not(all(feature = "std", panic = "unwind")))]
-    pub(crate) fn for_each_caught(
+    pub(crate) fn for_each_caught<const ONE: bool>(
         &self,
         snap: &Snapshot,
         _what: &'static str,
@@ -607,7 +636,7 @@ impl Subscriptions {
     fn walk_atomic(&self, what: &'static str, f: impl FnMut(&Linked) -> bool) {
         let list = self.inner.list.enter();
         let _nb = NonBlockSection::enter(&self.inner.diag, true);
-        self.for_each_caught(&list, what, f);
+        self.for_each_caught::<false>(&list, what, f);
     }
 
     // ---------------------------------------------------------------------

@@ -190,6 +190,40 @@ fn panicking_callback_is_reported_and_contained() {
     assert_eq!(after.releases.load(Ordering::SeqCst), 1);
 }
 
+/// The walk of a list with one notifier takes its own path (no resume
+/// state): a panic there is contained and reported too, and the address
+/// space stays usable.
+#[test]
+fn panicking_only_notifier_is_reported_and_contained() {
+    struct PanicsOnce(AtomicUsize);
+    impl MmuNotifier for PanicsOnce {
+        fn callbacks(&self) -> Callbacks {
+            START_END
+        }
+        fn invalidate_range_start(&self, _r: &Range) -> Result<(), Again> {
+            if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("driver bug in start");
+            }
+            Ok(())
+        }
+        fn invalidate_range_end(&self, _r: &Range) {
+            if self.0.fetch_add(1, Ordering::SeqCst) == 1 {
+                panic!("driver bug in end");
+            }
+        }
+    }
+    let mm = Subscriptions::new();
+    let p = Arc::new(PanicsOnce(AtomicUsize::new(0)));
+    let h = mm.register(p.clone()).unwrap();
+    mm.invalidate_range_start(range(0, 0x1000)).end();
+    assert_eq!(mm.diagnostics().count(Warning::CallbackPanicked), 2);
+    let mut r = range(0, 0x1000);
+    mm.invalidate_range_start_in(&mut r).end();
+    assert_eq!(p.0.load(Ordering::SeqCst), 4);
+    assert_eq!(mm.diagnostics().count(Warning::CallbackPanicked), 2);
+    mm.unregister(&h).unwrap();
+}
+
 /// alloc_notifier failing is passed up by get and changes nothing.
 #[test]
 fn get_passes_alloc_failure_up() {
