@@ -1,10 +1,12 @@
 //! The feed against its anchors, one run, reported as ratios:
 //!
-//! * `lookup_hit/{ours_feed,ours_feed_with_hit}/{1000,100000}`: a
-//!   registration-cache hit on a pseudo-random one-page region with the
-//!   feed as the address space (`get` + drop of the guard, and the
-//!   lock-free `with_hit`), against `ours_started_scope_with_hit` (the same
-//!   hit on userfaultfd's exact scope) and `ucx` (UCX's `ucs_rcache_get` +
+//! * `lookup_hit/{ours_feed,ours_feed_with_hit,ours_feed_with_hit_key}/{1000,100000}`:
+//!   a registration-cache hit on a pseudo-random one-page region with the
+//!   feed as the address space (`get` + drop of the guard, the lock-free
+//!   `with_hit` reading the handle from the registration, and the same
+//!   reading only the device's hit key from the hit table's slot),
+//!   against `ours_started_scope_with_hit` (the same hit on userfaultfd's
+//!   exact scope) and `ucx` (UCX's `ucs_rcache_get` +
 //!   `put`, Debian's `libucx-dev`; skipped with a message when missing).
 //! * `feed_tax/{getppid,munmap}_{feed,no_feed}`: a system call the feed
 //!   ignores (getppid) and an munmap of a page, with the feed attached and
@@ -24,17 +26,17 @@ use common::{map, raw_munmap, write_tag, P};
 
 #[path = "../../uffd/benches/common/harness.rs"]
 mod harness;
-use harness::{build_harness, time_hits, Harness};
+use harness::{build_harness, time_hits, Harness, Keyed};
 
 #[path = "../../mmu-notifier/benches/common/estimate.rs"]
 mod estimate;
 
 type Group<'a> = criterion::BenchmarkGroup<'a, criterion::measurement::WallTime>;
 
-fn cache<S: regcache::AddressSpace>(space: S, n: u64) -> regcache::RegCache<S, uffd::Populate> {
+fn cache<S: regcache::AddressSpace>(space: S, n: u64) -> regcache::RegCache<S, Keyed> {
     regcache::RegCache::with_config(
         space,
-        uffd::Populate,
+        Keyed::default(),
         regcache::Config {
             max_cached: n as usize + 16,
             ..regcache::Config::default()
@@ -52,7 +54,7 @@ fn feed_mm() -> Option<mmfeed::FeedMm> {
 fn hits(g: &mut Group<'_>, name: &str, space: impl regcache::AddressSpace, n: u64) {
     let cache = cache(space, n);
     let base = map(n);
-    time_hits(g, name, &cache, base, n);
+    time_hits(g, name, &cache, base, n, true);
     drop(cache);
     raw_munmap(base, n * P);
 }
@@ -124,30 +126,31 @@ fn ns(group: &str, id: &str) -> Option<f64> {
 }
 
 fn summary() {
+    println!("\nsummary (same run): registration-cache hit, ns; UCX's time over the feed's");
     println!(
-        "\nsummary (same run): registration-cache hit, ns; UCX's time over the feed's with_hit"
-    );
-    println!(
-        "{:<8} {:>10} {:>10} {:>12} {:>10} {:>10}",
-        "regions", "with_hit", "get", "uffd exact", "UCX", "UCX/feed"
+        "{:<8} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10}",
+        "regions", "hit key", "with_hit", "get", "uffd exact", "UCX", "UCX/key", "UCX/hit"
     );
     let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    let ratio = |u: Option<f64>, h: Option<f64>| match (u, h) {
+        (Some(u), Some(h)) => format!("{:.2}x", u / h),
+        _ => "-".into(),
+    };
     for n in [1_000u64, 100_000] {
+        let key = ns("lookup_hit", &format!("ours_feed_with_hit_key/{n}"));
         let hit = ns("lookup_hit", &format!("ours_feed_with_hit/{n}"));
         let get = ns("lookup_hit", &format!("ours_feed/{n}"));
         let exact = ns("lookup_hit", &format!("ours_started_scope_with_hit/{n}"));
         let ucx = ns("lookup_hit", &format!("ucx/{n}"));
-        let ratio = match (ucx, hit) {
-            (Some(u), Some(h)) => format!("{:.2}x", u / h),
-            _ => "-".into(),
-        };
         println!(
-            "{n:<8} {:>10} {:>10} {:>12} {:>10} {:>10}",
+            "{n:<8} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10}",
+            show(key),
             show(hit),
             show(get),
             show(exact),
             show(ucx),
-            ratio
+            ratio(ucx, key),
+            ratio(ucx, hit)
         );
     }
     println!("the feed's tax (attached over not attached):");

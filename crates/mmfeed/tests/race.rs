@@ -31,8 +31,10 @@ struct Tally {
 }
 
 impl Tally {
-    /// Tags the page mapped at `q` afresh, looks it up and counts the
-    /// lookup (a registration holding another tag is stale), then unmaps
+    /// Tags the page mapped at `q` afresh, looks it up (with `get`, then
+    /// with the lock-free hit alone, which reads the tag from the hit
+    /// table's slot) and counts the lookups (a registration holding another
+    /// tag is stale), then unmaps
     /// the page with the raw system call (no libc wrapper or allocator
     /// between the unmap and the feed).
     fn look_up_fresh(&self, cache: &RegCache<FeedMm, TagDevice>, q: u64) {
@@ -45,6 +47,15 @@ impl Tally {
                 self.hits.fetch_add(1, Ordering::Relaxed);
             }
             if *e.handle() != tag {
+                self.stale.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // The lock-free hit alone, deciding from the hit table's slot (its
+        // tags and the device's hit key, the tag) without the registration.
+        if let Ok(Some(key)) = cache.with_hit(q, P, Access::READ, |h| h.key()) {
+            self.lookups.fetch_add(1, Ordering::Relaxed);
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            if key != tag {
                 self.stale.fetch_add(1, Ordering::Relaxed);
             }
         }

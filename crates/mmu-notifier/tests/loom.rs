@@ -452,7 +452,7 @@ fn rcu_reader_keeps_the_old_value_until_the_grace_period() {
 /// retirement shows as a wrong count, never as a freed value).
 #[test]
 fn rcu_slots_reader_keeps_the_count_until_the_grace_period() {
-    use mmu_notifier::rcu::RcuSlots;
+    use mmu_notifier::rcu::{RcuSlots, SlotEntry};
     use mmu_notifier::srcu::Domain;
     loom::model(|| {
         let alive = Arc::new(AtomicUsize::new(1));
@@ -474,7 +474,15 @@ fn rcu_slots_reader_keeps_the_count_until_the_grace_period() {
                 );
             }
         });
-        table.lock().set(0, Some((7, published)));
+        table.lock().set(
+            0,
+            Some(SlotEntry {
+                key: 7,
+                tags: [1, 1],
+                stamp: 0,
+                value: published,
+            }),
+        );
         table.lock().set(0, None);
         Domain::global().barrier().unwrap();
         reader.join().unwrap();
@@ -483,5 +491,41 @@ fn rcu_slots_reader_keeps_the_count_until_the_grace_period() {
             1,
             "the retired count was not given up"
         );
+    });
+}
+
+/// `RcuSlots` views: a reader racing a writer that replaces a slot's entry
+/// sees the key, the tags and the value of one entry (the per-slot sequence
+/// count), never a mix of the old and the new.
+#[test]
+fn rcu_slots_view_is_never_torn() {
+    use mmu_notifier::rcu::{RcuSlots, SlotEntry};
+    use mmu_notifier::srcu::Domain;
+    loom::model(|| {
+        let alive = Arc::new(AtomicUsize::new(1));
+        let entry = |n: u64| SlotEntry {
+            key: n,
+            tags: [n, n],
+            stamp: 0,
+            value: Arc::new(Val::new(n as usize, &alive)),
+        };
+        let table = Arc::new(RcuSlots::<Val>::new(1, Domain::global()));
+        table.lock().set(0, Some(entry(1)));
+        let t = table.clone();
+        let reader = thread::spawn(move || {
+            let section = Domain::global().read_lock();
+            if let Some(v) = t.reader(&section).view(0) {
+                let n = v.key();
+                assert_eq!(v.tags(), [n, n], "a view mixed two entries' key and tags");
+                assert_eq!(
+                    v.get().data.load(Relaxed),
+                    n as usize,
+                    "a view's value belongs to another entry than its key"
+                );
+            }
+        });
+        table.lock().set(0, Some(entry(2)));
+        reader.join().unwrap();
+        Domain::global().barrier().unwrap();
     });
 }

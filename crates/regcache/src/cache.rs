@@ -458,18 +458,14 @@ impl<S: AddressSpace, R: Registrar> RegCache<S, R> {
     ) -> Option<T> {
         let sh = &self.shared;
         let section = sh.hits.read_lock();
-        let reg = sh
-            .hits
-            .find(&section, start, |r| r.covers(start, end, access))?;
-        // Stamp the use for the LRU order: later than every tick queued so
-        // far (the clock is the latest), writing only when it changed.
-        let now = sh.clock.load(Ordering::Relaxed) + 1;
-        if reg.last_use.load(Ordering::Relaxed) != now {
-            reg.last_use.store(now, Ordering::Relaxed);
-        }
+        let slot = sh.hits.find(&section, start, end, access)?;
+        // Stamp the use for the LRU order in the slot: later than every
+        // tick queued so far (the clock is the latest), writing only when it
+        // changed.
+        slot.stamp_with(sh.clock.load(Ordering::Relaxed) + 1);
         Some(f(&Hit {
             shared: &self.shared,
-            reg: &reg,
+            slot: &slot,
         }))
     }
 
@@ -584,11 +580,14 @@ impl<S: AddressSpace, R: Registrar> RegCache<S, R> {
                     queued: AtomicU64::new(0),
                 });
                 ix.insert(reg.clone());
-                sh.hits.insert(ix, &reg);
+                let hit_key = sh.registrar.hit_key(&reg.handle);
+                sh.hits.insert(ix, &reg, hit_key);
                 sh.clock.store(ix.tick(), Ordering::Relaxed);
                 let mut evicted = 0;
                 while ix.len() > sh.config.max_cached {
-                    let Some(victim) = ix.lru_victim() else { break };
+                    let Some(victim) = ix.lru_victim(|r| sh.hits.last_use(r)) else {
+                        break;
+                    };
                     sh.unlink(ix, &victim);
                     evicted += 1;
                 }

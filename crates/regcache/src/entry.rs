@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use mmu_notifier::rcu::SlotRef;
+use mmu_notifier::rcu::SlotView;
 use mmu_notifier::sync::{lock, AtomicBool, AtomicU64, Mutex, Ordering};
 use mmu_notifier::IntervalNotifier;
 
@@ -24,15 +24,16 @@ use crate::{Access, AddressSpace, Registrar};
 /// cache and its notifier was removed, so the last holder is always a guard
 /// being dropped or the reaper, never a notifier callback.
 // `repr(C)`, hot fields first, and cache-line aligned: a lock-free hit
-// reads `start`, `end`, `last_use`, `access` and `handle` (for a handle of
-// up to 24 bytes all in one line; the `Arc`'s counts sit in the line
-// before, touched only when a guard is taken).
+// decides from the hit table's slot alone, and a closure that asks for the
+// handle reads it here (for a handle of up to 24 bytes in the same line as
+// `start`, `end` and `access`; the `Arc`'s counts sit in the line before,
+// touched only when a guard is taken).
 #[repr(C, align(64))]
 pub(crate) struct Reg<S: AddressSpace, R: Registrar> {
     pub(crate) start: u64,
     pub(crate) end: u64,
-    /// Cache tick of the last hit (written under the cache lock, or by a
-    /// lock-free hit when it changed).
+    /// Cache tick of the last locked lookup (written under the cache lock;
+    /// lock-free hits stamp the hit table's slot instead).
     pub(crate) last_use: AtomicU64,
     pub(crate) access: Access,
     pub(crate) handle: R::Handle,
@@ -182,30 +183,45 @@ impl<S: AddressSpace, R: Registrar> fmt::Debug for Entry<S, R> {
 
 /// A lock-free hit ([`RegCache::with_hit`](crate::RegCache::with_hit)): the
 /// registration, borrowed for the closure it is passed to.
+///
+/// [`start`](Self::start), [`end`](Self::end) and [`key`](Self::key) come
+/// from the hit table's slot, which the lookup has already read; the other
+/// methods read the registration itself (with many registrations, a cache
+/// miss of its own).
 pub struct Hit<'a, S: AddressSpace, R: Registrar> {
     pub(crate) shared: &'a Arc<CacheState<S, R>>,
-    pub(crate) reg: &'a SlotRef<'a, Reg<S, R>>,
+    pub(crate) slot: &'a SlotView<'a, Reg<S, R>>,
 }
 
-impl<S: AddressSpace, R: Registrar> Hit<'_, S, R> {
+impl<'a, S: AddressSpace, R: Registrar> Hit<'a, S, R> {
+    fn reg(&self) -> &'a Reg<S, R> {
+        self.slot.get()
+    }
+
     /// The device's handle of the registration.
-    pub fn handle(&self) -> &R::Handle {
-        &self.reg.handle
+    pub fn handle(&self) -> &'a R::Handle {
+        &self.reg().handle
+    }
+
+    /// The device's hit key of the handle ([`Registrar::hit_key`]), kept
+    /// in the hit table: read without touching the registration.
+    pub fn key(&self) -> u64 {
+        self.slot.tags()[1]
     }
 
     /// Unique id of the registration (as [`Entry::id`]).
     pub fn id(&self) -> u64 {
-        self.reg.id
+        self.reg().id
     }
 
     /// First byte registered.
     pub fn start(&self) -> u64 {
-        self.reg.start
+        self.slot.key()
     }
 
     /// One past the last byte registered.
     pub fn end(&self) -> u64 {
-        self.reg.end
+        self.slot.tags()[0] & !(mmu_notifier::PAGE_SIZE - 1)
     }
 
     /// A guard that keeps the registration after the closure returns (two
@@ -213,7 +229,7 @@ impl<S: AddressSpace, R: Registrar> Hit<'_, S, R> {
     pub fn entry(&self) -> Entry<S, R> {
         Entry {
             shared: self.shared.clone(),
-            reg: Some(self.reg.to_arc()),
+            reg: Some(self.slot.value().to_arc()),
         }
     }
 }
@@ -221,9 +237,9 @@ impl<S: AddressSpace, R: Registrar> Hit<'_, S, R> {
 impl<S: AddressSpace, R: Registrar> fmt::Debug for Hit<'_, S, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Hit")
-            .field("id", &self.reg.id)
-            .field("start", &format_args!("{:#x}", self.reg.start))
-            .field("end", &format_args!("{:#x}", self.reg.end))
+            .field("id", &self.id())
+            .field("start", &format_args!("{:#x}", self.start()))
+            .field("end", &format_args!("{:#x}", self.end()))
             .finish()
     }
 }

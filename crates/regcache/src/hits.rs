@@ -4,6 +4,15 @@
 //! (a thread-local counter) without taking the cache lock or writing any
 //! shared word, and the registration it finds stays alive for the section.
 //!
+//! Each slot is one cache line holding, beside the registration's pointer,
+//! what a hit decides on: its start (the key), its end and access (one tag:
+//! the end is page aligned, the access bits fill the low bits) and the
+//! device's hit key ([`Registrar::hit_key`], the other tag), plus the LRU
+//! stamp a hit writes. A hit that needs only those costs one cache miss at
+//! scale (the slot); reading the registration itself is a second, dependent
+//! one. The last hit's tick lives in the slot ([`HitTable::stamp_of`]), the
+//! locked lookup's in the registration; eviction takes the later.
+//!
 //! Writers hold the cache lock (the `&Index` every write method takes is
 //! the witness). Removing a registration replaces its slot; the old slot
 //! value, which holds one `Arc` of the registration, is freed after a grace
@@ -14,14 +23,14 @@
 
 use std::sync::Arc;
 
-use mmu_notifier::rcu::{RcuCell, RcuSlots, SlotRef};
+use mmu_notifier::rcu::{RcuCell, RcuSlots, SlotEntry, SlotView};
 use mmu_notifier::srcu::{Domain, ReadGuard};
 use mmu_notifier::sync::{AtomicUsize, Ordering};
 use mmu_notifier::PAGE_SIZE;
 
 use crate::entry::Reg;
 use crate::index::Index;
-use crate::{AddressSpace, Registrar};
+use crate::{Access, AddressSpace, Registrar};
 
 /// Slots a key may live in: its home slot and the next ones.
 const WINDOW: usize = 8;
@@ -46,6 +55,34 @@ fn home(page: u64, len: usize) -> usize {
 /// The page an address lies in: the table's key.
 fn page_of(addr: u64) -> u64 {
     addr & !(PAGE_SIZE - 1)
+}
+
+/// The tag holding a registration's end and access.
+fn end_tag(end: u64, access: Access) -> u64 {
+    debug_assert!(end % PAGE_SIZE == 0 && u64::from(access.bits()) < PAGE_SIZE);
+    end | u64::from(access.bits())
+}
+
+/// Whether a registration whose key (start) is its request's page and
+/// whose end tag is `tag` covers `[.., end)` for `access`.
+fn tag_covers(tag: u64, end: u64, access: Access) -> bool {
+    end <= tag & !(PAGE_SIZE - 1)
+        && Access::from_bits_retain((tag & (PAGE_SIZE - 1)) as u32).contains(access)
+}
+
+/// A slot's entry for `reg`: its start page, end tag, the device's hit key
+/// and the last-use stamp.
+fn entry<S: AddressSpace, R: Registrar>(
+    reg: Arc<Reg<S, R>>,
+    hit_key: u64,
+    stamp: u64,
+) -> SlotEntry<Reg<S, R>> {
+    SlotEntry {
+        key: page_of(reg.start),
+        tags: [end_tag(reg.end, reg.access), hit_key],
+        stamp,
+        value: reg,
+    }
 }
 
 /// The slot indices of `page`'s window in a table of `len` slots.
@@ -82,35 +119,57 @@ impl<S: AddressSpace, R: Registrar> HitTable<S, R> {
         self.domain.read_lock()
     }
 
-    /// The registration starting in the page of `addr` that `covers`
-    /// accepts, if the table holds one; valid while `section` lasts.
+    /// The slot of a registration starting in the page of `start` that
+    /// covers `[start, end)` for `access`, if the table holds one, decided
+    /// from the slots alone; its value is valid while `section` lasts.
+    /// (Registrations start on a page boundary, so one whose key is
+    /// `start`'s page starts at or below `start`.)
     #[inline]
     pub(crate) fn find<'a>(
         &'a self,
         section: &'a ReadGuard,
-        addr: u64,
-        covers: impl Fn(&Reg<S, R>) -> bool,
-    ) -> Option<SlotRef<'a, Reg<S, R>>> {
-        let page = page_of(addr);
+        start: u64,
+        end: u64,
+        access: Access,
+    ) -> Option<SlotView<'a, Reg<S, R>>> {
+        let page = page_of(start);
         let table = self.table.read(section);
+        let reader = table.reader(section);
         window(page, table.len())
             .filter(|&i| table.key(i) == page)
-            .filter_map(|i| table.get(section, i))
-            .find(|r| page_of(r.start) == page && covers(r))
+            .filter_map(|i| reader.view(i))
+            .find(|v| v.key() == page && tag_covers(v.tags()[0], end, access))
     }
 
-    /// Adds `reg` (under the cache lock, `_held`) and marks it as held by
-    /// the table. A full window doubles the table when it is half full;
-    /// otherwise (many registrations starting in one page) `reg` stays out
-    /// of it and only the locked lookup finds it.
-    pub(crate) fn insert(&self, _held: &Index<S, R>, reg: &Arc<Reg<S, R>>) {
+    /// The later of the tick a lock-free hit stamped in `reg`'s slot, if
+    /// the table holds it, and `reg`'s own (the locked lookup's).
+    pub(crate) fn last_use(&self, reg: &Arc<Reg<S, R>>) -> u64 {
+        let own = reg.last_use.load(Ordering::Relaxed);
+        if !reg.hashed.load(Ordering::Relaxed) {
+            return own;
+        }
+        let cell = self.table.lock();
+        let table = cell.get();
+        let w = table.lock();
+        window(page_of(reg.start), table.len())
+            .find(|&i| w.get(i).is_some_and(|r| std::ptr::eq(&*r, &**reg)))
+            .map_or(own, |i| own.max(w.stamp(i)))
+    }
+
+    /// Adds `reg` with the device's `hit_key` (under the cache lock,
+    /// `_held`) and marks it as held by the table. A full window doubles
+    /// the table when it is half full; otherwise (many registrations
+    /// starting in one page) `reg` stays out of it and only the locked
+    /// lookup finds it.
+    pub(crate) fn insert(&self, _held: &Index<S, R>, reg: &Arc<Reg<S, R>>, hit_key: u64) {
         let page = page_of(reg.start);
+        let stamp = reg.last_use.load(Ordering::Relaxed);
         let mut cell = self.table.lock();
         loop {
             let table = cell.get();
             let mut w = table.lock();
             if let Some(i) = window(page, table.len()).find(|&i| w.get(i).is_none()) {
-                w.set(i, Some((page, reg.clone())));
+                w.set(i, Some(entry(reg.clone(), hit_key, stamp)));
                 reg.hashed.store(true, Ordering::Relaxed);
                 self.used.fetch_add(1, Ordering::Relaxed);
                 return;
@@ -126,7 +185,7 @@ impl<S: AddressSpace, R: Registrar> HitTable<S, R> {
                     let Some(r) = w.get(i) else { continue };
                     let p = page_of(r.start);
                     match window(p, grown.len()).find(|&j| g.get(j).is_none()) {
-                        Some(j) => g.set(j, Some((p, r.to_arc()))),
+                        Some(j) => g.set(j, Some(entry(r.to_arc(), w.tags(i)[1], w.stamp(i)))),
                         // A window of the doubled table overfull anyway: the
                         // registration is found by the locked lookup only.
                         None => {

@@ -23,7 +23,7 @@ pub(crate) struct Index<S: AddressSpace, R: Registrar> {
     /// Valid registrations by (start address, id).
     regs: BTreeMap<Key, Arc<Reg<S, R>>>,
     /// LRU queue, lazily ordered by (tick when queued, key). A hit only
-    /// stamps `last_use` (lock-free hits stamp the tick they read, so two
+    /// stamps its tick (lock-free hits, in the hit table's slot, the tick they read, so two
     /// registrations can share one: the key keeps entries apart); eviction
     /// re-queues entries used since.
     lru: BTreeSet<(u64, Key)>,
@@ -119,13 +119,18 @@ impl<S: AddressSpace, R: Registrar> Index<S, R> {
         Arc::strong_count(r) == indexed
     }
 
-    /// The least recently used registration, if any.
-    pub(crate) fn lru_victim(&mut self) -> Option<Arc<Reg<S, R>>> {
+    /// The least recently used registration, if any; `last_use` is a
+    /// registration's latest tick (the hit table keeps the lock-free hits'
+    /// tick apart from `Reg::last_use`).
+    pub(crate) fn lru_victim(
+        &mut self,
+        last_use: impl Fn(&Arc<Reg<S, R>>) -> u64,
+    ) -> Option<Arc<Reg<S, R>>> {
         while let Some((t, k)) = self.lru.pop_first() {
             let Some(r) = self.regs.get(&k).cloned() else {
                 continue;
             };
-            let used = r.last_use.load(Ordering::Relaxed);
+            let used = last_use(&r);
             if used != t {
                 r.queued.store(used, Ordering::Relaxed);
                 self.lru.insert((used, k));

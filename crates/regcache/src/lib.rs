@@ -25,7 +25,12 @@
 //! A hit takes no lock and writes no shared word: the cache keeps its
 //! registrations by start page in a table whose slots are RCU-published
 //! (`mmu_notifier::rcu::RcuSlots`) and reads it inside a read-side section
-//! of the address space's SRCU domain, a thread-local counter.
+//! of the address space's SRCU domain, a thread-local counter. A slot is
+//! one cache line that holds what the hit decides on (the registration's
+//! range and access) and the device's [`Registrar::hit_key`] beside the
+//! pointer, under a per-slot sequence count: a hit that needs only the key
+//! ([`Hit::key`]) costs one cache miss where registrations are many,
+//! reading the handle itself ([`Hit::handle`]) a second.
 //! [`RegCache::with_hit`] is that hit alone; [`RegCache::get`] tries it
 //! first and takes a guard (two reference-count increments), then falls
 //! back to the locked index (a lookup that does not start in a

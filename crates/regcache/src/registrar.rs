@@ -140,4 +140,14 @@ pub trait Registrar: Send + Sync + 'static {
     fn limits(&self) -> Limits {
         Limits::NONE
     }
+
+    /// A word standing for `handle` in the lock-free hit path (an RDMA
+    /// memory key, a fixed-buffer index): the cache keeps it in the hit
+    /// table's slot, where [`Hit::key`](crate::Hit::key) reads it without
+    /// touching the registration itself, which with many registrations is
+    /// a second, dependent cache miss. 0 by default.
+    fn hit_key(&self, handle: &Self::Handle) -> u64 {
+        let _ = handle;
+        0
+    }
 }

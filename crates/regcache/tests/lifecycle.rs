@@ -96,6 +96,9 @@ impl Registrar for Device {
             a => (start / a * a, end.div_ceil(a) * a),
         }
     }
+    fn hit_key(&self, h: &u64) -> u64 {
+        *h ^ HIT_KEY
+    }
     fn limits(&self) -> Limits {
         self.limits.unwrap_or(Limits::NONE)
     }
@@ -467,12 +470,24 @@ fn many_registrations_starting_in_one_page_are_all_found() {
 
 /// The lock-free hit: it finds what `get` registered, never a registration
 /// an invalidation took out, and needs the same access and range.
+/// What the test device's `hit_key` mixes into a handle (so a slot's key
+/// that were the handle itself, or 0, shows).
+const HIT_KEY: u64 = 0x5a5a_0000;
+
 #[test]
 fn with_hit_finds_cached_registrations_and_not_invalidated_ones() {
     let c = cache(Device::default());
     let e = c.get(0x10000, 2 * P, Access::READ).unwrap();
     let hit = |start, len, access| c.with_hit(start, len, access, |h| h.id()).unwrap();
     assert_eq!(hit(0x10000, P, Access::READ), Some(e.id()));
+    // What the hit table's slot keeps: the range and the device's hit key.
+    let seen = c.with_hit(0x10000, P, Access::READ, |h| {
+        (h.start(), h.end(), h.key(), *h.handle())
+    });
+    assert_eq!(
+        seen.unwrap(),
+        Some((0x10000, 0x10000 + 2 * P, *e.handle() ^ HIT_KEY, *e.handle()))
+    );
     assert_eq!(hit(0x10000 + 8, 2 * P - 8, Access::READ), Some(e.id()));
     assert_eq!(hit(0x10000, 3 * P, Access::READ), None);
     assert_eq!(hit(0x10000, P, Access::READ_WRITE), None);

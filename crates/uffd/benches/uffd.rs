@@ -40,7 +40,7 @@ fn lookup_hit_ours(
     let mm = ProcessMm::with_scope(scope).expect("userfaultfd");
     let cache = common::cache(&mm, n as usize + 16);
     let base = map(n);
-    time_hits(g, name, &cache, base, n);
+    time_hits(g, name, &cache, base, n, false);
     unmap(base, n);
     drop(cache);
     mm.shutdown();

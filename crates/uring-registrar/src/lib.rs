@@ -247,4 +247,13 @@ impl Registrar for UringRegistrar {
     fn limits(&self) -> Limits {
         self.limits
     }
+
+    /// The slot (`buf_index`): a lock-free hit's [`Hit::key`] is what a
+    /// READ_FIXED / WRITE_FIXED needs, read from the cache's hit table
+    /// alone.
+    ///
+    /// [`Hit::key`]: regcache::Hit::key
+    fn hit_key(&self, buf: &FixedBuf) -> u64 {
+        buf.slot.into()
+    }
 }

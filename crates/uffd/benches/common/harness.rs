@@ -104,16 +104,48 @@ impl Drop for Harness {
     }
 }
 
+/// [`uffd::Populate`] with a device key per registration (as an RDMA
+/// memory key), which it gives the cache as its hit key.
+#[allow(dead_code)] // used by the feed's benchmark only
+#[derive(Default)]
+pub struct Keyed {
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl regcache::Registrar for Keyed {
+    type Handle = (uffd::ProcessPin, u64);
+    fn register(
+        &self,
+        start: u64,
+        end: u64,
+        access: Access,
+    ) -> Result<Self::Handle, regcache::RegError> {
+        let pin = uffd::Populate.register(start, end, access)?;
+        let key = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok((pin, key))
+    }
+    fn deregister(&self, _: Self::Handle) -> Result<(), regcache::RegError> {
+        Ok(())
+    }
+    fn hit_key(&self, handle: &Self::Handle) -> u64 {
+        handle.1
+    }
+}
+
 /// Registers the `n` one-page regions mapped at `base` in `cache`, then
-/// times hits on them in
-/// the order harness.c uses.
-pub fn time_hits<S: regcache::AddressSpace>(
+/// times hits on them in the order harness.c uses: `get` (a guard), the
+/// lock-free `with_hit` reading the handle, and with `key_row` the same
+/// reading only the hit key the slot keeps (`{name}_with_hit_key`).
+pub fn time_hits<S: regcache::AddressSpace, R: regcache::Registrar>(
     g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     name: &str,
-    cache: &regcache::RegCache<S, uffd::Populate>,
+    cache: &regcache::RegCache<S, R>,
     base: u64,
     n: u64,
-) {
+    key_row: bool,
+) where
+    R::Handle: Copy,
+{
     for i in 0..n {
         drop(cache.get(base + i * P, P, Access::READ_WRITE).unwrap());
     }
@@ -144,6 +176,24 @@ pub fn time_hits<S: regcache::AddressSpace>(
             })
         },
     );
+    if key_row {
+        // The hit decided and answered from the hit table's slot alone.
+        g.bench_with_input(
+            BenchmarkId::new(format!("{name}_with_hit_key"), n),
+            &n,
+            |b, &n| {
+                b.iter_custom(|iters| {
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        let a = base + next_index(&mut x, n) * P;
+                        let k = cache.with_hit(a, P, Access::READ_WRITE, |h| h.key());
+                        std::hint::black_box(k.unwrap().unwrap());
+                    }
+                    t.elapsed()
+                })
+            },
+        );
+    }
     assert_eq!(
         cache
             .stats()
