@@ -103,7 +103,7 @@ impl MmuNotifier for Watched {
 #[test]
 fn no_callback_runs_after_unregister_across_cpus() {
     let d = domain();
-    let mm = Subscriptions::with_domain(d);
+    let mm = Arc::new(Subscriptions::with_domain(d));
     let stop = Arc::new(AtomicBool::new(false));
     let invalidators: Vec<_> = (2..4)
         .map(|cpu| {
@@ -166,7 +166,7 @@ fn synchronize_from_a_callback_is_refused() {
     }
     let d = domain();
     on_cpu(5, move || {
-        let mm = Subscriptions::with_domain(d);
+        let mm = Arc::new(Subscriptions::with_domain(d));
         let w = Arc::new(Waits {
             domain: d,
             refused: AtomicBool::new(false),
@@ -200,7 +200,7 @@ fn interval_read_begin_waits_through_the_backend() {
         }
     }
     let d = domain();
-    let mm = Subscriptions::with_domain(d);
+    let mm = Arc::new(Subscriptions::with_domain(d));
     let gate = Arc::new(Gate {
         inside: AtomicBool::new(false),
         open: AtomicBool::new(false),
@@ -243,7 +243,7 @@ fn interval_read_begin_waits_through_the_backend() {
 fn the_debug_checks_run_on_the_embedders_contexts() {
     #[derive(Default)]
     struct Careless {
-        mm: OnceLock<Subscriptions>,
+        mm: OnceLock<Arc<Subscriptions>>,
         depth: AtomicUsize,
     }
     impl MmuNotifier for Careless {
@@ -265,7 +265,7 @@ fn the_debug_checks_run_on_the_embedders_contexts() {
     // The checks exist in debug builds only.
     let expect = u64::from(cfg!(debug_assertions));
     on_cpu(9, move || {
-        let mm = Subscriptions::with_domain(d);
+        let mm = Arc::new(Subscriptions::with_domain(d));
         let n = Arc::new(Careless::default());
         n.mm.set(mm.clone()).ok().unwrap();
         let h = mm.register(n.clone()).unwrap();

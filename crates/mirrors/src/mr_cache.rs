@@ -21,7 +21,7 @@
 
 use std::sync::Arc;
 
-use mmu_notifier::Subscriptions;
+use mmu_notifier::SubscriptionsRef;
 use regcache::{Access, CacheError, CacheStats, Config, Entry, RegCache, RegError, Registrar};
 
 use crate::primary::{FramePrimary, MirrorError, Primary, Result};
@@ -34,7 +34,7 @@ impl<P: Primary> regcache::AddressSpace for PrimarySpace<P> {
     type Watch = P::Watch;
     type Error = MirrorError;
 
-    fn subscriptions(&self) -> &Subscriptions {
+    fn subscriptions(&self) -> &SubscriptionsRef {
         self.0.subscriptions()
     }
 

@@ -2,7 +2,7 @@
 //! mirror code runs on the software MMU and (for registration caches) on a
 //! real process.
 
-use mmu_notifier::Subscriptions;
+use mmu_notifier::SubscriptionsRef;
 use softmm::{FrameRef, MmGrab, PinnedPages, Violation};
 
 /// Why a mirror operation failed.
@@ -65,7 +65,7 @@ pub trait Primary: Send + Sync + 'static {
     type Watch: Send + Sync + 'static;
 
     /// The address space's subscriptions (register / interval_insert here).
-    fn subscriptions(&self) -> &Subscriptions;
+    fn subscriptions(&self) -> &SubscriptionsRef;
 
     /// Starts delivering invalidations for `[start, start + len)`; they
     /// stop when the returned value is dropped (and no other watch covers
@@ -144,7 +144,7 @@ impl Primary for MmGrab {
     /// The software MMU calls every hook itself: nothing to set up.
     type Watch = ();
 
-    fn subscriptions(&self) -> &Subscriptions {
+    fn subscriptions(&self) -> &SubscriptionsRef {
         MmGrab::subscriptions(self)
     }
 

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use mirrors::{FramePrimary, MirrorError, MrCache, Primary, SecondaryTlb, ShadowMmu};
-use mmu_notifier::Subscriptions;
+use mmu_notifier::SubscriptionsRef;
 use softmm::{FrameRef, MapKind, Mm, MmGrab, PhysMem, PinnedPages, Prot, PAGE_SIZE};
 
 const P: u64 = PAGE_SIZE;
@@ -25,7 +25,7 @@ struct Hooked {
 impl Primary for Hooked {
     type Pinned = PinnedPages;
     type Watch = ();
-    fn subscriptions(&self) -> &Subscriptions {
+    fn subscriptions(&self) -> &SubscriptionsRef {
         self.mm.subscriptions()
     }
     fn watch(&self, _start: u64, _len: u64) -> mirrors::Result<()> {
@@ -101,14 +101,14 @@ fn kvm_change_pte_updates_only_inside_an_invalidation() {
         writable: false,
     };
     // Outside an invalidation: ignored (the SPTE stays writable).
-    mm.subscriptions().change_pte(a + P, ro);
+    mm.primary_subscriptions().change_pte(a + P, ro);
     assert_eq!(kvm.stats().change_pte.load(Ordering::Relaxed), 0);
     assert!(kvm.write(a + P, 5).unwrap());
     // Inside one (here over another range), the SPTE is repointed read-only.
     let other = mmu_notifier::Range::new(a + 4 * P, a + 5 * P, mmu_notifier::Event::Clear).unwrap();
-    let inv = mm.subscriptions().invalidate_range_start(other);
+    let inv = mm.primary_subscriptions().invalidate_range_start(other);
     assert_eq!(kvm.invalidate_in_progress(), 1);
-    mm.subscriptions().change_pte(a + P, ro);
+    mm.primary_subscriptions().change_pte(a + P, ro);
     inv.end();
     assert_eq!(kvm.stats().change_pte.load(Ordering::Relaxed), 1);
     assert!(!kvm.write(a + P, 6).unwrap(), "read-only now");

@@ -1,7 +1,7 @@
 //! [`ProcessSpace`]: this process's address space from the best source the
 //! machine allows, with the choice reported.
 
-use mmu_notifier::Subscriptions;
+use mmu_notifier::SubscriptionsRef;
 
 use crate::error::FeedError;
 use crate::feed::FeedSource;
@@ -129,7 +129,7 @@ impl regcache::AddressSpace for ProcessSpace {
     type Watch = Option<uffd::Watch>;
     type Error = SpaceError;
 
-    fn subscriptions(&self) -> &Subscriptions {
+    fn subscriptions(&self) -> &SubscriptionsRef {
         match self {
             ProcessSpace::Feed(mm) => mm.subscriptions(),
             ProcessSpace::Userfaultfd { mm, .. } => mm.subscriptions(),

@@ -5,7 +5,9 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use mmu_notifier::{ActiveInvalidation, Event, Range, Subscriptions, END_OF_ADDRESS_SPACE};
+use mmu_notifier::{
+    ActiveInvalidation, Event, Range, Subscriptions, SubscriptionsRef, END_OF_ADDRESS_SPACE,
+};
 
 use crate::error::FeedError;
 use crate::feed::{relax, Feed};
@@ -100,7 +102,7 @@ impl FeedMm {
     }
 
     /// The address space's subscriptions: insert interval notifiers here.
-    pub fn subscriptions(&self) -> &Subscriptions {
+    pub fn subscriptions(&self) -> &SubscriptionsRef {
         &self.subs
     }
 
@@ -298,7 +300,7 @@ impl regcache::AddressSpace for FeedMm {
     type Watch = ();
     type Error = FeedError;
 
-    fn subscriptions(&self) -> &Subscriptions {
+    fn subscriptions(&self) -> &SubscriptionsRef {
         &self.subs
     }
 

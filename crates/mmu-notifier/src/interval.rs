@@ -100,7 +100,7 @@ struct IntervalNotifierState {
 }
 
 /// An interval notifier (Linux `struct mmu_interval_notifier`, the
-/// "interval_sub"): created by [`Subscriptions::interval_insert`](crate::Subscriptions::interval_insert), ended by
+/// "interval_sub"): created by [`SubscriptionsRef::interval_insert`](crate::SubscriptionsRef::interval_insert), ended by
 /// [`remove`](Self::remove). A cheap handle; clones refer to the same
 /// notifier, and [`IntervalOps::invalidate`] receives one.
 ///
@@ -200,7 +200,7 @@ pub(crate) struct IntervalState {
     /// restored around each walk, so nested walks of other address spaces
     /// work), and its backend says how to wait.
     domain: &'static Domain,
-    /// The address space's identity ([`Subscriptions::id`](crate::Subscriptions::id)).
+    /// The address space's identity ([`SubscriptionsRef::id`](crate::SubscriptionsRef::id)).
     key: u64,
     /// Where the address space's warnings go.
     diag: DiagHandle,
@@ -429,7 +429,7 @@ impl IntervalState {
 }
 
 impl IntervalNotifier {
-    /// The [`id`](crate::Subscriptions::id) of the address space it was inserted
+    /// The [`id`](crate::SubscriptionsRef::id) of the address space it was inserted
     /// in.
     pub fn mm_id(&self) -> u64 {
         self.inner.mm.key

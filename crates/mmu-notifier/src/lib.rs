@@ -8,9 +8,9 @@
 //! registration caches), so they drop their copies before a page is reused.
 //!
 //! * [`MmuNotifier`]: the classic notifier callbacks (Linux
-//!   `mmu_notifier_ops`), registered with [`Subscriptions::register`] /
-//!   [`Subscriptions::unregister`] or [`Subscriptions::get`] /
-//!   [`Subscriptions::put`].
+//!   `mmu_notifier_ops`), registered with [`SubscriptionsRef::register`] /
+//!   [`SubscriptionsRef::unregister`] or [`SubscriptionsRef::get`] /
+//!   [`SubscriptionsRef::put`].
 //! * Hooks for the primary: [`Subscriptions::invalidate_range_start`] (and
 //!   the non-blockable variant) returning an [`ActiveInvalidation`] whose
 //!   `end` closes the pair, the young-bit hooks, [`Subscriptions::change_pte`],
@@ -18,7 +18,7 @@
 //!   [`Subscriptions::release`] (exit).
 //! * [`IntervalNotifier`]: per-range callbacks with the collision-retry
 //!   sequence (Linux `mmu_interval_notifier`), inserted with
-//!   [`Subscriptions::interval_insert`]; see the `interval` module docs.
+//!   [`SubscriptionsRef::interval_insert`]; see the `interval` module docs.
 //!   `DriverLock` (std) is the user lock of its collision-retry protocol, with
 //!   the protocol in its methods.
 //! * [`srcu`]: the sleepable grace-period domain callbacks run under.
@@ -107,4 +107,6 @@ pub use range::{Event, Owner, Range, RangeError, END_OF_ADDRESS_SPACE, PAGE_SIZE
 #[cfg(feature = "std")]
 pub use registration::synchronize;
 pub use registration::NotifierHandle;
-pub use subscriptions::{ActiveInvalidation, MmapReadGuard, MmapWriteGuard, Subscriptions};
+pub use subscriptions::{
+    ActiveInvalidation, MmapReadGuard, MmapWriteGuard, Subscriptions, SubscriptionsRef,
+};

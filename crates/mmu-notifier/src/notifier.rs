@@ -5,7 +5,7 @@ use alloc::boxed::Box;
 use alloc::sync::Arc;
 use core::ops::BitOr;
 
-use crate::{Range, Subscriptions};
+use crate::{Range, SubscriptionsRef};
 
 /// A non-blockable invalidation could not proceed without sleeping (Linux
 /// `-EAGAIN`). The only error `invalidate_range_start` may return, and only
@@ -89,15 +89,15 @@ impl BitOr for Callbacks {
 /// Every callback has a no-op default; [`MmuNotifier::callbacks`] says which
 /// ones the notifier really implements, and only those are called. All run
 /// inside an SRCU read-side section ([`crate::srcu`]), so none may call
-/// [`Subscriptions::unregister`] or `synchronize` (they return
+/// [`SubscriptionsRef::unregister`] or `synchronize` (they return
 /// [`crate::Error::WouldDeadlock`] there); `release` may call
-/// [`Subscriptions::put`].
+/// [`SubscriptionsRef::put`].
 ///
 /// Every callback has one shape: `&self` and what it acts on (a [`Range`]
 /// for the invalidations, `start`/`end` or an address for the aging and
 /// TLB calls, an address and the new PTE for `change_pte`). None receives
-/// the [`Subscriptions`] (Linux passes the `mm` to some and not others): a
-/// notifier that needs its address space keeps a handle of it, as
+/// the address space (Linux passes the `mm` to some and not others): a
+/// notifier that needs it keeps a [`SubscriptionsRef`], as
 /// [`NotifierAlloc::alloc_notifier`] is given one to keep.
 ///
 /// ```
@@ -181,7 +181,7 @@ pub trait MmuNotifier: Send + Sync + 'static {
 
 /// Allocation side of the get/put lifetime (Linux `alloc_notifier` /
 /// `free_notifier`). The identity of the `Arc<dyn NotifierAlloc>` handed to
-/// [`Subscriptions::get`] is the key: one notifier per (address space, ops).
+/// [`SubscriptionsRef::get`] is the key: one notifier per (address space, ops).
 pub trait NotifierAlloc: Send + Sync + 'static {
     /// Creates the per-address-space notifier; called with the mmap write lock
     /// held.
@@ -190,7 +190,7 @@ pub trait NotifierAlloc: Send + Sync + 'static {
     /// Any error; it is passed up by `get` as [`crate::Error::Alloc`].
     fn alloc_notifier(
         &self,
-        mm: &Subscriptions,
+        mm: &SubscriptionsRef,
     ) -> Result<Arc<dyn MmuNotifier>, Box<dyn core::error::Error + Send + Sync>>;
 
     /// Frees a notifier after its last `put`, once no callback of it is

@@ -16,7 +16,7 @@ use crate::debug::Warning;
 use crate::list::{Entry, Snapshot};
 use crate::notifier::{Callbacks, MmuNotifier, NotifierAlloc};
 use crate::range::{Event, Range};
-use crate::subscriptions::{MmapWriteGuard, Subscriptions};
+use crate::subscriptions::{MmapWriteGuard, Subscriptions, SubscriptionsRef};
 use crate::sync::Ordering;
 use crate::Error;
 
@@ -30,7 +30,7 @@ fn without(cur: &Snapshot, entry: &Arc<Entry>) -> Vec<Arc<Entry>> {
 
 /// A registered notifier (Linux's `struct mmu_notifier *` as the driver keeps
 /// it). Clones refer to the same registration; pass it to
-/// [`Subscriptions::unregister`] or [`Subscriptions::put`].
+/// [`SubscriptionsRef::unregister`] or [`SubscriptionsRef::put`].
 #[derive(Clone)]
 pub struct NotifierHandle {
     mm_key: u64,
@@ -70,30 +70,30 @@ impl NotifierHandle {
 impl<'a> MmapWriteGuard<'a> {
     /// Registers `notifier` with the mmap write lock held (Linux
     /// `__mmu_notifier_register`). Same semantics as
-    /// [`Subscriptions::register`].
+    /// [`SubscriptionsRef::register`].
     ///
     /// # Errors
-    /// As [`Subscriptions::register`].
+    /// As [`SubscriptionsRef::register`].
     pub fn register(&self, notifier: Arc<dyn MmuNotifier>) -> Result<NotifierHandle, Error> {
         self.mm.add_entry(notifier, None)
     }
 
-    /// [`Subscriptions::get`] with the mmap write lock held (Linux
+    /// [`SubscriptionsRef::get`] with the mmap write lock held (Linux
     /// `mmu_notifier_get_locked`).
     ///
     /// # Errors
-    /// As [`Subscriptions::get`].
+    /// As [`SubscriptionsRef::get`].
     pub fn get(&self, alloc: &Arc<dyn NotifierAlloc>) -> Result<NotifierHandle, Error> {
         self.mm.get_under(self, alloc)
     }
 
     /// The address space whose lock this is.
-    pub fn subscriptions(&self) -> &'a Subscriptions {
+    pub fn subscriptions(&self) -> &'a SubscriptionsRef {
         self.mm
     }
 }
 
-impl Subscriptions {
+impl SubscriptionsRef {
     fn check_handle(&self, h: &NotifierHandle) -> Result<(), Error> {
         if h.mm_key == self.inner.key {
             Ok(())
@@ -356,7 +356,9 @@ impl Subscriptions {
         }
         Ok(())
     }
+}
 
+impl Subscriptions {
     /// Address-space exit (Linux `__mmu_notifier_release`, the first thing
     /// `exit_mmap` does): marks the address space dead, calls every list
     /// notifier's `release` (unless unregister already did), takes them all
@@ -404,7 +406,7 @@ impl Subscriptions {
     }
 }
 
-/// Waits until every deferred free queued by earlier [`Subscriptions::put`]
+/// Waits until every deferred free queued by earlier [`SubscriptionsRef::put`]
 /// calls has run (Linux `mmu_notifier_synchronize`, with the documented
 /// contract made true: a barrier, not just a grace period). Call it before
 /// unloading code whose notifiers were put.
@@ -433,7 +435,7 @@ mod tests {
     impl NotifierAlloc for Ops {
         fn alloc_notifier(
             &self,
-            _mm: &Subscriptions,
+            _mm: &SubscriptionsRef,
         ) -> Result<Arc<dyn MmuNotifier>, Box<dyn std::error::Error + Send + Sync>> {
             Ok(Arc::new(Nop))
         }

@@ -66,7 +66,22 @@ pub(crate) struct SubscriptionsState {
 }
 
 /// The subscriptions of one address space: what a primary MMU embeds and
-/// calls its hooks on. A cheap handle; clones refer to the same address space.
+/// calls its hooks on (Linux's `mm->notifier_subscriptions`, reached only
+/// by core mm through the `mmu_notifier_*` wrappers).
+///
+/// The primary's handle: not `Clone`, and the only type with the hooks
+/// (`invalidate_range_start` and its kin, the young callbacks,
+/// `change_pte`, `arch_invalidate_secondary_tlbs`, `release`). What a
+/// secondary MMU keeps is a [`SubscriptionsRef`] ([`handle`](Self::handle)),
+/// which registers, unregisters and inserts interval notifiers but cannot
+/// announce an invalidation or run exit. It dereferences to one, so the
+/// primary registers through it too, as Linux's core mm may.
+///
+/// `release` takes `&self`, not `self`: as in Linux, exit releases the
+/// notifiers *before* it unmaps, and the unmapping still runs the
+/// invalidation hooks (interval notifiers get them), so the handle outlives
+/// its release. Running it twice is refused at run time
+/// ([`Error::AddressSpaceExited`](crate::Error::AddressSpaceExited)).
 ///
 /// ```
 /// use std::sync::Arc;
@@ -94,12 +109,44 @@ pub(crate) struct SubscriptionsState {
 /// assert_eq!(shadow.zapped.load(Ordering::Relaxed), 2);
 /// mm.unregister(&handle).unwrap();
 /// ```
-#[derive(Clone)]
 pub struct Subscriptions {
+    shared: SubscriptionsRef,
+}
+
+impl core::ops::Deref for Subscriptions {
+    type Target = SubscriptionsRef;
+    #[inline(always)]
+    fn deref(&self) -> &SubscriptionsRef {
+        &self.shared
+    }
+}
+
+/// What a secondary MMU holds of an address space (Linux: the `mm` a
+/// driver keeps after `mmgrab`, through which it registers): register,
+/// unregister, `get` / `put`, interval notifiers, the mmap lock, the
+/// counters. A cheap handle; clones refer to the same address space. It has
+/// none of the primary's hooks: only the [`Subscriptions`] the primary
+/// embeds does.
+///
+/// ```compile_fail
+/// use mmu_notifier::{Event, Range, Subscriptions};
+/// let mm = Subscriptions::new();
+/// let secondary = mm.handle();
+/// // A secondary cannot announce an invalidation:
+/// secondary.invalidate_range_start(Range::new(0, 0x1000, Event::Unmap).unwrap());
+/// ```
+#[derive(Clone)]
+pub struct SubscriptionsRef {
     pub(crate) inner: Arc<SubscriptionsState>,
 }
 
 impl core::fmt::Debug for Subscriptions {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        core::fmt::Debug::fmt(&self.shared, f)
+    }
+}
+
+impl core::fmt::Debug for SubscriptionsRef {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Subscriptions")
             .field("key", &self.inner.key)
@@ -119,13 +166,13 @@ impl Default for Subscriptions {
 /// The mmap lock of one address space held for writing (Linux
 /// `mmap_write_lock`). The registrations a caller makes with the lock
 /// already held (Linux's `*_locked` functions) are its methods
-/// ([`register`](Self::register), [`get`](Self::get),
-/// [`interval_insert`](Self::interval_insert)): the lock is the receiver,
+/// ([`register`](SubscriptionsRef::register), [`get`](SubscriptionsRef::get),
+/// [`interval_insert`](SubscriptionsRef::interval_insert)): the lock is the receiver,
 /// so it cannot be forgotten, nor be another address space's.
 #[must_use = "the mmap lock is released when the guard is dropped"]
 pub struct MmapWriteGuard<'a> {
     _guard: RwLockWriteGuard<'a, ()>,
-    pub(crate) mm: &'a Subscriptions,
+    pub(crate) mm: &'a SubscriptionsRef,
 }
 
 /// Proof that the mmap lock is held for reading.
@@ -246,19 +293,29 @@ impl Subscriptions {
         let key = NEXT_KEY.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
         let diag: DiagHandle = Arc::new(Diagnostics::default());
         Subscriptions {
-            inner: Arc::new(SubscriptionsState {
-                key,
-                domain,
-                mode: AtomicU32::new(0),
-                live: AtomicBool::new(true),
-                mmap: RwLock::new(()),
-                list: NotifierList::new(domain),
-                interval: IntervalState::new(domain, key, diag.clone()),
-                diag,
-            }),
+            shared: SubscriptionsRef {
+                inner: Arc::new(SubscriptionsState {
+                    key,
+                    domain,
+                    mode: AtomicU32::new(0),
+                    live: AtomicBool::new(true),
+                    mmap: RwLock::new(()),
+                    list: NotifierList::new(domain),
+                    interval: IntervalState::new(domain, key, diag.clone()),
+                    diag,
+                }),
+            },
         }
     }
 
+    /// The handle a secondary MMU keeps: it registers and inserts interval
+    /// notifiers, and has none of the hooks.
+    pub fn handle(&self) -> SubscriptionsRef {
+        self.shared.clone()
+    }
+}
+
+impl SubscriptionsRef {
     /// The SRCU domain this address space's callbacks run under.
     pub fn domain(&self) -> &'static Domain {
         self.inner.domain
@@ -314,7 +371,9 @@ impl Subscriptions {
     pub fn notifier_count(&self) -> usize {
         self.inner.list.len()
     }
+}
 
+impl Subscriptions {
     // ---------------------------------------------------------------------
     // Invalidation hooks
     // ---------------------------------------------------------------------
@@ -330,9 +389,9 @@ impl Subscriptions {
     ///
     /// The pair holds one SRCU read-side section from here to its end, and
     /// the end calls exactly the notifiers this start called. Until the end,
-    /// on this thread, [`register`](Self::register), [`get`](Self::get),
-    /// [`unregister`](Self::unregister), [`release`](Self::release), the
-    /// first [`interval_insert`](Self::interval_insert) and the SRCU waits
+    /// on this thread, [`register`](SubscriptionsRef::register), [`get`](SubscriptionsRef::get),
+    /// [`unregister`](SubscriptionsRef::unregister), [`release`](Self::release), the
+    /// first [`interval_insert`](SubscriptionsRef::interval_insert) and the SRCU waits
     /// return [`Error::WouldDeadlock`](crate::Error::WouldDeadlock); other
     /// threads' unregisters wait for the end.
     #[inline]
@@ -722,11 +781,11 @@ impl Subscriptions {
 // sequence and its walks live in `interval.rs`).
 
 impl MmapWriteGuard<'_> {
-    /// [`Subscriptions::interval_insert`] with the mmap write lock held
+    /// [`SubscriptionsRef::interval_insert`] with the mmap write lock held
     /// (Linux `mmu_interval_notifier_insert_locked`).
     ///
     /// # Errors
-    /// As [`Subscriptions::interval_insert`].
+    /// As [`SubscriptionsRef::interval_insert`].
     pub fn interval_insert(
         &self,
         start: u64,
@@ -737,7 +796,7 @@ impl MmapWriteGuard<'_> {
     }
 }
 
-impl Subscriptions {
+impl SubscriptionsRef {
     /// Inserts an interval notifier for `[start, start + length)` (Linux
     /// `mmu_interval_notifier_insert`). Takes the mmap write lock the first
     /// time interval mode is enabled on this address space.

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use common::*;
 use mmu_notifier::{
-    srcu, Again, Callbacks, Error, Event, MmuNotifier, Range, RangeError, Subscriptions, Warning,
-    END_OF_ADDRESS_SPACE,
+    srcu, Again, Callbacks, Error, Event, MmuNotifier, Range, RangeError, Subscriptions,
+    SubscriptionsRef, Warning, END_OF_ADDRESS_SPACE,
 };
 
 #[test]
@@ -92,7 +92,7 @@ fn handles_of_another_address_space_are_refused_and_guards_register_in_their_own
     ));
     let g = other.mmap_write();
     let h2 = g.register(Recorder::new("b", START_END, &log)).unwrap();
-    assert!(std::ptr::eq(g.subscriptions(), &other));
+    assert!(std::ptr::eq(g.subscriptions(), &*other));
     drop(g);
     assert_eq!((mm.notifier_count(), other.notifier_count()), (1, 1));
     other.unregister(&h2).unwrap();
@@ -103,7 +103,8 @@ fn handles_of_another_address_space_are_refused_and_guards_register_in_their_own
 #[test]
 fn unregister_and_synchronize_from_a_callback_are_refused() {
     struct SelfUnregister {
-        mm: Subscriptions,
+        // The primary's handle: the callback tries `release` too.
+        mm: Arc<Subscriptions>,
         handle: std::sync::OnceLock<mmu_notifier::NotifierHandle>,
         errors: std::sync::Mutex<Vec<String>>,
     }
@@ -132,7 +133,7 @@ fn unregister_and_synchronize_from_a_callback_are_refused() {
             Ok(())
         }
     }
-    let mm = Subscriptions::new();
+    let mm = Arc::new(Subscriptions::new());
     let n = Arc::new(SelfUnregister {
         mm: mm.clone(),
         handle: Default::default(),
@@ -231,7 +232,7 @@ fn get_passes_alloc_failure_up() {
     impl mmu_notifier::NotifierAlloc for NoMem {
         fn alloc_notifier(
             &self,
-            _mm: &Subscriptions,
+            _mm: &SubscriptionsRef,
         ) -> Result<Arc<dyn MmuNotifier>, Box<dyn std::error::Error + Send + Sync>> {
             Err("out of memory".into())
         }
@@ -250,7 +251,7 @@ fn get_on_exited_address_space_frees_the_new_notifier() {
     impl mmu_notifier::NotifierAlloc for Ops {
         fn alloc_notifier(
             &self,
-            _mm: &Subscriptions,
+            _mm: &SubscriptionsRef,
         ) -> Result<Arc<dyn MmuNotifier>, Box<dyn std::error::Error + Send + Sync>> {
             Ok(Recorder::new("x", START_END, &new_log()))
         }

@@ -11,6 +11,7 @@ use std::thread;
 use common::*;
 use mmu_notifier::{
     srcu, Again, Callbacks, MmuNotifier, NotifierAlloc, NotifierHandle, Range, Subscriptions,
+    SubscriptionsRef,
 };
 
 /// Registers a recorder named `name` from another thread (this one is inside
@@ -18,7 +19,7 @@ use mmu_notifier::{
 /// deadlock in Linux) and returns it.
 fn register_elsewhere(mm: &Subscriptions, name: &'static str, log: &Log) -> Arc<Recorder> {
     let late = Recorder::new(name, START_END, log);
-    let (mm2, late2) = (mm.clone(), late.clone());
+    let (mm2, late2) = (mm.handle(), late.clone());
     std::thread::spawn(move || mm2.register(late2).unwrap())
         .join()
         .unwrap();
@@ -114,7 +115,7 @@ fn callbacks_run_newest_first() {
 #[test]
 fn no_callback_after_unregister_returns() {
     for _ in 0..50 {
-        let mm = Subscriptions::new();
+        let mm = Arc::new(Subscriptions::new());
         let log = new_log();
         let a = Recorder::new(
             "a",
@@ -176,7 +177,7 @@ fn exit_releases_all_then_nothing() {
 #[test]
 fn put_from_release_is_deferred_and_runs() {
     struct PutsItself {
-        mm: Subscriptions,
+        mm: SubscriptionsRef,
         handle: std::sync::OnceLock<mmu_notifier::NotifierHandle>,
     }
     impl MmuNotifier for PutsItself {
@@ -194,7 +195,7 @@ fn put_from_release_is_deferred_and_runs() {
     impl NotifierAlloc for Ops {
         fn alloc_notifier(
             &self,
-            mm: &Subscriptions,
+            mm: &SubscriptionsRef,
         ) -> Result<Arc<dyn MmuNotifier>, Box<dyn std::error::Error + Send + Sync>> {
             let n = Arc::new(PutsItself {
                 mm: mm.clone(),
@@ -257,7 +258,7 @@ fn put_racing_invalidation_frees_after_grace_period() {
     impl NotifierAlloc for Ops {
         fn alloc_notifier(
             &self,
-            _mm: &Subscriptions,
+            _mm: &SubscriptionsRef,
         ) -> Result<Arc<dyn MmuNotifier>, Box<dyn std::error::Error + Send + Sync>> {
             Ok(self.0.clone())
         }
@@ -275,7 +276,7 @@ fn put_racing_invalidation_frees_after_grace_period() {
         freed: Arc::new(AtomicBool::new(false)),
     });
     let ops: Arc<dyn NotifierAlloc> = Arc::new(Ops(busy.clone()));
-    let mm = Subscriptions::new();
+    let mm = Arc::new(Subscriptions::new());
     let h = mm.get(&ops).unwrap();
     let mm2 = mm.clone();
     let t = thread::spawn(move || mm2.invalidate_range_start(range(0, 0x1000)).end());

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use loom::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use loom::thread;
-use mmu_notifier::{Again, Callbacks, Event, MmuNotifier, NotifierAlloc, Range, Subscriptions};
+use mmu_notifier::{
+    Again, Callbacks, Event, MmuNotifier, NotifierAlloc, Range, Subscriptions, SubscriptionsRef,
+};
 
 /// Counts callbacks with loom atomics, so loom checks what is visible when.
 #[derive(Default)]
@@ -78,7 +80,7 @@ const FULL: Callbacks = Callbacks::RELEASE
 #[test]
 fn unregister_racing_exit_releases_exactly_once() {
     loom::model(|| {
-        let mm = Subscriptions::new();
+        let mm = Arc::new(Subscriptions::new());
         let n = Counting::new(FULL);
         let h = mm.register(n.clone()).unwrap();
         let mm2 = mm.clone();
@@ -99,7 +101,7 @@ fn unregister_racing_exit_releases_exactly_once() {
 #[test]
 fn no_callback_after_unregister_returns() {
     loom::model(|| {
-        let mm = Subscriptions::new();
+        let mm = Arc::new(Subscriptions::new());
         let n = Counting::new(FULL);
         let h = mm.register(n.clone()).unwrap();
         let mm2 = mm.clone();
@@ -125,7 +127,7 @@ struct Alloc(Arc<Counting>);
 impl NotifierAlloc for Alloc {
     fn alloc_notifier(
         &self,
-        _mm: &Subscriptions,
+        _mm: &SubscriptionsRef,
     ) -> Result<Arc<dyn MmuNotifier>, Box<dyn std::error::Error + Send + Sync>> {
         Ok(self.0.clone())
     }
@@ -144,7 +146,7 @@ impl NotifierAlloc for Alloc {
 #[test]
 fn put_racing_invalidation_frees_after_grace_period() {
     loom::model(|| {
-        let mm = Subscriptions::new();
+        let mm = Arc::new(Subscriptions::new());
         let n = Counting::new(Callbacks::INVALIDATE_RANGE_START);
         let ops: Arc<dyn NotifierAlloc> = Arc::new(Alloc(n.clone()));
         let h = mm.get(&ops).unwrap();
@@ -167,7 +169,7 @@ fn put_racing_invalidation_frees_after_grace_period() {
 #[test]
 fn registration_racing_pair_never_splits_it() {
     loom::model(|| {
-        let mm = Subscriptions::new();
+        let mm = Arc::new(Subscriptions::new());
         // Someone is already registered, so the hooks take the list path.
         let first = Counting::new(FULL);
         mm.register(first.clone()).unwrap();
@@ -234,7 +236,7 @@ impl IntervalOps for DevicePage {
 #[test]
 fn interval_read_side_never_commits_stale() {
     loom::model(|| {
-        let mm = Subscriptions::new();
+        let mm = Arc::new(Subscriptions::new());
         let dev = DevicePage::new();
         let sub = mm.interval_insert(0, 0x1000, dev.clone()).unwrap();
         // The primary PTE: 1, then changed to 2 inside the invalidation.
@@ -273,7 +275,7 @@ fn interval_read_side_never_commits_stale() {
 #[test]
 fn interval_insert_and_remove_during_invalidation() {
     loom::model(|| {
-        let mm = Subscriptions::new();
+        let mm = Arc::new(Subscriptions::new());
         let old = DevicePage::new();
         let s_old = mm.interval_insert(0, 0x1000, old.clone()).unwrap();
         let mm2 = mm.clone();
@@ -297,7 +299,7 @@ fn interval_insert_and_remove_during_invalidation() {
 #[test]
 fn interval_remove_racing_end() {
     loom::model(|| {
-        let mm = Subscriptions::new();
+        let mm = Arc::new(Subscriptions::new());
         let dev = DevicePage::new();
         let sub = mm.interval_insert(0, 0x1000, dev.clone()).unwrap();
         let inv = mm.invalidate_range_start(range());
@@ -324,7 +326,7 @@ fn interval_remove_racing_end() {
 #[test]
 fn interval_accounting_undone_when_list_start_fails() {
     loom::model(|| {
-        let mm = Subscriptions::new();
+        let mm = Arc::new(Subscriptions::new());
         mm.register(Arc::new(common::FailsNonBlockStart)).unwrap();
         let sub = mm.interval_insert(0, 0x1000, DevicePage::new()).unwrap();
         let mm2 = mm.clone();

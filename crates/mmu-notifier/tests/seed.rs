@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::*;
 use mmu_notifier::{
     Again, Callbacks, Error, Event, MmuNotifier, NotifierAlloc, Owner, PteValue, Range,
-    Subscriptions, Warning, PAGE_SIZE,
+    Subscriptions, SubscriptionsRef, Warning, PAGE_SIZE,
 };
 
 /// cddb8a5c: the core contract: start before the PTE change, end after, both
@@ -88,7 +88,7 @@ fn seed_8ee53820_test_young_stops_at_first_young() {
 #[test]
 fn seed_3ad3d901_release_runs_before_removal_from_list() {
     struct SeesItself {
-        mm: Subscriptions,
+        mm: SubscriptionsRef,
         on_list_during_release: AtomicBool,
     }
     impl MmuNotifier for SeesItself {
@@ -103,7 +103,7 @@ fn seed_3ad3d901_release_runs_before_removal_from_list() {
     for via_exit in [true, false] {
         let mm = Subscriptions::new();
         let n = Arc::new(SeesItself {
-            mm: mm.clone(),
+            mm: mm.handle(),
             on_list_during_release: AtomicBool::new(false),
         });
         let h = mm.register(n.clone()).unwrap();
@@ -140,7 +140,7 @@ fn seed_751efd86_unregister_racing_exit_releases_once() {
         }
     }
     for i in 0..200 {
-        let mm = Subscriptions::new();
+        let mm = Arc::new(Subscriptions::new());
         let n = Arc::new(Slow {
             releases: AtomicUsize::new(0),
             finished: AtomicBool::new(false),
@@ -207,7 +207,7 @@ fn seed_21a92735_callbacks_may_sleep_and_unregister_waits_for_them() {
     }
     let (etx, erx) = mpsc::sync_channel(1);
     let (rtx, rrx) = mpsc::channel();
-    let mm = Subscriptions::new();
+    let mm = Arc::new(Subscriptions::new());
     let n = Arc::new(Sleeper {
         entered: etx,
         release: std::sync::Mutex::new(rrx),
@@ -378,7 +378,7 @@ struct Alloc {
 impl NotifierAlloc for Alloc {
     fn alloc_notifier(
         &self,
-        _mm: &Subscriptions,
+        _mm: &SubscriptionsRef,
     ) -> Result<Arc<dyn MmuNotifier>, Box<dyn std::error::Error + Send + Sync>> {
         self.allocated.fetch_add(1, Ordering::SeqCst);
         Ok(Recorder::new(
@@ -517,7 +517,7 @@ fn seed_ba170f76_sleeping_in_nonblockable_callback_is_reported() {
 #[test]
 fn seed_23b68395_recursion_into_invalidate_is_reported() {
     struct Recurse {
-        mm: std::sync::OnceLock<Subscriptions>,
+        mm: std::sync::OnceLock<Arc<Subscriptions>>,
         depth: AtomicUsize,
     }
     impl MmuNotifier for Recurse {
@@ -532,7 +532,7 @@ fn seed_23b68395_recursion_into_invalidate_is_reported() {
             Ok(())
         }
     }
-    let mm = Subscriptions::new();
+    let mm = Arc::new(Subscriptions::new());
     let other = Subscriptions::new();
     let n = Arc::new(Recurse {
         mm: Default::default(),
@@ -571,7 +571,7 @@ fn seed_543bdb2d_concurrent_invalidation_sees_initialised_notifier() {
             Ok(())
         }
     }
-    let mm = Subscriptions::new();
+    let mm = Arc::new(Subscriptions::new());
     let bad = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let rounds = Arc::new(AtomicUsize::new(0));

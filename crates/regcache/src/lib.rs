@@ -80,7 +80,7 @@
 //! impl AddressSpace for Space {
 //!     type Watch = ();
 //!     type Error = std::convert::Infallible;
-//!     fn subscriptions(&self) -> &Subscriptions { &self.0 }
+//!     fn subscriptions(&self) -> &mmu_notifier::SubscriptionsRef { &self.0 }
 //!     fn watch(&self, _: u64, _: u64) -> Result<(), Self::Error> { Ok(()) }
 //! }
 //!

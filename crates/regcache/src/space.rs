@@ -1,9 +1,9 @@
 //! [`AddressSpace`]: what the cache needs from the memory it registers.
 
-use mmu_notifier::Subscriptions;
+use mmu_notifier::SubscriptionsRef;
 
 /// The primary address space a [`RegCache`](crate::RegCache) keeps its
-/// registrations coherent with: its [`Subscriptions`] (where the cache
+/// registrations coherent with: its [`SubscriptionsRef`] (where the cache
 /// inserts one interval notifier per registration), a way to make sure
 /// invalidations of a range are delivered at all, and a flush that makes
 /// every change that already took effect visible.
@@ -23,7 +23,7 @@ pub trait AddressSpace: Send + Sync + 'static {
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// The address space's subscriptions.
-    fn subscriptions(&self) -> &Subscriptions;
+    fn subscriptions(&self) -> &SubscriptionsRef;
 
     /// Starts delivering invalidations for `[start, start + len)`; they stop
     /// when the returned value is dropped (and no other watch covers the

@@ -14,7 +14,8 @@ const P: u64 = 4096;
 /// Live watches are counted.
 #[derive(Default)]
 struct Space {
-    subs: Subscriptions,
+    /// The primary's handle, shared with a test device that races it.
+    subs: Arc<Subscriptions>,
     watches: Arc<AtomicUsize>,
 }
 
@@ -29,7 +30,7 @@ impl Drop for Watch {
 impl AddressSpace for Space {
     type Watch = Watch;
     type Error = std::convert::Infallible;
-    fn subscriptions(&self) -> &Subscriptions {
+    fn subscriptions(&self) -> &mmu_notifier::SubscriptionsRef {
         &self.subs
     }
     fn watch(&self, _: u64, _: u64) -> Result<Watch, Self::Error> {
@@ -328,7 +329,7 @@ fn a_range_invalidated_at_every_attempt_gives_busy_after_a_bounded_number() {
     let space = Space::default();
     let subs = Arc::new(Subscriptions::new());
     let space = Space {
-        subs: Subscriptions::clone(&subs),
+        subs: subs.clone(),
         ..space
     };
     let dev = Device {

@@ -4,7 +4,7 @@
 //!
 //! # Locking, in a few lines
 //!
-//! * The **mmap lock** is the subsystem's own ([`Subscriptions::mmap_write`]),
+//! * The **mmap lock** is the subsystem's own ([`SubscriptionsRef::mmap_write`]),
 //!   so `register` / `interval_insert` exclude VMA changes exactly as in
 //!   Linux. Writers: mmap, munmap, mremap, mprotect, fork, exit. Readers:
 //!   faults, madvise, reclaim, migration, KSM, soft-dirty, range_fault, pin.
@@ -36,6 +36,7 @@ use mmu_notifier::sync::{
 
 use mmu_notifier::{
     ActiveInvalidation, Event, MmapReadGuard, MmapWriteGuard, Owner, Range, Subscriptions,
+    SubscriptionsRef,
 };
 
 use crate::error::{Error, Result};
@@ -283,7 +284,15 @@ impl MmGrab {
 
     /// The subscriptions of this address space: register notifiers and
     /// insert interval notifiers here.
-    pub fn subscriptions(&self) -> &Subscriptions {
+    pub fn subscriptions(&self) -> &SubscriptionsRef {
+        &self.inner.subs
+    }
+
+    /// The primary's side of the subscriptions, with the hooks: for code
+    /// that acts as this address space's core mm (a test announcing an
+    /// invalidation of its own). Secondaries use
+    /// [`subscriptions`](Self::subscriptions).
+    pub fn primary_subscriptions(&self) -> &Subscriptions {
         &self.inner.subs
     }
 

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use mmu_notifier::{
-    IntervalNotifier, IntervalOps, MmapReadGuard, MmapWriteGuard, Subscriptions, PAGE_SIZE,
+    IntervalNotifier, IntervalOps, MmapReadGuard, MmapWriteGuard, SubscriptionsRef, PAGE_SIZE,
 };
 
 use crate::error::UffdError;
@@ -136,7 +136,15 @@ impl ProcessMm {
 
     /// The address space's subscriptions: register classic notifiers here
     /// (and [`watch`](Self::watch) the ranges they care about).
-    pub fn subscriptions(&self) -> &Subscriptions {
+    pub fn subscriptions(&self) -> &SubscriptionsRef {
+        &self.handle.shared.subs
+    }
+
+    /// The primary's side of the subscriptions, with the hooks the monitor
+    /// calls: for code that acts as this address space's core mm (a test
+    /// announcing an invalidation of its own). Secondaries use
+    /// [`subscriptions`](Self::subscriptions).
+    pub fn primary_subscriptions(&self) -> &mmu_notifier::Subscriptions {
         &self.handle.shared.subs
     }
 
@@ -401,7 +409,7 @@ impl regcache::AddressSpace for ProcessMm {
     type Watch = Watch;
     type Error = UffdError;
 
-    fn subscriptions(&self) -> &Subscriptions {
+    fn subscriptions(&self) -> &SubscriptionsRef {
         ProcessMm::subscriptions(self)
     }
 

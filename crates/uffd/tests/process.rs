@@ -417,7 +417,7 @@ fn dropping_a_process_interval_removes_its_notifier() {
     let log = Arc::new(Log::default());
     let sub = mm.interval_insert(a, P, log.clone()).unwrap();
     let probe = || {
-        mm.subscriptions()
+        mm.primary_subscriptions()
             .invalidate_range_start(Range::new(a, a + P, Event::Clear).unwrap())
             .end();
         log.take().len()

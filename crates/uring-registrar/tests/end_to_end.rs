@@ -105,7 +105,7 @@ struct Blind(mmu_notifier::Subscriptions);
 impl AddressSpace for Blind {
     type Watch = ();
     type Error = std::convert::Infallible;
-    fn subscriptions(&self) -> &mmu_notifier::Subscriptions {
+    fn subscriptions(&self) -> &mmu_notifier::SubscriptionsRef {
         &self.0
     }
     fn watch(&self, _: u64, _: u64) -> Result<(), Self::Error> {
