@@ -87,11 +87,12 @@ pub use shuttle as __shuttle;
 #[doc(hidden)]
 pub use loom as __loom;
 mod range;
-// The one module allowed `unsafe`: the RCU pointer and the reader contract.
+// The one module allowed `unsafe`: the SRCU domain with its reader contract
+// and thread-local counters, and the RCU pointers it protects.
 #[allow(unsafe_code)]
 pub mod rcu;
 mod registration;
-pub mod srcu;
+pub use rcu::srcu;
 mod subscriptions;
 pub mod sync;
 

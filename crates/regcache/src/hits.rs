@@ -28,8 +28,8 @@ use mmu_notifier::srcu::{Domain, ReadGuard};
 use mmu_notifier::sync::{AtomicUsize, Ordering};
 use mmu_notifier::PAGE_SIZE;
 
-use crate::entry::Reg;
 use crate::index::Index;
+use crate::reg::Reg;
 use crate::{Access, AddressSpace, Registrar};
 
 /// Slots a key may live in: its home slot and the next ones.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use mmu_notifier::sync::Ordering;
 
-use crate::entry::Reg;
+use crate::reg::Reg;
 use crate::{Access, AddressSpace, Limits, Registrar};
 
 /// Registrations a lookup that is not an exact-start hit examines (those

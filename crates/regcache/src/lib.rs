@@ -117,15 +117,19 @@
 
 mod access;
 mod cache;
+mod config;
 mod entry;
 mod error;
 mod hits;
 mod index;
+mod reg;
 mod registrar;
 mod space;
+mod state;
 
 pub use access::Access;
-pub use cache::{CacheStats, Config, RegCache, Usage};
+pub use cache::RegCache;
+pub use config::{CacheStats, Config, Usage};
 pub use entry::{Entry, Hit};
 pub use error::CacheError;
 pub use registrar::{BoxError, Limits, RegError, Registrar};

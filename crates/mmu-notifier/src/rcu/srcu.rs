@@ -67,7 +67,6 @@ use core::sync::atomic::{AtomicBool as PlainBool, AtomicU64 as PlainU64};
 
 #[cfg(feature = "std")]
 use crate::barrier::Flavour;
-pub use crate::rcu::Backend;
 use crate::sync::{self, fence, AtomicUsize, Mutex, Ordering};
 use crate::Error;
 
@@ -193,7 +192,7 @@ struct Registry {
     heap: Vec<&'static Reader>,
     /// The thread-local counters of the global domain's threads.
     #[cfg(all(feature = "std", not(any(loom, shuttle))))]
-    tls: Vec<crate::rcu::tls::TlsCounter>,
+    tls: Vec<tls::TlsCounter>,
 }
 
 impl Registry {
@@ -539,7 +538,7 @@ impl Domain {
         #[cfg(all(feature = "std", not(any(loom, shuttle))))]
         if self.tls != TLS_OFF {
             let flavour = self.tls_flavour();
-            if crate::rcu::tls::enter(&self.gp, NEST_MASK, || flavour.light()) {
+            if tls::enter(&self.gp, NEST_MASK, || flavour.light()) {
                 return ReadGuard {
                     reader: None,
                     _not_send: PhantomData,
@@ -580,10 +579,9 @@ impl Domain {
     #[cold]
     #[inline(never)]
     fn read_lock_tls_slow(&'static self) -> ReadGuard {
-        let registered =
-            crate::rcu::tls::register(self, |c| sync::lock(&self.registry).tls.push(c));
+        let registered = tls::register(self, |c| sync::lock(&self.registry).tls.push(c));
         let flavour = self.tls_flavour();
-        if registered && crate::rcu::tls::enter(&self.gp, NEST_MASK, || flavour.light()) {
+        if registered && tls::enter(&self.gp, NEST_MASK, || flavour.light()) {
             return ReadGuard {
                 reader: None,
                 _not_send: PhantomData,
@@ -598,8 +596,8 @@ impl Domain {
     pub fn in_read_section(&'static self) -> bool {
         #[cfg(all(feature = "std", not(any(loom, shuttle))))]
         if self.tls != TLS_OFF {
-            let c = crate::rcu::tls::current();
-            if c & crate::rcu::tls::REGISTERED != 0 {
+            let c = tls::current();
+            if c & tls::REGISTERED != 0 {
                 return c & NEST_MASK != 0;
             }
         }
@@ -959,7 +957,7 @@ impl Drop for ReadGuard {
         match self.reader {
             Some(r) => r.exit(),
             #[cfg(all(feature = "std", not(any(loom, shuttle))))]
-            None => crate::rcu::tls::exit(NEST_MASK),
+            None => tls::exit(NEST_MASK),
             #[cfg(not(all(feature = "std", not(any(loom, shuttle)))))]
             None => unreachable!("heap readers only"),
         }
@@ -1010,6 +1008,186 @@ pub fn barrier() -> Result<(), Error> {
 #[cfg(feature = "std")]
 pub fn pending() -> usize {
     Domain::global().pending()
+}
+
+/// What an embedder without `std` supplies to an SRCU [`Domain`]: which
+/// reader the calling context uses, how to wait, and the fence pair of the
+/// read side. The std build has its own (thread-local readers,
+/// `membarrier(2)` fences, sleeping back-off) and needs none.
+///
+/// # Safety
+///
+/// [`reader`](Backend::reader) must return a reader that
+/// [`Domain::register_reader`] of the *same* domain handed out, and no other
+/// execution context may use that reader from the moment a context enters a
+/// read-side section with it until the section ends: a reader counts its
+/// sections with plain loads and stores, so two contexts sharing one could
+/// end a grace period early and let memory be freed under a reader. A reader
+/// per task (thread) is always right; a reader per CPU is right only where a
+/// section is never preempted or migrated. (A reader of another domain is
+/// caught at run time and refused with a panic.)
+///
+/// The fences must pair: [`light_barrier`](Backend::light_barrier) on the
+/// reader and [`heavy_barrier`](Backend::heavy_barrier) on the writer must
+/// together order each side's earlier store before its later load (both
+/// `fence(SeqCst)` does; a compiler fence with an inter-processor barrier on
+/// every CPU running a reader does too, as `membarrier(2)` or an IPI).
+pub unsafe trait Backend: Sync + 'static {
+    /// The calling context's reader of `domain`.
+    fn reader(&self, domain: &'static Domain) -> &'static Reader;
+
+    /// Waits a little: called in every loop that waits for another context
+    /// (a grace period, an interval invalidation in flight, deferred
+    /// functions still running). A kernel yields to its scheduler here; a
+    /// hypervisor pauses.
+    fn relax(&self) {
+        core::hint::spin_loop();
+    }
+
+    /// The reader's side of the fence pair; runs on every outermost
+    /// `read_lock`.
+    #[inline]
+    fn light_barrier(&self) {
+        sync::fence(Ordering::SeqCst);
+    }
+
+    /// The writer's side of the fence pair; runs twice per grace period.
+    fn heavy_barrier(&self) {
+        sync::fence(Ordering::SeqCst);
+    }
+}
+
+/// The std build's fast reader of [`Domain::global`]: the section counter
+/// lives directly in a thread-local (one `%fs`-relative load and store per
+/// section, as liburcu's), and the domain's registry holds its address.
+///
+/// A registered address stays valid because the thread removes it, under the
+/// registry lock, in a thread-local destructor that runs before the thread's
+/// thread-local storage is freed, and the grace period reads registered
+/// counters only while holding that lock ([`TlsCounter::load`] takes the
+/// lock guard as its witness). After that destructor ran, the thread's
+/// sections use a heap reader instead (the counter's `REGISTERED` bit is
+/// cleared).
+///
+/// Not built under loom or shuttle, whose atomics cannot live in a constant
+/// thread-local: there every reader is a heap reader, running the same
+/// counter algorithm.
+#[cfg(all(feature = "std", not(any(loom, shuttle))))]
+pub(crate) mod tls {
+    use core::cell::Cell;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::MutexGuard;
+
+    /// Set in a thread's counter while its address is in the registry.
+    pub(crate) const REGISTERED: usize = 1 << (usize::BITS - 2);
+
+    std::thread_local! {
+        static CTR: AtomicUsize = const { AtomicUsize::new(0) };
+        static REG: Registration = const { Registration(Cell::new(None)) };
+    }
+
+    /// The address of one thread's counter, in the registry.
+    pub(crate) struct TlsCounter(*const AtomicUsize);
+
+    // SAFETY: the pointer is only dereferenced by `load`, under the registry
+    // lock, while the owning thread keeps it valid (see the module docs); an
+    // `AtomicUsize` may be read from any thread.
+    unsafe impl Send for TlsCounter {}
+
+    impl TlsCounter {
+        /// The counter's value. `_registry` is the guard of the registry that
+        /// holds `self`: while it is held the owning thread cannot finish
+        /// exiting.
+        #[inline]
+        pub(crate) fn load<T>(&self, _registry: &MutexGuard<'_, T>) -> usize {
+            // SAFETY: `self` is in the registry whose lock `_registry` holds
+            // (callers pass the guard they found `self` through). An entry is
+            // removed, under that lock, by the `Registration` destructor of its
+            // thread before that thread's thread-local storage is freed, so
+            // the pointee is alive for the whole borrow.
+            unsafe { (*self.0).load(Ordering::Acquire) }
+        }
+
+        /// Whether this is the calling thread's counter.
+        pub(crate) fn is_mine(&self) -> bool {
+            CTR.with(|c| core::ptr::eq(c, self.0))
+        }
+    }
+
+    /// Removes the thread's counter from the registry when the thread exits.
+    struct Registration(Cell<Option<&'static super::Domain>>);
+
+    impl Drop for Registration {
+        fn drop(&mut self) {
+            if let Some(domain) = self.0.take() {
+                // From now on this thread reads through a heap reader.
+                let _ = CTR.try_with(|c| c.fetch_and(!REGISTERED, Ordering::Relaxed));
+                domain.unregister_tls();
+            }
+        }
+    }
+
+    /// The calling thread's counter as a registry entry, if this thread can
+    /// still register one (its destructors have not run yet). `register`
+    /// adds it to the registry; then the `REGISTERED` bit is set.
+    pub(crate) fn register(
+        domain: &'static super::Domain,
+        register: impl FnOnce(TlsCounter),
+    ) -> bool {
+        REG.try_with(|r| {
+            if r.0.get().is_some() {
+                return;
+            }
+            let Ok(addr) = CTR.try_with(|c| c as *const AtomicUsize) else {
+                return;
+            };
+            register(TlsCounter(addr));
+            r.0.set(Some(domain));
+            CTR.with(|c| c.fetch_or(REGISTERED, Ordering::Relaxed));
+        })
+        .is_ok()
+            && CTR.with(|c| c.load(Ordering::Relaxed) & REGISTERED != 0)
+    }
+
+    /// Enters a section on the thread-local counter: `false` (nothing done)
+    /// if this thread's counter is not registered. `gp` is the domain's
+    /// global counter, `light` the read side's fence.
+    #[inline(always)]
+    pub(crate) fn enter(gp: &AtomicUsize, nest_mask: usize, light: impl FnOnce()) -> bool {
+        CTR.with(|c| {
+            let v = c.load(Ordering::Relaxed);
+            // Registered and idle (depth 0, whatever the stale phase bit):
+            // the outermost section, the common case, in one test.
+            if v & (nest_mask | REGISTERED) == REGISTERED {
+                c.store(gp.load(Ordering::Relaxed) | REGISTERED, Ordering::Relaxed);
+                light();
+                true
+            } else if v & nest_mask != 0 {
+                c.store(v + 1, Ordering::Relaxed);
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    /// Ends a section entered with [`enter`] (`nest_mask`: the depth bits).
+    #[inline(always)]
+    pub(crate) fn exit(nest_mask: usize) {
+        let _ = nest_mask;
+        CTR.with(|c| {
+            // The phase bit may stay when the depth drops to 0: an idle
+            // counter is recognised by its depth alone. Release: everything
+            // the section did happens-before a grace period that observes
+            // the section ended.
+            c.store(c.load(Ordering::Relaxed) - 1, Ordering::Release);
+        })
+    }
+
+    /// The calling thread's counter (for `in_read_section`).
+    pub(crate) fn current() -> usize {
+        CTR.try_with(|c| c.load(Ordering::Relaxed)).unwrap_or(0)
+    }
 }
 
 #[cfg(all(test, feature = "std", not(loom)))]
