@@ -20,7 +20,9 @@
 //! A snapshot stores, next to each entry, the fields a walk needs (the
 //! callback object and its callback set), so the walk touches
 //! one array and one vtable per notifier, as Linux's hlist walk touches one
-//! node and one ops table.
+//! node and one ops table. The hook pair's walks go through two more arrays
+//! of the same snapshot, the entries with a start callback and those with
+//! an end callback, so they test no flag per notifier.
 
 use alloc::boxed::Box;
 use alloc::sync::Arc;
@@ -83,9 +85,32 @@ impl Linked {
 pub(crate) struct Snapshot {
     pub(crate) version: u64,
     pub(crate) entries: Box<[Linked]>,
+    /// The entries with `invalidate_range_start`, and those with
+    /// `invalidate_range_end`, in list order: the hook pair walks these
+    /// (Linux tests each ops pointer for NULL on every walk; the test is
+    /// made once here, when the list changes).
+    pub(crate) starts: Box<[Linked]>,
+    pub(crate) ends: Box<[Linked]>,
 }
 
 impl Snapshot {
+    /// The snapshot of `entries` (newest first) as list version `version`.
+    fn of(version: u64, entries: Vec<Arc<Entry>>) -> Snapshot {
+        let with = |c: Callbacks| -> Box<[Linked]> {
+            entries
+                .iter()
+                .filter(|e| e.callbacks.contains(c))
+                .map(|e| Linked::of(e.clone()))
+                .collect()
+        };
+        Snapshot {
+            version,
+            starts: with(Callbacks::INVALIDATE_RANGE_START),
+            ends: with(Callbacks::INVALIDATE_RANGE_END),
+            entries: entries.into_iter().map(Linked::of).collect(),
+        }
+    }
+
     /// The entries, as owners (for writers building the next version).
     pub(crate) fn entries(&self) -> impl Iterator<Item = &Arc<Entry>> {
         self.entries.iter().map(Linked::entry)
@@ -100,13 +125,7 @@ pub(crate) struct NotifierList {
 impl NotifierList {
     pub(crate) fn new(domain: &'static Domain) -> NotifierList {
         NotifierList {
-            current: RcuCell::new(
-                Snapshot {
-                    version: 0,
-                    entries: Box::new([]),
-                },
-                domain,
-            ),
+            current: RcuCell::new(Snapshot::of(0, Vec::new()), domain),
         }
     }
 
@@ -133,10 +152,7 @@ impl NotifierList {
         let next_version = w.get().version + 1;
         let (new, r) = f(w.get(), next_version);
         if let Some(entries) = new {
-            w.replace(Snapshot {
-                version: next_version,
-                entries: entries.into_iter().map(Linked::of).collect(),
-            });
+            w.replace(Snapshot::of(next_version, entries));
         }
         r
     }

@@ -516,7 +516,7 @@ impl Subscriptions {
     /// [`for_each_caught`](Self::for_each_caught)).
     #[inline(always)]
     fn start_list(&self, snap: &Snapshot, range: &Range) -> Result<(), Again> {
-        if snap.entries.len() == 1 {
+        if snap.starts.len() == 1 {
             self.start_walk::<true>(snap, range)
         } else {
             self.start_walk::<false>(snap, range)
@@ -528,26 +528,22 @@ impl Subscriptions {
         let _section = InvalidateSection::enter(self.inner.key, &self.inner.diag);
         let mut failed = false;
         let blockable = range.blockable();
-        self.for_each_caught::<ONE>(snap, "invalidate_range_start", |e| {
-            if e.callbacks.contains(Callbacks::INVALIDATE_RANGE_START) {
-                let r = {
-                    let _nb = NonBlockSection::enter(&self.inner.diag, !blockable);
-                    e.ops.invalidate_range_start(range)
-                };
-                if r.is_err() {
-                    self.start_failed(e, blockable);
-                    failed = true;
-                }
+        self.for_each_caught::<ONE>(&snap.starts, "invalidate_range_start", |e| {
+            let r = {
+                let _nb = NonBlockSection::enter(&self.inner.diag, !blockable);
+                e.ops.invalidate_range_start(range)
+            };
+            if r.is_err() {
+                self.start_failed(e, blockable);
+                failed = true;
             }
             true
         });
         if failed {
             // c2655835: every notifier with an end gets it, including the
             // ones whose start succeeded. No non-block marking here (Linux).
-            self.for_each_caught::<ONE>(snap, "invalidate_range_end", |e| {
-                if e.callbacks.contains(Callbacks::INVALIDATE_RANGE_END) {
-                    e.ops.invalidate_range_end(range);
-                }
+            self.for_each_caught::<false>(&snap.ends, "invalidate_range_end", |e| {
+                e.ops.invalidate_range_end(range);
                 true
             });
             Err(Again)
@@ -590,7 +586,7 @@ impl Subscriptions {
     /// start opened.
     #[inline(always)]
     fn end_walk(&self, snap: &Snapshot, range: &Range) {
-        if snap.entries.len() == 1 {
+        if snap.ends.len() == 1 {
             self.end_list_walk::<true>(snap, range);
         } else {
             self.end_list_walk::<false>(snap, range);
@@ -600,11 +596,9 @@ impl Subscriptions {
     #[inline(never)]
     fn end_list_walk<const ONE: bool>(&self, snap: &Snapshot, range: &Range) {
         let _section = InvalidateSection::enter(self.inner.key, &self.inner.diag);
-        self.for_each_caught::<ONE>(snap, "invalidate_range_end", |e| {
-            if e.callbacks.contains(Callbacks::INVALIDATE_RANGE_END) {
-                let _nb = NonBlockSection::enter(&self.inner.diag, !range.blockable());
-                e.ops.invalidate_range_end(range);
-            }
+        self.for_each_caught::<ONE>(&snap.ends, "invalidate_range_end", |e| {
+            let _nb = NonBlockSection::enter(&self.inner.diag, !range.blockable());
+            e.ops.invalidate_range_end(range);
             true
         });
     }
@@ -635,12 +629,11 @@ impl Subscriptions {
     #[inline(always)]
     pub(crate) fn for_each_caught<const ONE: bool>(
         &self,
-        snap: &Snapshot,
+        entries: &[Linked],
         what: &'static str,
         mut f: impl FnMut(&Linked) -> bool,
     ) {
         use std::panic::{catch_unwind, AssertUnwindSafe};
-        let entries = &snap.entries[..];
         if ONE {
             if let [only] = entries {
                 if catch_unwind(AssertUnwindSafe(|| f(only))).is_err() {
@@ -678,11 +671,11 @@ impl Subscriptions {
     #[cfg(not(all(feature = "std", panic = "unwind")))]
     pub(crate) fn for_each_caught<const ONE: bool>(
         &self,
-        snap: &Snapshot,
+        entries: &[Linked],
         _what: &'static str,
         mut f: impl FnMut(&Linked) -> bool,
     ) {
-        for e in snap.entries.iter() {
+        for e in entries {
             if !f(e) {
                 break;
             }
@@ -695,7 +688,7 @@ impl Subscriptions {
     fn walk_atomic(&self, what: &'static str, f: impl FnMut(&Linked) -> bool) {
         let list = self.inner.list.enter();
         let _nb = NonBlockSection::enter(&self.inner.diag, true);
-        self.for_each_caught::<false>(&list, what, f);
+        self.for_each_caught::<false>(&list.entries, what, f);
     }
 
     // ---------------------------------------------------------------------
