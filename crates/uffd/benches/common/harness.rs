@@ -150,49 +150,20 @@ pub fn time_hits<S: regcache::AddressSpace, R: regcache::Registrar>(
         drop(cache.get(base + i * P, P, Access::READ_WRITE).unwrap());
     }
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    g.bench_with_input(BenchmarkId::new(name, n), &n, |b, &n| {
-        b.iter_custom(|iters| {
-            let t = Instant::now();
-            for _ in 0..iters {
-                let a = base + next_index(&mut x, n) * P;
-                std::hint::black_box(cache.get(a, P, Access::READ_WRITE).unwrap());
-            }
-            t.elapsed()
-        })
+    time_lookups(g, name.to_string(), base, n, &mut x, |a| {
+        std::hint::black_box(cache.get(a, P, Access::READ_WRITE).unwrap());
     });
     // The lock-free hit: the handle used inside the closure, no guard.
-    g.bench_with_input(
-        BenchmarkId::new(format!("{name}_with_hit"), n),
-        &n,
-        |b, &n| {
-            b.iter_custom(|iters| {
-                let t = Instant::now();
-                for _ in 0..iters {
-                    let a = base + next_index(&mut x, n) * P;
-                    let h = cache.with_hit(a, P, Access::READ_WRITE, |h| *h.handle());
-                    std::hint::black_box(h.unwrap().unwrap());
-                }
-                t.elapsed()
-            })
-        },
-    );
+    time_lookups(g, format!("{name}_with_hit"), base, n, &mut x, |a| {
+        let h = cache.with_hit(a, P, Access::READ_WRITE, |h| *h.handle());
+        std::hint::black_box(h.unwrap().unwrap());
+    });
     if key_row {
         // The hit decided and answered from the hit table's slot alone.
-        g.bench_with_input(
-            BenchmarkId::new(format!("{name}_with_hit_key"), n),
-            &n,
-            |b, &n| {
-                b.iter_custom(|iters| {
-                    let t = Instant::now();
-                    for _ in 0..iters {
-                        let a = base + next_index(&mut x, n) * P;
-                        let k = cache.with_hit(a, P, Access::READ_WRITE, |h| h.key());
-                        std::hint::black_box(k.unwrap().unwrap());
-                    }
-                    t.elapsed()
-                })
-            },
-        );
+        time_lookups(g, format!("{name}_with_hit_key"), base, n, &mut x, |a| {
+            let k = cache.with_hit(a, P, Access::READ_WRITE, |h| h.key());
+            std::hint::black_box(k.unwrap().unwrap());
+        });
     }
     assert_eq!(
         cache
@@ -201,4 +172,25 @@ pub fn time_hits<S: regcache::AddressSpace, R: regcache::Registrar>(
             .load(std::sync::atomic::Ordering::Relaxed),
         n
     );
+}
+
+/// Times `lookup` on the one-page regions at `base`, in the pseudo-random
+/// order harness.c uses (`x` is the generator's state), as row `id`.
+fn time_lookups(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    id: String,
+    base: u64,
+    n: u64,
+    x: &mut u64,
+    lookup: impl Fn(u64),
+) {
+    g.bench_with_input(BenchmarkId::new(id, n), &n, |b, &n| {
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                lookup(base + next_index(x, n) * P);
+            }
+            t.elapsed()
+        })
+    });
 }
