@@ -145,7 +145,7 @@ impl<'a, S: AddressSpace, R: Registrar> Hit<'a, S, R> {
     /// The device's hit key of the handle ([`Registrar::hit_key`]), kept
     /// in the hit table: read without touching the registration.
     pub fn key(&self) -> u64 {
-        self.slot.tags()[1]
+        crate::hits::view_key(self.slot)
     }
 
     /// Unique id of the registration (as [`Entry::id`]).
@@ -160,7 +160,7 @@ impl<'a, S: AddressSpace, R: Registrar> Hit<'a, S, R> {
 
     /// One past the last byte registered.
     pub fn end(&self) -> u64 {
-        self.slot.tags()[0] & !(mmu_notifier::PAGE_SIZE - 1)
+        crate::hits::view_end(self.slot)
     }
 
     /// A guard that keeps the registration after the closure returns (two

@@ -10,7 +10,7 @@
 //! device's hit key ([`Registrar::hit_key`], the other tag), plus the LRU
 //! stamp a hit writes. A hit that needs only those costs one cache miss at
 //! scale (the slot); reading the registration itself is a second, dependent
-//! one. The last hit's tick lives in the slot ([`HitTable::stamp_of`]), the
+//! one. The last hit's tick lives in the slot ([`HitTable::last_use`]), the
 //! locked lookup's in the registration; eviction takes the later.
 //!
 //! Writers hold the cache lock (the `&Index` every write method takes is
@@ -23,7 +23,7 @@
 
 use std::sync::Arc;
 
-use mmu_notifier::rcu::{RcuCell, RcuSlots, SlotEntry, SlotView};
+use mmu_notifier::rcu::{RcuCell, RcuSlots, RcuSlotsWriter, SlotEntry, SlotView, SLOT_TAGS};
 use mmu_notifier::srcu::{Domain, ReadGuard};
 use mmu_notifier::sync::{AtomicUsize, Ordering};
 use mmu_notifier::PAGE_SIZE;
@@ -57,6 +57,11 @@ fn page_of(addr: u64) -> u64 {
     addr & !(PAGE_SIZE - 1)
 }
 
+/// Which of a slot's tags holds the registration's end and access, and
+/// which the device's hit key.
+const END_TAG: usize = 0;
+const KEY_TAG: usize = 1;
+
 /// The tag holding a registration's end and access.
 fn end_tag(end: u64, access: Access) -> u64 {
     debug_assert!(end % PAGE_SIZE == 0 && u64::from(access.bits()) < PAGE_SIZE);
@@ -66,8 +71,33 @@ fn end_tag(end: u64, access: Access) -> u64 {
 /// Whether a registration whose key (start) is its request's page and
 /// whose end tag is `tag` covers `[.., end)` for `access`.
 fn tag_covers(tag: u64, end: u64, access: Access) -> bool {
-    end <= tag & !(PAGE_SIZE - 1)
-        && Access::from_bits_retain((tag & (PAGE_SIZE - 1)) as u32).contains(access)
+    end <= tag_end(tag) && Access::from_bits_retain((tag & (PAGE_SIZE - 1)) as u32).contains(access)
+}
+
+/// The registration's end, from its end tag.
+fn tag_end(tag: u64) -> u64 {
+    tag & !(PAGE_SIZE - 1)
+}
+
+/// The end of the registration a slot view holds, from the slot alone.
+pub(crate) fn view_end<S: AddressSpace, R: Registrar>(v: &SlotView<'_, Reg<S, R>>) -> u64 {
+    tag_end(v.tags()[END_TAG])
+}
+
+/// The device's hit key of the registration a slot view holds, from the
+/// slot alone.
+pub(crate) fn view_key<S: AddressSpace, R: Registrar>(v: &SlotView<'_, Reg<S, R>>) -> u64 {
+    v.tags()[KEY_TAG]
+}
+
+/// The slot of `reg` in the table `w` writes (of `len` slots), if it holds
+/// it.
+fn slot_of<S: AddressSpace, R: Registrar>(
+    w: &RcuSlotsWriter<'_, Reg<S, R>>,
+    len: usize,
+    reg: &Arc<Reg<S, R>>,
+) -> Option<usize> {
+    window(page_of(reg.start), len).find(|&i| w.get(i).is_some_and(|r| std::ptr::eq(&*r, &**reg)))
 }
 
 /// A slot's entry for `reg`: its start page, end tag, the device's hit key
@@ -79,7 +109,12 @@ fn entry<S: AddressSpace, R: Registrar>(
 ) -> SlotEntry<Reg<S, R>> {
     SlotEntry {
         key: page_of(reg.start),
-        tags: [end_tag(reg.end, reg.access), hit_key],
+        tags: {
+            let mut tags = [0; SLOT_TAGS];
+            tags[END_TAG] = end_tag(reg.end, reg.access);
+            tags[KEY_TAG] = hit_key;
+            tags
+        },
         stamp,
         value: reg,
     }
@@ -138,7 +173,7 @@ impl<S: AddressSpace, R: Registrar> HitTable<S, R> {
         window(page, table.len())
             .filter(|&i| table.key(i) == page)
             .filter_map(|i| reader.view(i))
-            .find(|v| v.key() == page && tag_covers(v.tags()[0], end, access))
+            .find(|v| v.key() == page && tag_covers(v.tags()[END_TAG], end, access))
     }
 
     /// The later of the tick a lock-free hit stamped in `reg`'s slot, if
@@ -151,9 +186,7 @@ impl<S: AddressSpace, R: Registrar> HitTable<S, R> {
         let cell = self.table.lock();
         let table = cell.get();
         let w = table.lock();
-        window(page_of(reg.start), table.len())
-            .find(|&i| w.get(i).is_some_and(|r| std::ptr::eq(&*r, &**reg)))
-            .map_or(own, |i| own.max(w.stamp(i)))
+        slot_of(&w, table.len(), reg).map_or(own, |i| own.max(w.stamp(i)))
     }
 
     /// Adds `reg` with the device's `hit_key` (under the cache lock,
@@ -185,7 +218,9 @@ impl<S: AddressSpace, R: Registrar> HitTable<S, R> {
                     let Some(r) = w.get(i) else { continue };
                     let p = page_of(r.start);
                     match window(p, grown.len()).find(|&j| g.get(j).is_none()) {
-                        Some(j) => g.set(j, Some(entry(r.to_arc(), w.tags(i)[1], w.stamp(i)))),
+                        Some(j) => {
+                            g.set(j, Some(entry(r.to_arc(), w.tags(i)[KEY_TAG], w.stamp(i))))
+                        }
                         // A window of the doubled table overfull anyway: the
                         // registration is found by the locked lookup only.
                         None => {
@@ -206,13 +241,10 @@ impl<S: AddressSpace, R: Registrar> HitTable<S, R> {
         if !reg.hashed.swap(false, Ordering::Relaxed) {
             return;
         }
-        let page = page_of(reg.start);
         let cell = self.table.lock();
         let table = cell.get();
         let mut w = table.lock();
-        let found = window(page, table.len())
-            .find(|&i| w.get(i).is_some_and(|r| std::ptr::eq(&*r, &**reg)));
-        if let Some(i) = found {
+        if let Some(i) = slot_of(&w, table.len(), reg) {
             w.set(i, None);
             self.used.fetch_sub(1, Ordering::Relaxed);
         }
