@@ -7,6 +7,7 @@ use mmu_notifier::sync::{self, Mutex};
 
 use crate::error::{Error, Result};
 use crate::frame::PhysMem;
+use crate::pfn::FrameRef;
 use crate::PAGE_SIZE;
 
 /// Protection bits of a mapping (`PROT_READ` / `PROT_WRITE`).
@@ -96,6 +97,22 @@ impl std::fmt::Debug for SharedObject {
     }
 }
 
+/// The frame `pages` holds at `index`, or a new one from `alloc`, which
+/// `pages` then keeps (with the reference `alloc` handed out).
+fn frame_or_alloc(
+    pages: &Mutex<BTreeMap<u64, u64>>,
+    index: u64,
+    alloc: impl FnOnce() -> Result<FrameRef>,
+) -> Result<u64> {
+    let mut pages = sync::lock(pages);
+    if let Some(&pfn) = pages.get(&index) {
+        return Ok(pfn);
+    }
+    let f = alloc()?;
+    pages.insert(index, f.pfn);
+    Ok(f.pfn)
+}
+
 impl SharedObject {
     /// A file of `len_pages` pages whose content starts with `content`
     /// (the rest reads as zeros). Frames are allocated when first used.
@@ -126,13 +143,7 @@ impl SharedObject {
     /// allocating a zeroed one if needed (the object keeps a reference on
     /// each of its frames).
     pub(crate) fn huge_page(&self, index: u64) -> Result<u64> {
-        let mut pages = sync::lock(&self.huge_pages);
-        if let Some(&head) = pages.get(&index) {
-            return Ok(head);
-        }
-        let f = self.phys.alloc_huge()?;
-        pages.insert(index, f.pfn);
-        Ok(f.pfn)
+        frame_or_alloc(&self.huge_pages, index, || self.phys.alloc_huge())
     }
 
     /// Size in pages.
@@ -143,13 +154,7 @@ impl SharedObject {
     /// The frame of page `pgoff`, allocating a zeroed one if needed (the
     /// object keeps its own reference).
     pub(crate) fn page(&self, pgoff: u64) -> Result<u64> {
-        let mut pages = sync::lock(&self.pages);
-        if let Some(&pfn) = pages.get(&pgoff) {
-            return Ok(pfn);
-        }
-        let f = self.phys.alloc_frame()?;
-        pages.insert(pgoff, f.pfn);
-        Ok(f.pfn)
+        frame_or_alloc(&self.pages, pgoff, || self.phys.alloc_frame())
     }
 
     /// Reads `buf.len()` bytes at byte `offset` of the file (pread).

@@ -22,12 +22,6 @@ fn shared(mm: &Mm, n: u64) -> u64 {
         .unwrap()
 }
 
-fn log_of(mm: &Mm) -> std::sync::Arc<Log> {
-    let log = Log::new(mm);
-    Rec::register(mm, &log);
-    log
-}
-
 type Start = (u64, u64, Event, Option<Owner>);
 
 fn pair(s: u64, e: u64, ev: Event) -> Start {

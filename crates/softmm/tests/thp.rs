@@ -30,12 +30,6 @@ fn thp(mm: &Mm, blocks: u64, fill: u8) -> u64 {
     a
 }
 
-fn log_of(mm: &Mm) -> Arc<Log> {
-    let log = Log::new(mm);
-    Rec::register(mm, &log);
-    log
-}
-
 fn clear(s: u64) -> (u64, u64, Event, Option<Owner>) {
     (s, s + PMD_SIZE, Event::Clear, None)
 }

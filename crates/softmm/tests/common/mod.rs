@@ -84,6 +84,13 @@ pub struct Rec {
     pub fail_nonblock: bool,
 }
 
+/// A log of `mm`'s hook calls, with a recording notifier registered.
+pub fn log_of(mm: &Mm) -> Arc<Log> {
+    let log = Log::new(mm);
+    Rec::register(mm, &log);
+    log
+}
+
 impl Rec {
     pub fn register(mm: &Mm, log: &Arc<Log>) -> Arc<Rec> {
         Self::register_with(mm, log, false)
