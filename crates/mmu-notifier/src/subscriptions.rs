@@ -81,7 +81,7 @@ pub(crate) struct SubscriptionsState {
 /// notifiers *before* it unmaps, and the unmapping still runs the
 /// invalidation hooks (interval notifiers get them), so the handle outlives
 /// its release. Running it twice is refused at run time
-/// ([`Error::AddressSpaceExited`](crate::Error::AddressSpaceExited)).
+/// ([`Error::AlreadyReleased`](crate::Error::AlreadyReleased)).
 ///
 /// ```
 /// use std::sync::Arc;

@@ -78,11 +78,32 @@ fn paths(code: &str) -> Vec<(&'static str, Vec<String>)> {
             }
             let rest = &code[from..];
             if let Some(group) = rest.strip_prefix('{') {
-                let end = group.find('}').unwrap_or(group.len());
-                for item in group[..end].split(',') {
-                    let p = path_of(item.trim());
-                    if !p.is_empty() {
-                        out.push((anchor, p));
+                // Top-level items only: `a::{B, C}` names module `a`.
+                let mut depth = 0;
+                let mut item = 0;
+                for (i, c) in group.char_indices() {
+                    let top_end = match c {
+                        '{' => {
+                            depth += 1;
+                            false
+                        }
+                        '}' if depth == 0 => true,
+                        '}' => {
+                            depth -= 1;
+                            false
+                        }
+                        ',' => depth == 0,
+                        _ => false,
+                    };
+                    if top_end {
+                        let p = path_of(group[item..i].trim());
+                        if !p.is_empty() {
+                            out.push((anchor, p));
+                        }
+                        item = i + 1;
+                        if c == '}' {
+                            break;
+                        }
                     }
                 }
             } else {
@@ -192,7 +213,13 @@ fn a_circle_of_two_modules_is_found() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("lib.rs"), "mod a;\nmod b;\n").unwrap();
     std::fs::write(dir.join("a.rs"), "use crate::b::B;\npub struct A;\n").unwrap();
-    std::fs::write(dir.join("b.rs"), "use crate::{a::A, lib};\npub struct B;\n").unwrap();
+    // The import of `a` comes after a nested group.
+    std::fs::write(
+        dir.join("b.rs"),
+        "use crate::{c::{C, D}, a::A};\npub struct B;\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("c.rs"), "pub struct C;\npub struct D;\n").unwrap();
     let edges = imports(&dir);
     std::fs::remove_dir_all(&dir).unwrap();
     let a = vec!["a".to_string()];
