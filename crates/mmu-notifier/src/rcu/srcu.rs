@@ -158,7 +158,7 @@ pub struct Domain {
     /// Global counter: `PHASE` bit plus one nesting unit, copied by readers.
     gp: AtomicUsize,
     /// The std build's global domain reads through counters in thread-locals
-    /// ([`crate::rcu`]'s `tls` module) rather than heap readers: [`TLS_OFF`]
+    /// (the `tls` module below) rather than heap readers: [`TLS_OFF`]
     /// (heap readers), [`TLS_LIGHT`] (and the read side's fence is a
     /// compiler barrier, `membarrier(2)` doing the rest) or [`TLS_FENCE`] (a
     /// real fence). One byte, so the fast path decides both with one load.
